@@ -1,0 +1,166 @@
+"""Typed configuration: one dataclass per role, two levels deep, validated on construction.
+
+The command line (`--ppo.kl_coef 0.05`) and YAML presets (`--config preset.yaml`, keys mapping one to one
+onto these sections) are parsed by jsonargparse, which rejects unknown keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/instructgpt"      # every artefact of the run goes here
+    seed: int = 0
+    device: str = "cpu"                # "cpu" or "cuda"
+    threads: int = 2                   # torch CPU threads
+    resume: bool = False               # continue from the checkpoints under `out`
+    progress: bool = True              # tqdm progress bars
+
+    def __post_init__(self):
+        _require(self.device in ("cpu", "cuda"), f"run.device must be 'cpu' or 'cuda', got {self.device!r}")
+        _require(self.threads >= 1, f"run.threads must be >= 1, got {self.threads}")
+
+
+@dataclass
+class TaskConfig:
+    """The built-in task's data, all made by code from `seed`."""
+    seed: int = 0
+    n_corpus: int = 20000
+    n_corpus_heldout: int = 1000
+    n_demonstrations: int = 4000
+    n_comparisons: int = 3000           # prompts with K ranked samples each
+    n_comparisons_heldout: int = 500
+    k_min: int = 4
+    k_max: int = 9
+    n_ppo_prompts: int = 4000
+    n_eval_prompts: int = 300
+    n_labelers: int = 8
+    n_heldout_labelers: int = 4
+    label_noise: float = 1.1            # ~73% inter-labeler agreement, InstructGPT's rate
+    labeler_spread: float = 0.2         # how much each labeler's weights differ from the shared ones
+
+    def __post_init__(self):
+        _require(2 <= self.k_min <= self.k_max, f"task.k_min/k_max must satisfy 2 <= k_min <= k_max, got "
+                 f"{self.k_min}, {self.k_max}")
+        _require(self.n_eval_prompts >= 1, "task.n_eval_prompts must be >= 1")
+        _require(self.n_heldout_labelers >= 2, "task.n_heldout_labelers must be >= 2 (agreement needs two)")
+        _require(self.label_noise >= 0, "task.label_noise must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """The tiny policy built from config: a real LlamaForCausalLM (vLLM's CPU backend needs head_dim 64)."""
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 256
+    max_positions: int = 64
+
+    def __post_init__(self):
+        _require(self.hidden_size % self.num_heads == 0,
+                 f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
+
+
+@dataclass
+class LMTrainConfig:
+    """Language-model training: `pretrain` on the corpus, `sft` on demonstrations (loss on responses)."""
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup: int = 30
+    weight_decay: float = 0.0
+    checkpoint_every: int = 200
+    log_every: int = 20
+
+    def __post_init__(self):
+        _require(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be >= 1")
+        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class RewardConfig:
+    """Reward model: the SFT body with a scalar head, trained on K-way rankings."""
+    steps: int = 300
+    batch_size: int = 16                # prompts per batch; each brings its K responses and C(K,2) pairs
+    lr: float = 1e-3
+    warmup: int = 20
+    checkpoint_every: int = 100
+    log_every: int = 20
+
+    def __post_init__(self):
+        _require(self.steps >= 1 and self.batch_size >= 1, "rm.steps and rm.batch_size must be >= 1")
+
+
+@dataclass
+class PPOConfig:
+    iterations: int = 60
+    rollout_batch: int = 64             # prompts per iteration (one sample each)
+    minibatch: int = 32
+    epochs: int = 4
+    lr: float = 3e-4
+    value_lr: float = 1e-3
+    kl_coef: float = 0.02               # beta
+    adaptive_kl: bool = False           # Ziegler et al.'s proportional controller
+    target_kl: float = 6.0              # per sequence, for the adaptive controller
+    kl_horizon: int = 10000
+    kl_estimator: str = "k1"
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    vf_coef: float = 0.5
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    ptx_coef: float = 1.0               # gamma of PPO-ptx (used when the run is PPO-ptx)
+    ptx_batch: int = 32
+    max_grad_norm: float = 1.0
+    eval_every: int = 15                # win rate against SFT over training (0 = off)
+    eval_prompts: int = 64
+    checkpoint_every: int = 20
+    backend: str = "auto"               # kernels backend
+
+    def __post_init__(self):
+        _require(self.kl_estimator in ("k1", "k2", "k3"), f"ppo.kl_estimator must be k1, k2 or k3, got "
+                 f"{self.kl_estimator!r}")
+        _require(self.minibatch >= 1 and self.rollout_batch % self.minibatch == 0,
+                 f"ppo.rollout_batch ({self.rollout_batch}) must be a multiple of ppo.minibatch ({self.minibatch})")
+        _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
+        _require(self.backend in ("auto", "torch", "triton", "cuda", "cpu"), f"unknown ppo.backend {self.backend!r}")
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"                 # "hf" (transformers generate) | "vllm" | "auto"
+    max_new_tokens: int = 20
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+
+    def __post_init__(self):
+        _require(self.backend in ("hf", "vllm", "auto"), f"rollout.backend must be hf, vllm or auto, got "
+                 f"{self.backend!r}")
+        _require(self.temperature > 0, "rollout.temperature must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    temperature: float = 1.0            # both policies are sampled the same way
+    seed: int = 1234
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: LMTrainConfig = field(default_factory=LMTrainConfig)
+    sft: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(steps=500, lr=1e-3, warmup=20))
+    rm: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,103 @@
+"""Everything the built-in task needs, made by code from one seed: corpus, demonstrations, rankings,
+PPO prompts and held-out evaluation prompts. Written as JSONL so a person can read what was trained on."""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .corpus import make_corpus
+from .instructions import Instruction, sample_instruction
+from .people import Labeler, candidate_response, make_labelers, pairwise_agreement, write_response
+
+
+@dataclass
+class TaskData:
+    corpus: list[str]
+    corpus_heldout: list[str]
+    demonstrations: list[dict]        # {prompt, response, family, target}
+    comparisons: list[dict]           # {prompt, family, target, responses, finished, ranks, labeler}
+    comparisons_heldout: list[dict]   # ranked by held-out labelers; `ranks_second` by a second one
+    ppo_prompts: list[Instruction]
+    eval_prompts: list[Instruction]
+    labelers: list[Labeler]
+    heldout_labelers: list[Labeler]
+
+    def labeler_agreement(self) -> float:
+        same = total = 0
+        for c in self.comparisons_heldout:
+            s, t = pairwise_agreement(c["ranks"], c["ranks_second"])
+            same, total = same + s, total + t
+        return same / max(total, 1)
+
+
+def instruction_of(row: dict) -> Instruction:
+    return Instruction(row["family"], row["prompt"], tuple(row["target"]))
+
+
+def _row(inst: Instruction, **kw) -> dict:
+    return {"prompt": inst.prompt, "family": inst.family, "target": list(inst.target), **kw}
+
+
+def _ranked(inst, k, rng, labelers, second: Labeler | None = None) -> dict:
+    responses, finished = [], []
+    for _ in range(50 * k):  # K distinct samples: identical pairs carry no preference
+        r, f = candidate_response(inst, rng)
+        if r not in responses:
+            responses.append(r)
+            finished.append(f)
+        if len(responses) == k:
+            break
+    lab = rng.choice(labelers)
+    row = _row(inst, responses=responses, finished=finished, ranks=lab.rank(inst, responses, finished, rng),
+               labeler=lab.id)
+    if second is not None:
+        other = second if second.id != lab.id else labelers[(labelers.index(lab) + 1) % len(labelers)]
+        row["ranks_second"] = other.rank(inst, responses, finished, rng)
+    return row
+
+
+def make_task_data(cfg) -> TaskData:
+    """cfg: engine.config.TaskConfig."""
+    rng = random.Random(f"task-{cfg.seed}")
+    labelers = make_labelers(cfg.n_labelers, 0, cfg.label_noise, cfg.labeler_spread, cfg.seed)
+    heldout = make_labelers(cfg.n_heldout_labelers, cfg.n_labelers, cfg.label_noise, cfg.labeler_spread, cfg.seed)
+    demos = []
+    for _ in range(cfg.n_demonstrations):
+        inst = sample_instruction(rng)
+        demos.append(_row(inst, response=write_response(inst, rng)))
+    comps = [_ranked(sample_instruction(rng), rng.randint(cfg.k_min, cfg.k_max), rng, labelers)
+             for _ in range(cfg.n_comparisons)]
+    comps_h = [_ranked(sample_instruction(rng), rng.randint(cfg.k_min, cfg.k_max), rng, heldout, heldout[0])
+               for _ in range(cfg.n_comparisons_heldout)]
+    return TaskData(
+        corpus=make_corpus(cfg.n_corpus, rng),
+        corpus_heldout=make_corpus(cfg.n_corpus_heldout, random.Random(f"corpus-heldout-{cfg.seed}")),
+        demonstrations=demos,
+        comparisons=comps,
+        comparisons_heldout=comps_h,
+        ppo_prompts=[sample_instruction(rng) for _ in range(cfg.n_ppo_prompts)],
+        eval_prompts=[sample_instruction(random.Random(f"eval-{cfg.seed}-{i}")) for i in range(cfg.n_eval_prompts)],
+        labelers=labelers,
+        heldout_labelers=heldout,
+    )
+
+
+def write_jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    tmp.replace(path)
+
+
+def save_task_data(data: TaskData, out: Path) -> None:
+    write_jsonl(out / "corpus.jsonl", ({"text": t} for t in data.corpus))
+    write_jsonl(out / "corpus_heldout.jsonl", ({"text": t} for t in data.corpus_heldout))
+    write_jsonl(out / "demonstrations.jsonl", data.demonstrations)
+    write_jsonl(out / "comparisons.jsonl", data.comparisons)
+    write_jsonl(out / "comparisons_heldout.jsonl", data.comparisons_heldout)
+    write_jsonl(out / "ppo_prompts.jsonl", (_row(i) for i in data.ppo_prompts))
+    write_jsonl(out / "eval_prompts.jsonl", (_row(i) for i in data.eval_prompts))

@@ -1,0 +1,114 @@
+"""Input validation shared by every backend.
+
+Each public op validates once, here, before dispatch, so the Triton/CUDA/torch paths can assume
+well-formed input and every backend raises the same ValueError naming the offending argument.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def check_tensor(name: str, x, *, floating: bool | None = None, dtypes=None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if floating is True and x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"`{name}` must be a floating tensor ({_names(FLOAT_DTYPES)}), got {x.dtype}")
+    if floating is False and (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
+        raise ValueError(f"`{name}` must be an integer tensor (e.g. torch.long), got {x.dtype}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise ValueError(f"`{name}` must have dtype in ({_names(dtypes)}), got {x.dtype}")
+
+
+def check_same_shape(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if x.shape != ref.shape:
+        raise ValueError(
+            f"`{name}` has shape {tuple(x.shape)} but `{ref_name}` has shape {tuple(ref.shape)}; "
+            "they must match"
+        )
+
+
+def check_same_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"`{name}` is on {x.device} but `{ref_name}` is on {ref.device}; move both to one device")
+
+
+def check_estimator(estimator: str) -> None:
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"`estimator` must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"`{name}` must be a positive number, got {value!r}")
+
+
+def check_token_logprobs_args(logits, tokens, temperature) -> None:
+    check_tensor("logits", logits, floating=True)
+    check_tensor("tokens", tokens, floating=False)
+    check_positive("temperature", temperature)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"`logits` must have shape [..., V] with V > 0, got {tuple(logits.shape)}")
+    if tuple(tokens.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"`tokens` has shape {tuple(tokens.shape)} but must equal logits.shape[:-1] = "
+            f"{tuple(logits.shape[:-1])}"
+        )
+    check_same_device("tokens", tokens, "logits", logits)
+    # Range check costs a device sync, so only on the CPU (on a GPU an out-of-range id is caught by the
+    # kernel's own bounds mask and yields NaN rather than reading out of bounds).
+    if tokens.device.type == "cpu" and tokens.numel() > 0:
+        lo, hi = int(tokens.min()), int(tokens.max())
+        vocab = logits.shape[-1]
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"`tokens` contains id {bad}, outside the vocabulary [0, {vocab}) of `logits`")
+
+
+def check_kl_args(logprobs, ref_logprobs, estimator) -> None:
+    check_tensor("logprobs", logprobs, floating=True)
+    check_tensor("ref_logprobs", ref_logprobs, floating=True)
+    check_same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs)
+    check_same_device("ref_logprobs", ref_logprobs, "logprobs", logprobs)
+    check_estimator(estimator)
+
+
+def check_mask_2d(name: str, mask, ref_name: str, ref: torch.Tensor) -> None:
+    check_tensor(name, mask)
+    if mask.dtype not in (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float32,
+                          torch.float64, torch.bfloat16, torch.float16):
+        raise ValueError(f"`{name}` must be a bool, integer or float 0/1 tensor, got {mask.dtype}")
+    check_same_shape(name, mask, ref_name, ref)
+    check_same_device(name, mask, ref_name, ref)
+
+
+def check_shape_rewards_args(scores, logprobs, ref_logprobs, mask, kl_coef, estimator) -> None:
+    check_kl_args(logprobs, ref_logprobs, estimator)
+    if logprobs.dim() != 2:
+        raise ValueError(f"`logprobs` must have shape [B, T], got {tuple(logprobs.shape)}")
+    check_mask_2d("mask", mask, "logprobs", logprobs)
+    check_tensor("scores", scores, floating=True)
+    if tuple(scores.shape) != (logprobs.shape[0],):
+        raise ValueError(f"`scores` must have shape [B] = [{logprobs.shape[0]}], got {tuple(scores.shape)}")
+    check_same_device("scores", scores, "logprobs", logprobs)
+    if not isinstance(kl_coef, (int, float)):
+        raise ValueError(f"`kl_coef` must be a float, got {type(kl_coef).__name__}")
+
+
+def check_gae_args(rewards, values, mask, gamma, lam) -> None:
+    check_tensor("rewards", rewards, floating=True)
+    check_tensor("values", values, floating=True)
+    if rewards.dim() != 2:
+        raise ValueError(f"`rewards` must have shape [B, T], got {tuple(rewards.shape)}")
+    check_same_shape("values", values, "rewards", rewards)
+    check_same_device("values", values, "rewards", rewards)
+    check_mask_2d("mask", mask, "rewards", rewards)
+    for name, v in (("gamma", gamma), ("lam", lam)):
+        if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"`{name}` must be a float in [0, 1], got {v!r}")
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)

@@ -1,0 +1,61 @@
+"""Public entry points: validate once, then dispatch to a backend. Signatures are a contract."""
+from __future__ import annotations
+
+import torch
+
+from . import checks, reference
+from .dispatch import register, resolve
+
+# The torch reference is always registered.
+register("token_logprobs", "torch")(reference.token_logprobs)
+register("kl_penalty", "torch")(reference.kl_penalty)
+register("shape_rewards", "torch")(reference.shape_rewards)
+register("gae", "torch")(reference.gae)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,
+                   return_entropy: bool = False, backend: str = "auto"):
+    """Log-probability of each target token under softmax(logits / temperature).
+
+    logits [..., V] float32/bfloat16/float16, tokens [...] integer ids in [0, V).
+    Returns float32 [...] log-probs, or (log-probs, entropies) with return_entropy=True; differentiable
+    with respect to `logits`. No backend builds a float32 copy of the whole logits tensor.
+    """
+    checks.check_token_logprobs_args(logits, tokens, temperature)
+    _, fn = resolve("token_logprobs", backend, logits.device.type)
+    return fn(logits, tokens, float(temperature), bool(return_entropy))
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator: str = "k1",
+               backend: str = "auto") -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate, same shape as the inputs.
+
+    With r = logprobs - ref_logprobs: k1 = r, k2 = r^2 / 2, k3 = exp(-r) - 1 + r (Schulman's estimators).
+    """
+    checks.check_kl_args(logprobs, ref_logprobs, estimator)
+    _, fn = resolve("kl_penalty", backend, logprobs.device.type)
+    return fn(logprobs, ref_logprobs, estimator)
+
+
+def shape_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                  mask: torch.Tensor, *, kl_coef: float, estimator: str = "k1", backend: str = "auto"):
+    """Per-token PPO rewards: -kl_coef * KL, plus scores[b] at the last valid position of row b.
+
+    scores [B]; logprobs, ref_logprobs, mask [B, T] -> (rewards [B, T], kl [B, T]) float32, with
+    kl = estimator * mask. Rows without a valid token get zeros.
+    """
+    checks.check_shape_rewards_args(scores, logprobs, ref_logprobs, mask, kl_coef, estimator)
+    _, fn = resolve("shape_rewards", backend, logprobs.device.type)
+    return fn(scores, logprobs, ref_logprobs, mask, float(kl_coef), estimator)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float,
+        backend: str = "auto"):
+    """Generalised advantage estimation over valid positions; rewards, values, mask [B, T].
+
+    Returns (advantages, returns) [B, T], zero where mask is 0. Masks may be right-padded, left-padded or
+    have holes: masked positions are skipped by the recursion (see kernels.reference.gae).
+    """
+    checks.check_gae_args(rewards, values, mask, gamma, lam)
+    _, fn = resolve("gae", backend, rewards.device.type)
+    return fn(rewards, values, mask, float(gamma), float(lam))

@@ -1,0 +1,186 @@
+"""Plain-PyTorch implementations of the hot-path ops: the CPU path and the reference for every kernel.
+
+These are exact (float32 accumulation, float64 when given float64) and memory-safe: `token_logprobs`
+walks the logits in row blocks so it never holds a float32 copy of the whole [tokens x vocab] tensor,
+forward or backward. Inputs are validated by `kernels.checks` before they get here.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+# Rows per block are chosen so one float32 block is about this many elements (8 MiB): large enough to
+# amortise per-op overhead, small enough to stay in the last-level cache on a CPU.
+_BLOCK_ELEMENTS = 1 << 21
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (for references); everything else accumulates in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _row_blocks(logits: torch.Tensor, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (first flat row, [rows, V] view) blocks of `logits` [..., V] without copying it.
+
+    A non-contiguous tensor (e.g. `logits[:, :-1]`) cannot always be flattened to [N, V] as a view; then
+    we recurse over its leading dimension, whose slices are views.
+    """
+    vocab = logits.shape[-1]
+    rows_per_block = max(1, _BLOCK_ELEMENTS // max(vocab, 1))
+    if logits.dim() == 1:
+        yield start, logits.unsqueeze(0)
+        return
+    try:
+        flat = logits.view(-1, vocab)
+    except RuntimeError:
+        flat = None
+    if flat is not None:
+        for r0 in range(0, flat.shape[0], rows_per_block):
+            yield start + r0, flat[r0 : r0 + rows_per_block]
+        return
+    inner = logits[0].numel() // vocab
+    for i in range(logits.shape[0]):
+        yield from _row_blocks(logits[i], start + i * inner)
+
+
+def _block_stats(block: torch.Tensor, tok: torch.Tensor, inv_t: float, dtype: torch.dtype, entropy: bool):
+    z = block.to(dtype)
+    if inv_t != 1.0:
+        z = z * inv_t
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z.gather(1, tok[:, None]).squeeze(1) - lse
+    if not entropy:
+        return logp, lse, None
+    p = torch.exp(z - lse[:, None])
+    # p * z is 0 * -inf = nan where a logit is -inf; those entries contribute nothing to the entropy.
+    pz = torch.where(p > 0, p * z, torch.zeros((), dtype=dtype))
+    return logp, lse, lse - pz.sum(dim=-1)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, return_entropy):
+        dtype = compute_dtype(logits)
+        n = tokens.numel()
+        flat_tok = tokens.reshape(-1).long()
+        logp = torch.empty(n, dtype=dtype, device=logits.device)
+        lse = torch.empty(n, dtype=dtype, device=logits.device)
+        ent = torch.empty(n, dtype=dtype, device=logits.device) if return_entropy else None
+        inv_t = 1.0 / temperature
+        for r0, block in _row_blocks(logits):
+            r1 = r0 + block.shape[0]
+            lp, ls, h = _block_stats(block, flat_tok[r0:r1], inv_t, dtype, return_entropy)
+            logp[r0:r1], lse[r0:r1] = lp, ls
+            if return_entropy:
+                ent[r0:r1] = h
+        ctx.save_for_backward(logits, flat_tok, lse, ent if return_entropy else lse)
+        ctx.temperature, ctx.return_entropy = temperature, return_entropy
+        shape = tokens.shape
+        if return_entropy:
+            return logp.view(shape), ent.view(shape)
+        return logp.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent=None):
+        logits, flat_tok, lse, ent = ctx.saved_tensors
+        dtype = lse.dtype
+        inv_t = 1.0 / ctx.temperature
+        g_lp = grad_logp.reshape(-1).to(dtype) if grad_logp is not None else None
+        g_h = grad_ent.reshape(-1).to(dtype) if (ctx.return_entropy and grad_ent is not None) else None
+        grad = torch.empty_like(logits)
+        for (r0, block), (_, gblock) in zip(_row_blocks(logits), _row_blocks(grad)):
+            r1 = r0 + block.shape[0]
+            z = block.to(dtype)
+            if inv_t != 1.0:
+                z = z * inv_t
+            p = torch.exp(z - lse[r0:r1, None])
+            g = torch.zeros_like(z)
+            if g_lp is not None:
+                # d logp_t / dz_j = [j == t] - p_j
+                g -= p * g_lp[r0:r1, None]
+                g.scatter_add_(1, flat_tok[r0:r1, None], g_lp[r0:r1, None])
+            if g_h is not None:
+                # dH / dz_j = -p_j (log p_j + H); zero where p_j == 0 (logit -inf)
+                logp_all = z - lse[r0:r1, None]
+                term = torch.where(p > 0, p * (logp_all + ent[r0:r1, None]), torch.zeros((), dtype=dtype))
+                g -= term * g_h[r0:r1, None]
+            if inv_t != 1.0:
+                g *= inv_t
+            gblock.copy_(g)
+        return grad, None, None, None
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   return_entropy: bool = False):
+    """log_softmax(logits / temperature)[tokens] (and entropy), float32, blockwise; see kernels.token_logprobs."""
+    return _TokenLogprobs.apply(logits, tokens, float(temperature), bool(return_entropy))
+
+
+def naive_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                         return_entropy: bool = False):
+    """What most trainers write: a full float32 log_softmax. The baseline for benchmarks and tests."""
+    logp_all = torch.log_softmax(logits.to(compute_dtype(logits)) / temperature, dim=-1)
+    logp = logp_all.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    if not return_entropy:
+        return logp
+    p = logp_all.exp()
+    ent = -torch.where(p > 0, p * logp_all, torch.zeros((), dtype=p.dtype)).sum(-1)
+    return logp, ent
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL estimate from r = logprobs - ref_logprobs: k1 = r, k2 = r^2/2, k3 = exp(-r) - 1 + r."""
+    r = logprobs - ref_logprobs
+    if estimator == "k1":
+        return r
+    if estimator == "k2":
+        return 0.5 * r * r
+    return torch.expm1(-r) + r
+
+
+def last_valid_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For mask [B, T]: (index of the last position with mask 1 in each row, whether the row has one)."""
+    m = mask.bool()
+    t = m.shape[1]
+    idx = (t - 1) - m.flip(1).int().argmax(dim=1)
+    return idx, m.any(dim=1)
+
+
+def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, estimator: str = "k1"):
+    """InstructGPT's per-token reward: -kl_coef * KL everywhere, plus the RM score at the last valid token.
+
+    scores [B], logprobs/ref_logprobs/mask [B, T] -> (rewards [B, T], kl [B, T]), zero where mask is 0.
+    """
+    dtype = compute_dtype(logprobs)
+    m = mask.bool()
+    kl = torch.where(m, kl_penalty(logprobs.to(dtype), ref_logprobs.to(dtype), estimator), 0.0).to(dtype)
+    rewards = -kl_coef * kl
+    idx, has = last_valid_index(m)
+    add = torch.where(has, scores.to(dtype), torch.zeros((), dtype=dtype))
+    rewards.scatter_add_(1, idx[:, None], add[:, None])
+    return rewards, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Masked generalised advantage estimation, rewards/values/mask [B, T] -> (advantages, returns).
+
+    Reverse recursion over valid positions only: delta_t = r_t + gamma V_next - V_t,
+    A_t = delta_t + gamma lam A_next. Masked positions pass V_next and A_next through untouched (so holes
+    and left padding are skipped) and get 0 in both outputs. Values past the last valid token are 0.
+    """
+    dtype = compute_dtype(rewards)
+    r, v, m = rewards.to(dtype), values.to(dtype), mask.bool()
+    b, t = r.shape
+    adv = torch.zeros(b, t, dtype=dtype, device=r.device)
+    next_v = torch.zeros(b, dtype=dtype, device=r.device)
+    next_a = torch.zeros(b, dtype=dtype, device=r.device)
+    for i in range(t - 1, -1, -1):
+        mi = m[:, i]
+        delta = r[:, i] + gamma * next_v - v[:, i]
+        a = delta + gamma * lam * next_a
+        next_a = torch.where(mi, a, next_a)
+        next_v = torch.where(mi, v[:, i], next_v)
+        adv[:, i] = torch.where(mi, a, torch.zeros((), dtype=dtype))
+    returns = torch.where(m, adv + v, torch.zeros((), dtype=dtype))
+    return adv, returns
