@@ -1,0 +1,81 @@
+"""One CLI: `python -m engine <command>`. Every stage is a command; every config field is a flag
+(`--ppo.kl_coef 0.05`), and `--config preset.yaml` loads a preset whose keys map one to one onto the
+dataclasses in engine/config.py. Parsing is jsonargparse's: unknown keys and bad types are errors."""
+from __future__ import annotations
+
+import logging
+import sys
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from .config import (Config, EvalConfig, LMTrainConfig, ModelConfig, PPOConfig, RewardConfig, RolloutConfig,
+                     RunConfig, TaskConfig)
+
+SECTIONS = {"run": RunConfig, "task": TaskConfig, "model": ModelConfig, "pretrain": LMTrainConfig,
+            "sft": LMTrainConfig, "rm": RewardConfig, "ppo": PPOConfig, "rollout": RolloutConfig,
+            "eval": EvalConfig}
+
+COMMANDS = {
+    "pretrain": "pretrain the tiny LM on the built-in corpus",
+    "sft": "supervised fine-tuning on the demonstrations",
+    "rm": "train the reward model on K-way rankings (all K-choose-2 pairs per prompt)",
+    "ppo": "PPO against the reward model (--ptx true for PPO-ptx)",
+    "eval": "held-out labelers' win rates, RM accuracy, alignment tax -> report.md / report.json",
+    "pipeline": "all of the above in order: pretrain, sft, rm, ppo, ppo-ptx, eval",
+    "reproduce": "Figure 1 in miniature: SFT, PPO, PPO-ptx at several model sizes (a benchmark, minutes each)",
+}
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m engine", description="rlhf-engine: InstructGPT's RLHF, end to end.")
+    sub = parser.add_subcommands(dest="command", required=True)
+    defaults = Config()
+    for name, help_text in COMMANDS.items():
+        p = ArgumentParser(description=help_text)
+        p.add_argument("--config", action=ActionConfigFile, help="YAML preset (keys: " + ", ".join(SECTIONS) + ")")
+        for section, cls in SECTIONS.items():
+            p.add_argument(f"--{section}", type=cls, default=getattr(defaults, section))
+        if name == "ppo":
+            p.add_argument("--ptx", type=bool, default=False, help="PPO-ptx: add ppo.ptx_coef x pretraining loss")
+        if name == "reproduce":
+            p.add_argument("--sizes", type=list[int], default=[64, 128, 256], help="hidden sizes to train")
+        sub.add_subcommand(name, p, help=help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    parser = build_parser()
+    try:
+        args = parser.instantiate(parser.parse_args(argv))
+        command = args.command
+        sub = args[command]
+        cfg = Config(**{s: sub[s] for s in SECTIONS})
+    except ValueError as exc:  # a config value failed validation
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from . import stages
+    from .context import make_context
+    from .guard import NonFiniteLossError
+
+    try:
+        if command == "reproduce":
+            from .reproduce import reproduce
+
+            reproduce(cfg, sub.sizes)
+            return 0
+        ctx = make_context(cfg)
+        if command == "ppo":
+            stages.ppo(ctx, ptx=sub.ptx)
+        else:
+            getattr(stages, {"eval": "evaluate"}.get(command, command))(ctx)
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: progress saved; rerun the same command with --run.resume true", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,141 @@
+"""The run's report: held-out labelers' win rates, RM accuracy beside labeler agreement, the alignment
+tax, and training curves, as report.json, report.md and PNG plots."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from .checkpoint import write_text_atomic
+from .evaluate import answer_quality, corpus_loss, sample_answers, win_rate
+from .metrics import read_metrics
+from .models import load_policy
+from .task.people import write_response
+
+POLICIES = (("pretrain", "Pretrained LM"), ("sft", "SFT"), ("ppo", "PPO"), ("ppo_ptx", "PPO-ptx"))
+
+
+def build_report(ctx) -> dict:
+    tok, insts, labelers = ctx.tokenizer, ctx.data.eval_prompts, ctx.data.heldout_labelers
+    seed, max_tokens = ctx.cfg.eval.seed, ctx.cfg.rollout.max_new_tokens
+    answers, losses, available = {}, {}, []
+    for stage, _ in POLICIES:
+        path = ctx.stage_dir(stage) / "final" / "policy"
+        if not path.is_dir():
+            continue
+        policy = load_policy(path, ctx.device).eval()
+        answers[stage] = sample_answers(policy, tok, insts, temperature=ctx.cfg.eval.temperature,
+                                        max_tokens=max_tokens, seed=seed)
+        losses[stage] = corpus_loss(policy, tok, ctx.data.corpus_heldout)
+        available.append(stage)
+    if "sft" not in answers:
+        raise FileNotFoundError(f"no SFT policy under {ctx.out}: run `python -m engine sft` first")
+    rng = random.Random(f"demonstrator-eval-{seed}")
+    answers["demonstrator"] = [(write_response(i, rng), True) for i in insts]
+    rows = {}
+    for stage in available + ["demonstrator"]:
+        rows[stage] = {
+            "vs_sft": win_rate(insts, answers[stage], answers["sft"], labelers, seed),
+            "vs_demonstrator": win_rate(insts, answers[stage], answers["demonstrator"], labelers, seed),
+            "quality": answer_quality(insts, answers[stage]),
+            "corpus_loss": losses.get(stage),
+        }
+    rm_eval = json.loads((ctx.stage_dir("rm") / "eval.json").read_text()) if (ctx.stage_dir("rm") / "eval.json").exists() else {}
+    report = {
+        "n_eval_prompts": len(insts),
+        "ppo_vs_sft_win_rate": rows.get("ppo", {}).get("vs_sft", {}).get("win_rate"),
+        "ptx_vs_sft_win_rate": rows.get("ppo_ptx", {}).get("vs_sft", {}).get("win_rate"),
+        "rm_heldout_accuracy": rm_eval.get("rm_heldout_accuracy"),
+        "labeler_agreement": rm_eval.get("labeler_agreement", ctx.data.labeler_agreement()),
+        "alignment_tax_ppo": _tax(losses, "ppo"),
+        "alignment_tax_ptx": _tax(losses, "ppo_ptx"),
+        "corpus_loss": losses,
+        "policies": rows,
+        "rm": rm_eval,
+    }
+    out = ctx.out
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
+    plots = draw_plots(out, rows)
+    write_text_atomic(out / "report.md", render_markdown(report, plots, ctx.cfg))
+    samples = [{"prompt": insts[j].prompt, **{s: answers[s][j][0] for s in answers}} for j in range(min(20, len(insts)))]
+    write_text_atomic(out / "samples.json", json.dumps(samples, indent=2))
+    return report
+
+
+def _tax(losses: dict, stage: str):
+    if stage in losses and "sft" in losses:
+        return losses[stage] - losses["sft"]
+    return None
+
+
+def _fmt(x, pct=False):
+    if x is None:
+        return "n/a"
+    return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
+
+
+def render_markdown(r: dict, plots: list[str], cfg) -> str:
+    names = dict(POLICIES, demonstrator="Demonstrator (human baseline)")
+    lines = [
+        "# InstructGPT on the built-in task",
+        "",
+        f"Held-out labelers (never used in training) compared each policy's answer with the SFT policy's on "
+        f"{r['n_eval_prompts']} held-out prompts (one sample each, temperature {cfg.eval.temperature}; ties "
+        "count half).",
+        "",
+        f"- **PPO preferred over SFT: {_fmt(r['ppo_vs_sft_win_rate'], True)}**; PPO-ptx over SFT: "
+        f"{_fmt(r['ptx_vs_sft_win_rate'], True)}",
+        f"- Reward model accuracy on held-out comparisons: {_fmt(r['rm_heldout_accuracy'], True)}; held-out "
+        f"labelers' agreement with each other: {_fmt(r['labeler_agreement'], True)} (the ceiling it can approach)",
+        f"- Alignment tax (held-out pretraining-corpus loss minus SFT's, nats/token): PPO "
+        f"{_fmt(r['alignment_tax_ppo'])}, PPO-ptx {_fmt(r['alignment_tax_ptx'])}",
+        "",
+        "| policy | win rate vs SFT | win rate vs demonstrator | exact answers | polite opener | corpus loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage, row in r["policies"].items():
+        q = row["quality"]
+        lines.append(f"| {names.get(stage, stage)} | {_fmt(row['vs_sft']['win_rate'], True)} | "
+                     f"{_fmt(row['vs_demonstrator']['win_rate'], True)} | {_fmt(q['exact'], True)} | "
+                     f"{_fmt(q['opener_sure'], True)} | {_fmt(row['corpus_loss'])} |")
+    lines += ["", "![training](training.png)", ""] if "training.png" in plots else []
+    lines += ["![win rates](win_rates.png)", ""] if "win_rates.png" in plots else []
+    return "\n".join(lines) + "\n"
+
+
+def draw_plots(out: Path, rows: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = []
+    series = {s: read_metrics(out / s / "metrics.jsonl") for s in ("ppo", "ppo_ptx")}
+    if any(series.values()):
+        fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+        for ax, (key, title) in zip(axes.flat, [("score", "RM score"), ("kl", "KL to SFT (per answer)"),
+                                                ("vf_loss", "value loss"), ("win_rate_vs_sft", "win rate vs SFT")]):
+            for stage, rows_ in series.items():
+                pts = [(m["step"], m[key]) for m in rows_ if key in m]
+                if pts:
+                    ax.plot(*zip(*pts), marker="." if key == "win_rate_vs_sft" else None,
+                            label="PPO" if stage == "ppo" else "PPO-ptx")
+            ax.set_title(title)
+            ax.set_xlabel("PPO iteration")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "training.png", dpi=110)
+        plt.close(fig)
+        drawn.append("training.png")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    labels = [s for s in rows if s != "sft"]
+    ax.bar(labels, [rows[s]["vs_sft"]["win_rate"] for s in labels], color="tab:blue")
+    ax.axhline(0.5, color="gray", ls="--")
+    ax.set_ylabel("win rate vs SFT (held-out labelers)")
+    ax.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(out / "win_rates.png", dpi=110)
+    plt.close(fig)
+    drawn.append("win_rates.png")
+    return drawn

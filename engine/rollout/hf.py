@@ -1,0 +1,88 @@
+"""Rollouts with transformers `generate()`: the backend where vLLM is absent."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from .base import RolloutResult
+
+
+class HFRollout:
+    """Generate with a transformers causal LM.
+
+    `model_or_dir` is a model instance (then the trainer's own policy is used in place and weight updates
+    are free) or a directory to load one from.
+    """
+
+    def __init__(self, model_or_dir, *, device="cpu", seed: int = 0, pad_token_id: int | None = None,
+                 eos_token_id: int | None = None):
+        if isinstance(model_or_dir, (str, bytes)) or hasattr(model_or_dir, "__fspath__"):
+            from ..models import load_policy
+
+            model_or_dir = load_policy(model_or_dir, device)
+        self.model = model_or_dir
+        cfg = self.model.config
+        self.pad_id = pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)
+        self.eos_id = eos_token_id if eos_token_id is not None else cfg.eos_token_id
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    @torch.no_grad()
+    def generate(self, prompt_token_ids, *, n=1, max_tokens, temperature=1.0, top_p=1.0, top_k=-1,
+                 stop_token_ids=None) -> list[RolloutResult]:
+        if not prompt_token_ids:
+            return []
+        device = next(self.model.parameters()).device
+        stops = {self.eos_id, *(stop_token_ids or [])}
+        prompts = [p for p in prompt_token_ids for _ in range(n)]  # prompt-major
+        p_len = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), p_len), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, p_len - len(p):] = torch.tensor(p)
+            attn[i, p_len - len(p):] = 1
+        # Seed torch's global RNG from our own generator so results depend only on this backend's seed.
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(
+            input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True, temperature=temperature,
+            top_p=top_p, top_k=top_k if top_k > 0 else 0, max_new_tokens=max_tokens,
+            eos_token_id=sorted(stops), pad_token_id=self.pad_id, output_logits=True,
+            return_dict_in_generate=True,
+        )
+        self.model.train(was_training)
+        new = out.sequences[:, p_len:].cpu()
+        logits = torch.stack(out.logits, dim=1).float().cpu()  # raw logits, [N, steps, V]
+        logp = torch.log_softmax(logits, -1).gather(-1, new[..., None]).squeeze(-1)
+        results = []
+        for i in range(len(prompts)):
+            toks, lps, reason = [], [], "length"
+            for t in range(new.shape[1]):
+                tok = int(new[i, t])
+                toks.append(tok)
+                lps.append(float(logp[i, t]))
+                if tok in stops:
+                    reason = "stop"
+                    break
+            results.append(RolloutResult(i // n, toks, lps, reason))
+        return results
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.model.named_parameters())
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise ValueError(f"update_weights: no parameter named {name!r} in the rollout model")
+            dst = params[name]
+            if dst.data_ptr() != tensor.data_ptr():
+                dst.copy_(tensor.to(dst.device, dst.dtype))
+
+    def close(self) -> None:
+        self.model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,183 @@
+"""PPO against the reward model (InstructGPT section 3.5), and PPO-ptx.
+
+Each iteration: sample prompts; generate one answer each with the current policy; score with the RM;
+per-token log-probs of the policy (old), the SFT reference, and values; shaped rewards
+(`kernels.shape_rewards`: RM score at the last token minus beta * KL to the SFT model); advantages
+(`kernels.gae`), whitened; then several epochs of minibatches with the clipped policy and value losses,
+plus gamma times the pretraining LM loss for PPO-ptx. The value model starts as the RM.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import kernels
+from kernels import masked_mean, policy_loss, value_loss, whiten
+
+from ..batch import SequenceBatch, make_batch
+from ..checkpoint import is_done, latest_checkpoint, load_trainer_state, save_checkpoint, save_models
+from ..evaluate import sample_answers, win_rate
+from ..kl_control import adaptive_kl_coef
+from ..models import load_policy, load_scalar_model, response_logprobs, sequence_scores, token_values
+from ..rollout import HFRollout
+from ..task import decode_response, encode_prompt, encode_text
+from .lm import lm_loss
+from .loop import adamw, run_steps
+
+log = logging.getLogger("engine")
+
+
+@dataclass
+class Experience:
+    """One iteration's rollouts; every [B, R] tensor is aligned with batch.response_mask."""
+    batch: SequenceBatch
+    old_logprobs: torch.Tensor   # [B, R] policy at sampling time
+    ref_logprobs: torch.Tensor   # [B, R] SFT reference
+    old_values: torch.Tensor     # [B, R]
+    scores: torch.Tensor         # [B] RM score of each whole answer
+    rewards: torch.Tensor        # [B, R] shaped
+    kl: torch.Tensor             # [B, R] per-token KL estimate
+    advantages: torch.Tensor     # [B, R]
+    returns: torch.Tensor        # [B, R]
+
+
+@torch.no_grad()
+def make_experience(policy, ref, value, reward, batch: SequenceBatch, *, kl_coef, cfg, temperature):
+    """Score one batch of rollouts and compute rewards and advantages. cfg: PPOConfig."""
+    for m in (policy, ref, value, reward):
+        m.eval()
+    mask = batch.response_mask
+    old_lp = response_logprobs(policy, batch, temperature=temperature, backend=cfg.backend)
+    ref_lp = response_logprobs(ref, batch, temperature=temperature, backend=cfg.backend)
+    values = token_values(value, batch) * mask
+    scores = sequence_scores(reward, batch)
+    rewards, kl = kernels.shape_rewards(scores, old_lp, ref_lp, mask, kl_coef=kl_coef,
+                                        estimator=cfg.kl_estimator, backend=cfg.backend)
+    adv, ret = kernels.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam, backend=cfg.backend)
+    if cfg.whiten_advantages:
+        adv = whiten(adv, mask)
+    for m in (policy, value):
+        m.train()
+    return Experience(batch, old_lp, ref_lp, values, scores, rewards, kl, adv, ret)
+
+
+def ppo_minibatch_loss(policy, value, exp: Experience, idx, cfg, temperature, ptx=None):
+    """Loss of one minibatch: clipped policy loss + vf_coef * clipped value loss (+ ptx_coef * LM loss)."""
+    mb = exp.batch.select(idx)
+    mask = mb.response_mask
+    lp, ent = response_logprobs(policy, mb, temperature=temperature, return_entropy=True, backend=cfg.backend)
+    pg, pg_stats = policy_loss(lp, exp.old_logprobs[idx], exp.advantages[idx], mask, cfg.clip_eps)
+    v = token_values(value, mb)
+    vf, vf_stats = value_loss(v, exp.old_values[idx], exp.returns[idx], mask, cfg.value_clip_eps)
+    loss = pg + cfg.vf_coef * vf
+    stats = {"pg_loss": pg.item(), "vf_loss": vf.item(), "entropy": masked_mean(ent, mask).item(),
+             **pg_stats, **vf_stats}
+    if ptx is not None:
+        ptx_loss = ptx()
+        loss = loss + cfg.ptx_coef * ptx_loss
+        stats["ptx_loss"] = ptx_loss.item()
+    return loss, stats
+
+
+def _engine_mismatch(results, old_lp, mask) -> dict:
+    """|logp_engine - logp_trainer| over sampled tokens, and the share of ratios outside [0.9, 1.1]."""
+    eng = torch.zeros_like(old_lp)
+    for i, r in enumerate(results):
+        eng[i, :len(r.logprobs)] = torch.tensor(r.logprobs[: old_lp.shape[1]])
+    diff = (eng - old_lp).abs()[mask]
+    ratio = torch.exp(old_lp - eng)[mask]
+    return {"logprob_diff_mean": diff.mean().item(), "logprob_diff_max": diff.max().item(),
+            "ratio_outside_0.9_1.1": ((ratio < 0.9) | (ratio > 1.1)).float().mean().item()}
+
+
+def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
+    """Run PPO (or PPO-ptx) from the SFT policy and the RM; returns the final policy directory."""
+    cfg, rcfg, run = ctx.cfg.ppo, ctx.cfg.rollout, ctx.cfg.run
+    stage = "ppo_ptx" if ptx else "ppo"
+    stage_dir = ctx.fresh_stage_dir(stage)
+    final = stage_dir / "final" / "policy"
+    if is_done(stage_dir):
+        return final
+    tok, pad, dev = ctx.tokenizer, ctx.tokenizer.pad_token_id, ctx.device
+    ckpt = latest_checkpoint(stage_dir) if run.resume else None
+    policy = load_policy(ckpt / "policy" if ckpt else sft_dir, dev).train()
+    value = load_scalar_model(ckpt / "value" if ckpt else rm_dir, dev).train()  # value model = the RM
+    ref = load_policy(sft_dir, dev).eval().requires_grad_(False)
+    reward = load_scalar_model(rm_dir, dev).eval().requires_grad_(False)
+    opt_p, opt_v = adamw(policy.parameters(), cfg.lr), adamw(value.parameters(), cfg.value_lr)
+    gen = torch.Generator().manual_seed(run.seed * 1000 + zlib.crc32(stage.encode()) % 1000)
+    kl_coef, start = cfg.kl_coef, 0
+    if ckpt is not None:
+        state = load_trainer_state(ckpt)
+        opt_p.load_state_dict(state["opt_policy"])
+        opt_v.load_state_dict(state["opt_value"])
+        gen.set_state(state["generator"])
+        kl_coef, start = state["kl_coef"], state["step"]
+    rollout = HFRollout(policy, seed=run.seed + start, pad_token_id=pad, eos_token_id=tok.eos_token_id)
+    prompts = [encode_prompt(tok, p.prompt) for p in ctx.data.ppo_prompts]
+    corpus = [encode_text(tok, t) for t in ctx.data.corpus]
+    eval_insts = ctx.data.eval_prompts[: cfg.eval_prompts]
+    eval_kw = dict(temperature=ctx.cfg.eval.temperature, max_tokens=rcfg.max_new_tokens, seed=ctx.cfg.eval.seed)
+    sft_answers = sample_answers(ref, tok, eval_insts, **eval_kw) if cfg.eval_every else None
+
+    def ptx_loss():
+        idx = torch.randint(0, len(corpus), (cfg.ptx_batch,), generator=gen).tolist()
+        return lm_loss(policy, [corpus[i][0] for i in idx], [corpus[i][1] for i in idx], pad, cfg.backend)
+
+    def step_fn(step: int) -> dict:
+        nonlocal kl_coef
+        idx = torch.randint(0, len(prompts), (cfg.rollout_batch,), generator=gen).tolist()
+        batch_prompts = [prompts[i] for i in idx]
+        results = rollout.generate(batch_prompts, max_tokens=rcfg.max_new_tokens, temperature=rcfg.temperature,
+                                   top_p=rcfg.top_p, top_k=rcfg.top_k)
+        batch = make_batch(batch_prompts, [r.token_ids for r in results], pad).to(dev)
+        exp = make_experience(policy, ref, value, reward, batch, kl_coef=kl_coef, cfg=cfg,
+                              temperature=rcfg.temperature)
+        stats: dict[str, list] = {}
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(cfg.rollout_batch, generator=gen)
+            for mb in perm.split(cfg.minibatch):
+                loss, s = ppo_minibatch_loss(policy, value, exp, mb, cfg, rcfg.temperature,
+                                             ptx_loss if ptx else None)
+                opt_p.zero_grad(set_to_none=True)
+                opt_v.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(value.parameters(), cfg.max_grad_norm)
+                opt_p.step()
+                opt_v.step()
+                s["loss"] = loss.item()
+                for k, v in s.items():
+                    stats.setdefault(k, []).append(v)
+        rollout.update_weights(policy.named_parameters())  # in place for HF; a real push for vLLM
+        mask = exp.batch.response_mask
+        seq_kl = (exp.kl * mask).sum(1).mean().item()
+        m = {k: sum(v) / len(v) for k, v in stats.items()}
+        m.update(score=exp.scores.mean().item(), kl=seq_kl, kl_coef=kl_coef,
+                 reward=(exp.rewards * mask).sum(1).mean().item(), response_len=mask.sum(1).float().mean().item(),
+                 finished=sum(r.finish_reason == "stop" for r in results) / len(results),
+                 **_engine_mismatch(results, exp.old_logprobs, mask))
+        if cfg.adaptive_kl:
+            kl_coef = adaptive_kl_coef(kl_coef, seq_kl, cfg.target_kl, cfg.rollout_batch, cfg.kl_horizon)
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step == 0):
+            ans = sample_answers(policy, tok, eval_insts, **eval_kw)
+            m["win_rate_vs_sft"] = win_rate(eval_insts, ans, sft_answers, ctx.data.heldout_labelers,
+                                            ctx.cfg.eval.seed)["win_rate"]
+        return m
+
+    def save_fn(step: int) -> Path:
+        return save_checkpoint(stage_dir, step, {"policy": policy, "value": value}, {
+            "opt_policy": opt_p.state_dict(), "opt_value": opt_v.state_dict(), "generator": gen.get_state(),
+            "kl_coef": kl_coef}, tok)
+
+    run_steps(stage=stage, stage_dir=stage_dir, start=start, total=cfg.iterations, step_fn=step_fn,
+              save_fn=save_fn, log_every=1, checkpoint_every=cfg.checkpoint_every, progress=run.progress)
+    rollout.close()
+    save_models(stage_dir / "final", {"policy": policy, "value": value}, tok)
+    (stage_dir / "summary.json").write_text(json.dumps({"ptx": ptx, "kl_coef_final": kl_coef}, indent=2))
+    return final

@@ -1,0 +1,137 @@
+"""Reward-model training on K-way rankings (InstructGPT section 3.5).
+
+Each batch element is one prompt with all its K ranked responses: the K sequences go through the model
+once and the loss covers all K-choose-2 pairs (`kernels.ranking_loss`). After training, the scores are
+shifted so that the labelers' demonstrations average 0 (stored as the model config's `score_offset`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from pathlib import Path
+
+import torch
+
+from kernels import ranking_loss
+
+from ..batch import make_batch
+from ..checkpoint import is_done, latest_checkpoint, load_trainer_state, save_checkpoint, save_models
+from ..models import load_scalar_model, sequence_scores
+from ..task import encode_prompt, encode_response
+from .loop import adamw, run_steps, warmup_cosine
+
+log = logging.getLogger("engine")
+
+
+def encode_comparison(tokenizer, row: dict) -> dict:
+    return {
+        "prompt": encode_prompt(tokenizer, row["prompt"]),
+        "responses": [encode_response(tokenizer, r, f) for r, f in zip(row["responses"], row["finished"])],
+        "ranks": row["ranks"],
+    }
+
+
+def score_comparisons(model, rows: list[dict], pad_id: int):
+    """Score every response of every prompt at once -> (scores [B, Kmax], ranks [B, Kmax], valid [B, Kmax])."""
+    kmax = max(len(r["responses"]) for r in rows)
+    prompts = [r["prompt"] for r in rows for _ in r["responses"]]
+    responses = [resp for r in rows for resp in r["responses"]]
+    device = next(model.parameters()).device
+    flat = sequence_scores(model, make_batch(prompts, responses, pad_id).to(device))
+    scores = torch.zeros(len(rows), kmax, device=device)
+    ranks = torch.full((len(rows), kmax), kmax, dtype=torch.long, device=device)
+    valid = torch.zeros(len(rows), kmax, dtype=torch.bool, device=device)
+    i = 0
+    for b, r in enumerate(rows):
+        k = len(r["responses"])
+        scores[b, :k] = flat[i:i + k]
+        ranks[b, :k] = torch.tensor(r["ranks"])
+        valid[b, :k] = True
+        i += k
+    return scores, ranks, valid
+
+
+@torch.no_grad()
+def pairwise_accuracy(model, rows: list[dict], pad_id: int, rank_key: str = "ranks", chunk: int = 64) -> float:
+    """Fraction of ranked pairs the model orders like the labeler did."""
+    model.eval()
+    right = total = 0.0
+    for i in range(0, len(rows), chunk):
+        part = rows[i:i + chunk]
+        scores, ranks, valid = score_comparisons(model, [{**r, "ranks": r[rank_key]} for r in part], pad_id)
+        better = (ranks[:, :, None] < ranks[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+        right += ((scores[:, :, None] > scores[:, None, :]) & better).sum().item()
+        total += better.sum().item()
+    model.train()
+    return right / max(total, 1)
+
+
+@torch.no_grad()
+def mean_score(model, prompts, responses, pad_id: int, chunk: int = 256) -> float:
+    model.eval()
+    device = next(model.parameters()).device
+    vals = [sequence_scores(model, make_batch(prompts[i:i + chunk], responses[i:i + chunk], pad_id).to(device))
+            for i in range(0, len(prompts), chunk)]
+    model.train()
+    return torch.cat(vals).mean().item()
+
+
+def train_reward(ctx, init_dir: Path, cfg) -> Path:
+    """Train the RM from the SFT model at `init_dir`; returns the final RM directory. cfg: RewardConfig."""
+    stage = "rm"
+    stage_dir = ctx.fresh_stage_dir(stage)
+    final = stage_dir / "final" / "reward"
+    if is_done(stage_dir):
+        return final
+    tok, pad = ctx.tokenizer, ctx.tokenizer.pad_token_id
+    train_rows = [encode_comparison(tok, r) for r in ctx.data.comparisons]
+    ckpt = latest_checkpoint(stage_dir) if ctx.cfg.run.resume else None
+    model = load_scalar_model(ckpt / "reward" if ckpt else init_dir, ctx.device).train()
+    model.config.score_offset = 0.0
+    opt = adamw(model.parameters(), cfg.lr)
+    sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
+    gen = torch.Generator().manual_seed(ctx.cfg.run.seed * 1000 + zlib.crc32(stage.encode()) % 1000)
+    start = 0
+    if ckpt is not None:
+        state = load_trainer_state(ckpt)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        start = state["step"]
+
+    def step_fn(step: int) -> dict:
+        idx = torch.randint(0, len(train_rows), (cfg.batch_size,), generator=gen).tolist()
+        scores, ranks, valid = score_comparisons(model, [train_rows[i] for i in idx], pad)
+        loss, acc = ranking_loss(scores, ranks, valid)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        return {"loss": loss.item(), "accuracy": acc, "lr": sched.get_last_lr()[0]}
+
+    def save_fn(step: int) -> Path:
+        return save_checkpoint(stage_dir, step, {"reward": model}, {
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state()}, tok)
+
+    run_steps(stage=stage, stage_dir=stage_dir, start=start, total=cfg.steps, step_fn=step_fn, save_fn=save_fn,
+              log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=ctx.cfg.run.progress)
+
+    # Normalise: the labelers' demonstrations score 0 on average (the paper's bias fix before PPO).
+    demos = ctx.data.demonstrations
+    offset = mean_score(model, [encode_prompt(tok, d["prompt"]) for d in demos],
+                        [encode_response(tok, d["response"]) for d in demos], pad)
+    model.config.score_offset = offset
+    heldout = [{**encode_comparison(tok, r), "ranks_second": r["ranks_second"]} for r in ctx.data.comparisons_heldout]
+    result = {
+        "rm_heldout_accuracy": pairwise_accuracy(model, heldout, pad),
+        "rm_heldout_accuracy_second_labeler": pairwise_accuracy(model, heldout, pad, "ranks_second"),
+        "rm_train_accuracy": pairwise_accuracy(model, train_rows[:500], pad),
+        "labeler_agreement": ctx.data.labeler_agreement(),
+        "score_offset": offset,
+    }
+    (stage_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    log.info("rm: %s", result)
+    save_models(stage_dir / "final", {"reward": model}, tok)
+    return final
