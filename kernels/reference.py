@@ -48,14 +48,19 @@ def _block_stats(block: torch.Tensor, tok: torch.Tensor, inv_t: float, dtype: to
     z = block.to(dtype)
     if inv_t != 1.0:
         z = z * inv_t
-    lse = torch.logsumexp(z, dim=-1)
-    logp = z.gather(1, tok[:, None]).squeeze(1) - lse
+    # Shift by the row max first: with logits of size 1e3, lse and sum(p * z) are both ~1e3 and their
+    # float32 difference (the entropy) would lose three digits; relative to the max they are O(1).
+    m = z.amax(dim=-1, keepdim=True)
+    zs = z - m
+    lse_s = torch.logsumexp(zs, dim=-1)
+    logp = zs.gather(1, tok[:, None]).squeeze(1) - lse_s
+    lse = lse_s + m.squeeze(1)
     if not entropy:
         return logp, lse, None
-    p = torch.exp(z - lse[:, None])
+    p = torch.exp(zs - lse_s[:, None])
     # p * z is 0 * -inf = nan where a logit is -inf; those entries contribute nothing to the entropy.
-    pz = torch.where(p > 0, p * z, torch.zeros((), dtype=dtype))
-    return logp, lse, lse - pz.sum(dim=-1)
+    pz = torch.where(p > 0, p * zs, torch.zeros((), dtype=dtype))
+    return logp, lse, lse_s - pz.sum(dim=-1)
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -125,7 +130,8 @@ def naive_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature
     if not return_entropy:
         return logp
     p = logp_all.exp()
-    ent = -torch.where(p > 0, p * logp_all, torch.zeros((), dtype=p.dtype)).sum(-1)
+    # Mask log p before the product, not after: where(p > 0, p * logp, 0) back-propagates 0 * -inf = nan.
+    ent = -(p * torch.where(p > 0, logp_all, torch.zeros((), dtype=p.dtype))).sum(-1)
     return logp, ent
 
 

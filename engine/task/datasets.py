@@ -59,26 +59,33 @@ def _ranked(inst, k, rng, labelers, second: Labeler | None = None) -> dict:
 
 
 def make_task_data(cfg) -> TaskData:
-    """cfg: engine.config.TaskConfig."""
-    rng = random.Random(f"task-{cfg.seed}")
+    """cfg: engine.config.TaskConfig. Each data set has its own random stream, so changing the size of
+    one (say, more comparisons) leaves every other one as it was."""
+    def stream(name: str) -> random.Random:
+        return random.Random(f"task-{cfg.seed}-{name}")
+
     labelers = make_labelers(cfg.n_labelers, 0, cfg.label_noise, cfg.labeler_spread, cfg.seed)
     heldout = make_labelers(cfg.n_heldout_labelers, cfg.n_labelers, cfg.label_noise, cfg.labeler_spread, cfg.seed)
+    rng = stream("demonstrations")
     demos = []
     for _ in range(cfg.n_demonstrations):
         inst = sample_instruction(rng)
         demos.append(_row(inst, response=write_response(inst, rng)))
+    rng = stream("comparisons")
     comps = [_ranked(sample_instruction(rng), rng.randint(cfg.k_min, cfg.k_max), rng, labelers)
              for _ in range(cfg.n_comparisons)]
+    rng = stream("comparisons-heldout")
     comps_h = [_ranked(sample_instruction(rng), rng.randint(cfg.k_min, cfg.k_max), rng, heldout, heldout[0])
                for _ in range(cfg.n_comparisons_heldout)]
+    ppo_rng, eval_rng = stream("ppo"), stream("eval")
     return TaskData(
-        corpus=make_corpus(cfg.n_corpus, rng),
-        corpus_heldout=make_corpus(cfg.n_corpus_heldout, random.Random(f"corpus-heldout-{cfg.seed}")),
+        corpus=make_corpus(cfg.n_corpus, stream("corpus")),
+        corpus_heldout=make_corpus(cfg.n_corpus_heldout, stream("corpus-heldout")),
         demonstrations=demos,
         comparisons=comps,
         comparisons_heldout=comps_h,
-        ppo_prompts=[sample_instruction(rng) for _ in range(cfg.n_ppo_prompts)],
-        eval_prompts=[sample_instruction(random.Random(f"eval-{cfg.seed}-{i}")) for i in range(cfg.n_eval_prompts)],
+        ppo_prompts=[sample_instruction(ppo_rng) for _ in range(cfg.n_ppo_prompts)],
+        eval_prompts=[sample_instruction(eval_rng) for _ in range(cfg.n_eval_prompts)],
         labelers=labelers,
         heldout_labelers=heldout,
     )

@@ -1,0 +1,140 @@
+"""kl_penalty, shape_rewards and gae against hand-computed and float64 loop references."""
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels import dispatch
+
+BACKENDS = {op: [b for b in ("torch", "triton", "cpu") if dispatch.available(op, b)]
+            for op in ("kl_penalty", "shape_rewards", "gae")}
+
+
+def masks(b, t, rng):
+    """Right-padded, left-padded, with holes, all-empty rows and a full row."""
+    lengths = torch.randint(0, t + 1, (b,), generator=rng)
+    right = torch.arange(t)[None] < lengths[:, None]
+    left = right.flip(1)
+    holes = right & (torch.rand(b, t, generator=rng) > 0.3)
+    holes[0] = True
+    return {"right": right, "left": left, "holes": holes}
+
+
+@pytest.mark.parametrize("backend", BACKENDS["kl_penalty"])
+def test_kl_estimators_hand_values(backend):
+    lp = torch.tensor([-1.0, -0.5, -2.0])
+    ref = torch.tensor([-1.5, -0.5, -1.0])
+    r = lp - ref  # 0.5, 0, -1
+    torch.testing.assert_close(kernels.kl_penalty(lp, ref, estimator="k1", backend=backend), r)
+    torch.testing.assert_close(kernels.kl_penalty(lp, ref, estimator="k2", backend=backend),
+                               torch.tensor([0.125, 0.0, 0.5]))
+    want = torch.tensor([math.exp(-0.5) - 1 + 0.5, 0.0, math.exp(1.0) - 1 - 1.0])
+    torch.testing.assert_close(kernels.kl_penalty(lp, ref, estimator="k3", backend=backend), want)
+
+
+def test_kl_bad_estimator():
+    with pytest.raises(ValueError, match="`estimator`"):
+        kernels.kl_penalty(torch.zeros(2), torch.zeros(2), estimator="k4")
+    with pytest.raises(ValueError, match="`ref_logprobs` has shape"):
+        kernels.kl_penalty(torch.zeros(2), torch.zeros(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS["shape_rewards"])
+def test_shape_rewards_hand_example(backend):
+    lp = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-1.0, -1.0, -1.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0, -4.0], [-2.0, -2.0, -2.0, -2.0], [0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 0, 1], [0, 0, 0, 0]])  # right-padded, holes, empty
+    scores = torch.tensor([10.0, 20.0, 30.0])
+    rewards, kl = kernels.shape_rewards(scores, lp, ref, mask, kl_coef=0.1, backend=backend)
+    want_kl = torch.tensor([[0.5, 0.0, -1.0, 0.0], [0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    want_r = -0.1 * want_kl
+    want_r[0, 2] += 10.0  # last valid of row 0 is index 2
+    want_r[1, 3] += 20.0  # last valid of row 1 is index 3
+    torch.testing.assert_close(kl, want_kl)
+    torch.testing.assert_close(rewards, want_r)  # row 2 has no valid token: all zeros, no score
+
+
+@pytest.mark.parametrize("backend", BACKENDS["shape_rewards"])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("b,t", [(1, 1), (5, 13), (33, 70)])
+def test_shape_rewards_random_vs_float64(backend, estimator, b, t, rng):
+    for name, mask in masks(b, t, rng).items():
+        lp = -torch.rand(b, t, generator=rng) * 5
+        ref = -torch.rand(b, t, generator=rng) * 5
+        scores = torch.randn(b, generator=rng)
+        rewards, kl = kernels.shape_rewards(scores, lp, ref, mask, kl_coef=0.05, estimator=estimator, backend=backend)
+        r64, kl64 = kernels.reference.shape_rewards(scores.double(), lp.double(), ref.double(), mask, 0.05, estimator)
+        torch.testing.assert_close(kl.double(), kl64, atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(rewards.double(), r64, atol=1e-5, rtol=1e-5, msg=name)
+        assert (rewards[~mask.bool()] == 0).all(), name
+
+
+def gae_scalar(r, v, m, gamma, lam):
+    """The textbook recursion, one row at a time over the valid positions only (float64 Python)."""
+    b, t = len(r), len(r[0])
+    adv = [[0.0] * t for _ in range(b)]
+    ret = [[0.0] * t for _ in range(b)]
+    for i in range(b):
+        valid = [j for j in range(t) if m[i][j]]
+        next_v = next_a = 0.0
+        for j in reversed(valid):
+            delta = r[i][j] + gamma * next_v - v[i][j]
+            next_a = delta + gamma * lam * next_a
+            next_v = v[i][j]
+            adv[i][j], ret[i][j] = next_a, next_a + v[i][j]
+    return torch.tensor(adv, dtype=torch.float64), torch.tensor(ret, dtype=torch.float64)
+
+
+def test_gae_hand_computed():
+    r = torch.tensor([[0.0, 0.0, 1.0]])
+    v = torch.tensor([[0.5, 0.25, 0.5]])
+    m = torch.ones(1, 3)
+    adv, ret = kernels.gae(r, v, m, gamma=1.0, lam=0.5, backend="torch")
+    # t=2: d=1-0.5=0.5, A=0.5; t=1: d=0+0.5-0.25=0.25, A=0.25+0.5*0.5=0.5; t=0: d=0.25-0.5=-0.25, A=-0.25+0.25=0
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 0.5, 0.5]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.5, 0.75, 1.0]]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS["gae"])
+@pytest.mark.parametrize("b,t", [(1, 1), (3, 17), (16, 129)])
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 1.0), (0.9, 0.0)])
+def test_gae_random_masks_vs_float64(backend, b, t, gamma, lam, rng):
+    for name, mask in masks(b, t, rng).items():
+        r = torch.randn(b, t, generator=rng)
+        v = torch.randn(b, t, generator=rng)
+        adv, ret = kernels.gae(r, v, mask, gamma=gamma, lam=lam, backend=backend)
+        want_a, want_r = gae_scalar(r.double().tolist(), v.double().tolist(), mask.tolist(), gamma, lam)
+        torch.testing.assert_close(adv.double(), want_a, atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(ret.double(), want_r, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS["gae"])
+def test_gae_non_contiguous_and_bool_or_float_masks(backend, rng):
+    r = torch.randn(7, 40, generator=rng)[:, ::2]
+    v = torch.randn(40, 7, generator=rng).t()[:, :20]
+    m = torch.rand(7, 20, generator=rng) > 0.2
+    a1, r1 = kernels.gae(r, v, m, gamma=0.99, lam=0.9, backend=backend)
+    a2, r2 = kernels.gae(r.contiguous(), v.contiguous(), m.float(), gamma=0.99, lam=0.9, backend=backend)
+    torch.testing.assert_close(a1, a2)
+    torch.testing.assert_close(r1, r2)
+
+
+def test_gae_bad_input():
+    z = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="`values` has shape"):
+        kernels.gae(z, torch.zeros(2, 4), z, gamma=1.0, lam=1.0)
+    with pytest.raises(ValueError, match="`gamma`"):
+        kernels.gae(z, z, z, gamma=1.5, lam=1.0)
+    with pytest.raises(ValueError, match="`rewards` must have shape"):
+        kernels.gae(torch.zeros(3), torch.zeros(3), torch.zeros(3), gamma=1.0, lam=1.0)
+    with pytest.raises(ValueError, match="`rewards` must be a floating"):
+        kernels.gae(z.long(), z, z, gamma=1.0, lam=1.0)
+
+
+def test_shape_rewards_bad_input():
+    z = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="`scores` must have shape"):
+        kernels.shape_rewards(torch.zeros(3), z, z, z, kl_coef=0.1)
+    with pytest.raises(ValueError, match="`mask` has shape"):
+        kernels.shape_rewards(torch.zeros(2), z, z, torch.zeros(2, 2), kl_coef=0.1)

@@ -1,0 +1,138 @@
+"""token_logprobs against a float64 reference: values, entropy and gradients, every available backend."""
+import pytest
+import torch
+
+import kernels
+from kernels import dispatch
+from kernels.reference import naive_token_logprobs
+
+BACKENDS = [b for b in ("torch", "triton", "cpu") if dispatch.available("token_logprobs", b)]
+
+
+def reference(logits, tokens, temperature=1.0):
+    return naive_token_logprobs(logits.double(), tokens, temperature, return_entropy=True)
+
+
+def make(shape, vocab, dtype, rng, scale=3.0):
+    x = torch.randn(*shape, vocab, generator=rng) * scale
+    return x.to(dtype), torch.randint(0, vocab, shape, generator=rng)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,vocab", [((1,), 1), ((1, 1), 7), ((3, 5), 33), ((2, 7), 1001), ((13,), 4097)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_forward_and_entropy_float32(backend, shape, vocab, temperature, rng):
+    logits, tokens = make(shape, vocab, torch.float32, rng)
+    lp, ent = kernels.token_logprobs(logits, tokens, temperature=temperature, return_entropy=True, backend=backend)
+    ref_lp, ref_ent = reference(logits, tokens, temperature)
+    assert lp.dtype == torch.float32 and lp.shape == tokens.shape
+    torch.testing.assert_close(lp.double(), ref_lp, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ent.double(), ref_ent, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_torch_error(backend, dtype, rng):
+    """FlashAttention's rule: error vs float64 at most twice plain PyTorch's in the same dtype."""
+    logits, tokens = make((4, 9), 3001, dtype, rng)
+    ref_lp, ref_ent = reference(logits, tokens)
+    lp, ent = kernels.token_logprobs(logits, tokens, return_entropy=True, backend=backend)
+    torch_lp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1).double()
+    torch_err = (torch_lp - ref_lp).abs().max().item()
+    assert (lp.double() - ref_lp).abs().max().item() <= 2 * torch_err + 1e-6
+    assert (ent.double() - ref_ent).abs().max().item() <= 1e-3  # float32 accumulation of exact inputs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits_and_neg_inf(backend, rng):
+    logits, tokens = make((6, 5), 257, torch.float32, rng, scale=1e3)
+    logits[0, 1, 3] = float("-inf")
+    logits[2, :, ::2] = float("-inf")
+    tokens[2] = tokens[2] | 1  # targets at finite entries
+    lp, ent = kernels.token_logprobs(logits, tokens, return_entropy=True, backend=backend)
+    ref_lp, ref_ent = reference(logits, tokens)
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
+    torch.testing.assert_close(lp.double(), ref_lp, atol=1e-3, rtol=1e-6)
+    torch.testing.assert_close(ent.double(), ref_ent, atol=1e-3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input(backend, rng):
+    full, tokens = make((3, 8), 513, torch.float32, rng)
+    logits = full[:, 1:-1]  # a slice: [B, T-2, V] with row stride T*V, not flattenable as a view
+    tok = tokens[:, 1:-1]
+    assert not logits.is_contiguous()
+    lp = kernels.token_logprobs(logits, tok, backend=backend)
+    torch.testing.assert_close(lp.double(), reference(logits, tok)[0], atol=2e-5, rtol=1e-5)
+    transposed = full.transpose(0, 1)  # [T, B, V]
+    lp_t = kernels.token_logprobs(transposed, tokens.t(), backend=backend)
+    torch.testing.assert_close(lp_t.double(), reference(transposed, tokens.t())[0], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [1.0, 1.3])
+def test_gradients_match_float64_autograd(backend, temperature, rng):
+    logits, tokens = make((3, 7), 211, torch.float32, rng)
+    logits[1, 2, 5] = float("-inf")
+    g_lp = torch.randn(3, 7, generator=rng, dtype=torch.float64)
+    g_h = torch.randn(3, 7, generator=rng, dtype=torch.float64)
+    x = logits.clone().requires_grad_(True)
+    lp, ent = kernels.token_logprobs(x, tokens, temperature=temperature, return_entropy=True, backend=backend)
+    (lp.double() * g_lp + ent.double() * g_h).sum().backward()
+    x64 = logits.double().requires_grad_(True)
+    ref_lp, ref_ent = reference(x64, tokens, temperature)
+    (ref_lp * g_lp + ref_ent * g_h).sum().backward()
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=1e-4)
+    # log-prob only (no entropy requested): the other branch of the backward
+    y = logits.clone().requires_grad_(True)
+    (kernels.token_logprobs(y, tokens, temperature=temperature, backend=backend).double() * g_lp).sum().backward()
+    y64 = logits.double().requires_grad_(True)
+    (reference(y64, tokens, temperature)[0] * g_lp).sum().backward()
+    torch.testing.assert_close(y.grad.double(), y64.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_gradient_dtype_and_error(backend, rng):
+    logits, tokens = make((5, 3), 999, torch.bfloat16, rng)
+    x = logits.clone().requires_grad_(True)
+    kernels.token_logprobs(x, tokens, backend=backend).sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    x64 = logits.double().requires_grad_(True)
+    reference(x64, tokens)[0].sum().backward()
+    xt = logits.clone().requires_grad_(True)
+    torch.log_softmax(xt, -1).gather(-1, tokens[..., None]).sum().backward()
+    torch_err = (xt.grad.double() - x64.grad).abs().max().item()
+    assert (x.grad.double() - x64.grad).abs().max().item() <= 2 * torch_err + 1e-6
+
+
+def test_blockwise_path_never_copies_whole_logits(rng, monkeypatch):
+    """With a tiny block size the reference walks many blocks; results equal the one-block answer."""
+    from kernels import reference as ref
+
+    logits, tokens = make((37,), 101, torch.float32, rng)
+    want = kernels.token_logprobs(logits, tokens, backend="torch")
+    monkeypatch.setattr(ref, "_BLOCK_ELEMENTS", 3 * 101)
+    got = kernels.token_logprobs(logits, tokens, backend="torch")
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda l, t: (l, t.float()), "`tokens` must be an integer"),
+    (lambda l, t: (l.long(), t), "`logits` must be a floating"),
+    (lambda l, t: (l, t[:, :-1]), "`tokens` has shape"),
+    (lambda l, t: (l, t + 100), "outside the vocabulary"),
+    (lambda l, t: (l, t - 100), "outside the vocabulary"),
+])
+def test_bad_input_names_the_argument(bad, match, rng):
+    logits, tokens = make((2, 3), 11, torch.float32, rng)
+    with pytest.raises(ValueError, match=match):
+        kernels.token_logprobs(*bad(logits, tokens))
+
+
+def test_bad_temperature_and_backend(rng):
+    logits, tokens = make((2,), 11, torch.float32, rng)
+    with pytest.raises(ValueError, match="`temperature`"):
+        kernels.token_logprobs(logits, tokens, temperature=0.0)
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        kernels.token_logprobs(logits, tokens, backend="jax")
