@@ -1,9 +1,57 @@
-"""rlhf-engine. `pip install -e .` installs the packages `engine` and `kernels` (pure Python).
+"""rlhf-engine: the packages `engine` and `kernels`, plus the optional compiled kernels `kernels._C`.
 
 Install the CPU build of torch first on a CPU-only machine (`pip install torch==2.13.0`): a bare `torch`
-requirement would otherwise pull a multi-GB CUDA build. Nothing here needs CUDA.
+requirement would otherwise pull a multi-GB CUDA build. Then `pip install --no-build-isolation -e .` lets
+this script see that torch and compile csrc/ against it: the C++ CPU ops always, the CUDA ops too when
+torch is a CUDA build and nvcc is found. Without torch at build time (an isolated build), without a
+compiler, or with RLHF_ENGINE_NO_EXT=1, the install is pure Python and everything falls back to Triton or
+PyTorch: nothing here ever needs CUDA.
 """
+import os
+import sys
+
 from setuptools import find_packages, setup
+
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/gae_cpu.cpp", "csrc/rewards_cpu.cpp"]
+CUDA_SOURCES = ["csrc/gae.cu", "csrc/rewards.cu"]
+
+
+def _say(msg: str) -> None:
+    print(f"rlhf-engine setup: {msg}", file=sys.stderr)
+
+
+def extensions():
+    """([kernels._C] and its build_ext) when torch is importable here, else ([], {})."""
+    if os.environ.get("RLHF_ENGINE_NO_EXT") == "1":
+        _say("RLHF_ENGINE_NO_EXT=1: skipping the compiled kernels")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        _say("torch is not importable at build time (use --no-build-isolation): skipping the compiled kernels")
+        return [], {}
+
+    class OptionalBuildExt(BuildExtension):
+        """A failed compile is a warning, not a failed install: the kernels have Python fallbacks."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001 - any compiler/toolchain failure
+                _say(f"building kernels._C failed ({exc}); continuing without it")
+
+    flags = {"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]}
+    if torch.version.cuda and CUDA_HOME and os.environ.get("RLHF_ENGINE_CUDA", "1") != "0":
+        _say(f"building CPU and CUDA kernels (CUDA {torch.version.cuda})")
+        ext = CUDAExtension("kernels._C", CPU_SOURCES + CUDA_SOURCES, extra_compile_args=flags)
+    else:
+        _say("building the C++ CPU kernels (torch has no CUDA or nvcc is absent: no CUDA kernels)")
+        ext = CppExtension("kernels._C", CPU_SOURCES, extra_compile_args=flags["cxx"])
+    return [ext], {"build_ext": OptionalBuildExt.with_options(no_python_abi_suffix=False)}
+
+
+EXT_MODULES, CMDCLASS = extensions()
 
 setup(
     name="rlhf-engine",
@@ -27,5 +75,7 @@ setup(
         "triton": ["triton>=3.0"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0"],
     },
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
     entry_points={"console_scripts": ["rlhf-engine=engine.cli:main"]},
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -33,6 +34,7 @@ def build_parser() -> ArgumentParser:
     for name, help_text in COMMANDS.items():
         p = ArgumentParser(description=help_text)
         p.add_argument("--config", action=ActionConfigFile, help="YAML preset (keys: " + ", ".join(SECTIONS) + ")")
+        p.add_argument("--out", type=Optional[str], default=None, help="output directory (same as --run.out)")
         for section, cls in SECTIONS.items():
             p.add_argument(f"--{section}", type=cls, default=getattr(defaults, section))
         if name == "ppo":
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         command = args.command
         sub = args[command]
         cfg = Config(**{s: sub[s] for s in SECTIONS})
+        if sub.out is not None:
+            cfg.run.out = sub.out
     except ValueError as exc:  # a config value failed validation
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
 # op name -> backend -> implementation. Modules that provide a backend register into this table on import.
 _REGISTRY: dict[str, dict[str, Callable]] = {}
 # Backends whose modules are imported lazily on first use, so `import kernels` stays light.
-_LAZY_MODULES = {"triton": "kernels.triton_ops", "cuda": "kernels.ext", "cpu": "kernels.ext"}
+_LAZY_MODULES = {"triton": "kernels.triton_kernels", "cuda": "kernels.ext", "cpu": "kernels.ext"}
 _import_errors: dict[str, str] = {}
 
 

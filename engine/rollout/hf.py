@@ -29,7 +29,9 @@ class HFRollout:
 
     @torch.no_grad()
     def generate(self, prompt_token_ids, *, n=1, max_tokens, temperature=1.0, top_p=1.0, top_k=-1,
-                 stop_token_ids=None) -> list[RolloutResult]:
+                 stop_token_ids=None, seed: int | None = None) -> list[RolloutResult]:
+        """Sample n continuations per prompt (prompt-major). `seed` makes this call reproducible on its own
+        (a resumed run draws the same samples); without it, draws continue this backend's seeded stream."""
         if not prompt_token_ids:
             return []
         device = next(self.model.parameters()).device
@@ -42,7 +44,9 @@ class HFRollout:
             ids[i, p_len - len(p):] = torch.tensor(p)
             attn[i, p_len - len(p):] = 1
         # Seed torch's global RNG from our own generator so results depend only on this backend's seed.
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+        torch.manual_seed(seed)
         was_training = self.model.training
         self.model.eval()
         out = self.model.generate(
@@ -53,7 +57,8 @@ class HFRollout:
         )
         self.model.train(was_training)
         new = out.sequences[:, p_len:].cpu()
-        logits = torch.stack(out.logits, dim=1).float().cpu()  # raw logits, [N, steps, V]
+        # The sampled distribution's log-probs (temperature applied, top-p/top-k ignored: the trainer's view).
+        logits = torch.stack(out.logits, dim=1).float().cpu() / temperature  # [N, steps, V]
         logp = torch.log_softmax(logits, -1).gather(-1, new[..., None]).squeeze(-1)
         results = []
         for i in range(len(prompts)):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import zlib
 from pathlib import Path
 
 import torch
@@ -46,13 +45,11 @@ def train_lm(ctx, stage: str, examples: list[tuple[list[int], list[int]]], init_
     model.to(ctx.device).train()
     opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay)
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
-    gen = torch.Generator().manual_seed(ctx.cfg.run.seed * 1000 + zlib.crc32(stage.encode()) % 1000)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
 
-    def step_fn(step: int) -> dict:
+    def step_fn(step: int, gen: torch.Generator) -> dict:
         idx = torch.randint(0, len(examples), (cfg.batch_size,), generator=gen).tolist()
         loss = lm_loss(model, [examples[i][0] for i in idx], [examples[i][1] for i in idx], pad)
         opt.zero_grad(set_to_none=True)
@@ -64,10 +61,10 @@ def train_lm(ctx, stage: str, examples: list[tuple[list[int], list[int]]], init_
 
     def save_fn(step: int) -> Path:
         return save_checkpoint(stage_dir, step, {"policy": model}, {
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state()},
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
             ctx.tokenizer)
 
-    run_steps(stage=stage, stage_dir=stage_dir, start=start, total=cfg.steps, step_fn=step_fn, save_fn=save_fn,
+    run_steps(stage=stage, stage_dir=stage_dir, seed=ctx.cfg.run.seed, start=start, total=cfg.steps, step_fn=step_fn, save_fn=save_fn,
               log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=ctx.cfg.run.progress)
     save_models(stage_dir / "final", {"policy": model}, ctx.tokenizer)
     return final

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from ..models import load_policy, load_scalar_model, response_logprobs, sequence
 from ..rollout import HFRollout
 from ..task import decode_response, encode_prompt, encode_text
 from .lm import lm_loss
-from .loop import adamw, run_steps
+from .loop import adamw, run_steps, step_seed
 
 log = logging.getLogger("engine")
 
@@ -110,31 +109,29 @@ def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
     ref = load_policy(sft_dir, dev).eval().requires_grad_(False)
     reward = load_scalar_model(rm_dir, dev).eval().requires_grad_(False)
     opt_p, opt_v = adamw(policy.parameters(), cfg.lr), adamw(value.parameters(), cfg.value_lr)
-    gen = torch.Generator().manual_seed(run.seed * 1000 + zlib.crc32(stage.encode()) % 1000)
     kl_coef, start = cfg.kl_coef, 0
     if ckpt is not None:
         state = load_trainer_state(ckpt)
         opt_p.load_state_dict(state["opt_policy"])
         opt_v.load_state_dict(state["opt_value"])
-        gen.set_state(state["generator"])
         kl_coef, start = state["kl_coef"], state["step"]
-    rollout = HFRollout(policy, seed=run.seed + start, pad_token_id=pad, eos_token_id=tok.eos_token_id)
+    rollout = HFRollout(policy, seed=run.seed, pad_token_id=pad, eos_token_id=tok.eos_token_id)
     prompts = [encode_prompt(tok, p.prompt) for p in ctx.data.ppo_prompts]
     corpus = [encode_text(tok, t) for t in ctx.data.corpus]
     eval_insts = ctx.data.eval_prompts[: cfg.eval_prompts]
     eval_kw = dict(temperature=ctx.cfg.eval.temperature, max_tokens=rcfg.max_new_tokens, seed=ctx.cfg.eval.seed)
     sft_answers = sample_answers(ref, tok, eval_insts, **eval_kw) if cfg.eval_every else None
 
-    def ptx_loss():
+    def ptx_loss(gen):
         idx = torch.randint(0, len(corpus), (cfg.ptx_batch,), generator=gen).tolist()
         return lm_loss(policy, [corpus[i][0] for i in idx], [corpus[i][1] for i in idx], pad, cfg.backend)
 
-    def step_fn(step: int) -> dict:
+    def step_fn(step: int, gen: torch.Generator) -> dict:
         nonlocal kl_coef
         idx = torch.randint(0, len(prompts), (cfg.rollout_batch,), generator=gen).tolist()
         batch_prompts = [prompts[i] for i in idx]
         results = rollout.generate(batch_prompts, max_tokens=rcfg.max_new_tokens, temperature=rcfg.temperature,
-                                   top_p=rcfg.top_p, top_k=rcfg.top_k)
+                                   top_p=rcfg.top_p, top_k=rcfg.top_k, seed=step_seed(run.seed, stage, step) + 2)
         batch = make_batch(batch_prompts, [r.token_ids for r in results], pad).to(dev)
         exp = make_experience(policy, ref, value, reward, batch, kl_coef=kl_coef, cfg=cfg,
                               temperature=rcfg.temperature)
@@ -143,7 +140,7 @@ def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
             perm = torch.randperm(cfg.rollout_batch, generator=gen)
             for mb in perm.split(cfg.minibatch):
                 loss, s = ppo_minibatch_loss(policy, value, exp, mb, cfg, rcfg.temperature,
-                                             ptx_loss if ptx else None)
+                                             (lambda: ptx_loss(gen)) if ptx else None)
                 opt_p.zero_grad(set_to_none=True)
                 opt_v.zero_grad(set_to_none=True)
                 loss.backward()
@@ -172,10 +169,10 @@ def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
 
     def save_fn(step: int) -> Path:
         return save_checkpoint(stage_dir, step, {"policy": policy, "value": value}, {
-            "opt_policy": opt_p.state_dict(), "opt_value": opt_v.state_dict(), "generator": gen.get_state(),
+            "opt_policy": opt_p.state_dict(), "opt_value": opt_v.state_dict(),
             "kl_coef": kl_coef}, tok)
 
-    run_steps(stage=stage, stage_dir=stage_dir, start=start, total=cfg.iterations, step_fn=step_fn,
+    run_steps(stage=stage, stage_dir=stage_dir, seed=ctx.cfg.run.seed, start=start, total=cfg.iterations, step_fn=step_fn,
               save_fn=save_fn, log_every=1, checkpoint_every=cfg.checkpoint_every, progress=run.progress)
     rollout.close()
     save_models(stage_dir / "final", {"policy": policy, "value": value}, tok)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ import torch
 from kernels import ranking_loss
 
 from ..batch import make_batch
-from ..checkpoint import is_done, latest_checkpoint, load_trainer_state, save_checkpoint, save_models
+from ..checkpoint import is_done, latest_checkpoint, load_trainer_state, save_checkpoint, save_models, write_text_atomic
 from ..models import load_scalar_model, sequence_scores
 from ..task import encode_prompt, encode_response
 from .loop import adamw, run_steps, warmup_cosine
@@ -91,16 +90,14 @@ def train_reward(ctx, init_dir: Path, cfg) -> Path:
     model.config.score_offset = 0.0
     opt = adamw(model.parameters(), cfg.lr)
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
-    gen = torch.Generator().manual_seed(ctx.cfg.run.seed * 1000 + zlib.crc32(stage.encode()) % 1000)
     start = 0
     if ckpt is not None:
         state = load_trainer_state(ckpt)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
         start = state["step"]
 
-    def step_fn(step: int) -> dict:
+    def step_fn(step: int, gen: torch.Generator) -> dict:
         idx = torch.randint(0, len(train_rows), (cfg.batch_size,), generator=gen).tolist()
         scores, ranks, valid = score_comparisons(model, [train_rows[i] for i in idx], pad)
         loss, acc = ranking_loss(scores, ranks, valid)
@@ -113,16 +110,18 @@ def train_reward(ctx, init_dir: Path, cfg) -> Path:
 
     def save_fn(step: int) -> Path:
         return save_checkpoint(stage_dir, step, {"reward": model}, {
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state()}, tok)
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tok)
 
-    run_steps(stage=stage, stage_dir=stage_dir, start=start, total=cfg.steps, step_fn=step_fn, save_fn=save_fn,
+    run_steps(stage=stage, stage_dir=stage_dir, seed=ctx.cfg.run.seed, start=start, total=cfg.steps, step_fn=step_fn, save_fn=save_fn,
               log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=ctx.cfg.run.progress)
 
     # Normalise: the labelers' demonstrations score 0 on average (the paper's bias fix before PPO).
     demos = ctx.data.demonstrations
-    offset = mean_score(model, [encode_prompt(tok, d["prompt"]) for d in demos],
-                        [encode_response(tok, d["response"]) for d in demos], pad)
+    demo_prompts = [encode_prompt(tok, d["prompt"]) for d in demos]
+    demo_responses = [encode_response(tok, d["response"]) for d in demos]
+    offset = mean_score(model, demo_prompts, demo_responses, pad)
     model.config.score_offset = offset
+    after = mean_score(model, demo_prompts, demo_responses, pad)  # ~0 by construction: checked by the tests
     heldout = [{**encode_comparison(tok, r), "ranks_second": r["ranks_second"]} for r in ctx.data.comparisons_heldout]
     result = {
         "rm_heldout_accuracy": pairwise_accuracy(model, heldout, pad),
@@ -130,8 +129,9 @@ def train_reward(ctx, init_dir: Path, cfg) -> Path:
         "rm_train_accuracy": pairwise_accuracy(model, train_rows[:500], pad),
         "labeler_agreement": ctx.data.labeler_agreement(),
         "score_offset": offset,
+        "demonstration_score_mean_after": after,
     }
-    (stage_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    write_text_atomic(stage_dir / "eval.json", json.dumps(result, indent=2))
     log.info("rm: %s", result)
     save_models(stage_dir / "final", {"reward": model}, tok)
     return final

@@ -1,0 +1,24 @@
+// Schemas of the compiled ops (namespace `rlhf_engine`) and their CPU implementations' registration.
+// Entry points only check inputs; the math lives in gae_cpu.cpp / rewards_cpu.cpp and, on CUDA, in
+// gae.cu / rewards.cu. Python reaches them as torch.ops.rlhf_engine.* through kernels/ext.py.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(rlhf_engine, m) {
+  // rewards, values [B, T] float32/float64; mask [B, T] bool/uint8 -> (advantages, returns) [B, T]
+  m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
+  // scores [B]; logprobs, ref_logprobs [B, T] float; mask [B, T]; estimator 1|2|3 -> (rewards, kl)
+  m.def("shape_rewards(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor mask, float kl_coef, "
+        "int estimator) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(rlhf_engine, CPU, m) {
+  m.impl("gae", &rlhf_engine::gae_cpu);
+  m.impl("shape_rewards", &rlhf_engine::shape_rewards_cpu);
+}
+
+// A Python extension module named _C, so `import kernels._C` loads the library and runs the registrations.
+#include <Python.h>
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

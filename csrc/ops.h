@@ -1,0 +1,28 @@
+#pragma once
+#include <ATen/ATen.h>
+#include <tuple>
+
+namespace rlhf_engine {
+
+// Shared input checks: every backend refuses the same bad input with the argument named.
+inline void check_rows(const at::Tensor& x, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(x.dim() == 2, name, " must be [B, T], got ", x.dim(), " dims");
+  TORCH_CHECK(x.sizes() == like.sizes(), name, " has shape ", x.sizes(), " but expected ", like.sizes());
+  TORCH_CHECK(x.device() == like.device(), name, " is on ", x.device(), " but expected ", like.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
+                                           const at::Tensor& mask, double gamma, double lam);
+std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, const at::Tensor& logprobs,
+                                                     const at::Tensor& ref_logprobs, const at::Tensor& mask,
+                                                     double kl_coef, int64_t estimator);
+
+// KL estimators on r = logprobs - ref_logprobs: k1 = r, k2 = r^2/2, k3 = exp(-r) - 1 + r.
+template <typename T>
+inline T kl_estimate(T r, int64_t estimator) {
+  if (estimator == 1) return r;
+  if (estimator == 2) return T(0.5) * r * r;
+  return std::expm1(-r) + r;
+}
+
+}  // namespace rlhf_engine

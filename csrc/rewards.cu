@@ -1,0 +1,73 @@
+// KL-shaped rewards on CUDA: one block per row; a block-wide max finds the last valid token, then the
+// row is streamed once more (from L2) writing kl and rewards. Mirrors rewards_cpu.cpp and the Triton kernel.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cub/block/block_reduce.cuh>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace rlhf_engine {
+namespace {
+
+constexpr int THREADS = 256;
+
+template <typename T>
+__device__ __forceinline__ float estimate(float r, int est) {
+  if (est == 1) return r;
+  if (est == 2) return 0.5f * r * r;
+  return expm1f(-r) + r;
+}
+
+template <typename T>
+__global__ void shape_kernel(const T* __restrict__ s, const T* __restrict__ lp, const T* __restrict__ ref,
+                             const uint8_t* __restrict__ m, float* __restrict__ rew, float* __restrict__ kl,
+                             int64_t len, float coef, int est) {
+  using Reduce = cub::BlockReduce<int64_t, THREADS>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ int64_t last_shared;
+  const int64_t o = int64_t(blockIdx.x) * len;
+  int64_t last = -1;
+  for (int64_t t = threadIdx.x; t < len; t += THREADS) {
+    if (m[o + t]) last = t;
+  }
+  last = Reduce(tmp).Reduce(last, cub::Max());
+  if (threadIdx.x == 0) last_shared = last;
+  __syncthreads();
+  last = last_shared;
+  const float score = float(s[blockIdx.x]);
+  for (int64_t t = threadIdx.x; t < len; t += THREADS) {
+    const float k = m[o + t] ? estimate<T>(float(lp[o + t]) - float(ref[o + t]), est) : 0.f;
+    kl[o + t] = k;
+    rew[o + t] = -coef * k + (t == last ? score : 0.f);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> shape_rewards_cuda(const at::Tensor& scores, const at::Tensor& logprobs,
+                                                      const at::Tensor& ref_logprobs, const at::Tensor& mask,
+                                                      double kl_coef, int64_t estimator) {
+  check_rows(ref_logprobs, "ref_logprobs", logprobs);
+  check_rows(mask, "mask", logprobs);
+  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == logprobs.size(0), "scores must be [B]");
+  TORCH_CHECK(estimator >= 1 && estimator <= 3, "estimator must be 1 (k1), 2 (k2) or 3 (k3)");
+  const c10::cuda::CUDAGuard guard(logprobs.device());
+  auto lp = logprobs.contiguous(), ref = ref_logprobs.to(logprobs.scalar_type()).contiguous();
+  auto s = scores.to(logprobs.scalar_type()).contiguous();
+  auto m = (mask.scalar_type() == at::kBool ? mask.view(at::kByte) : mask.ne(0).view(at::kByte)).contiguous();
+  auto rew = at::empty(lp.sizes(), lp.options().dtype(at::kFloat)), kl = at::empty_like(rew);
+  if (lp.numel() == 0) return {rew, kl};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, lp.scalar_type(), "shape_rewards_cuda", [&] {
+    shape_kernel<scalar_t><<<lp.size(0), THREADS, 0, stream>>>(
+        s.data_ptr<scalar_t>(), lp.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(), m.data_ptr<uint8_t>(),
+        rew.data_ptr<float>(), kl.data_ptr<float>(), lp.size(1), float(kl_coef), int(estimator));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {rew, kl};
+}
+
+TORCH_LIBRARY_IMPL(rlhf_engine, CUDA, m) { m.impl("shape_rewards", &shape_rewards_cuda); }
+
+}  // namespace rlhf_engine

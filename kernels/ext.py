@@ -1,0 +1,71 @@
+"""The compiled twins (csrc/): C++ on the CPU, CUDA C++ on GPUs, as torch ops `torch.ops.rlhf_engine.*`.
+
+They come from `kernels._C`, built by setup.py when torch is importable at build time (CUDA sources too
+when torch is a CUDA build and nvcc is found). With RLHF_ENGINE_JIT=1 a missing extension is built just in
+time instead (torch.utils.cpp_extension.load, cached under ~/.cache/torch_extensions). Importing this
+module registers the "cpu" and, when compiled in, the "cuda" backends with the dispatcher; if the
+extension is absent the import fails and the dispatcher falls back to Triton or PyTorch.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .dispatch import register
+from .reference import compute_dtype
+
+_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _load() -> None:
+    try:
+        from . import _C  # noqa: F401  (loading the library registers the ops)
+        return
+    except ImportError:
+        if os.environ.get("RLHF_ENGINE_JIT") != "1":
+            raise
+    from torch.utils.cpp_extension import CUDA_HOME, load
+
+    sources = [CSRC / "ops.cpp", CSRC / "gae_cpu.cpp", CSRC / "rewards_cpu.cpp"]
+    if torch.version.cuda and CUDA_HOME:
+        sources += [CSRC / "gae.cu", CSRC / "rewards.cu"]
+    load(name="rlhf_engine_C", sources=[str(s) for s in sources], extra_cflags=["-O3"],
+         extra_cuda_cflags=["-O3"], is_python_module=False, verbose=False)
+
+
+_load()
+
+
+def has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"rlhf_engine::{op}", key)
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    dtype = compute_dtype(rewards)
+    return torch.ops.rlhf_engine.gae(rewards.to(dtype), values.to(dtype), mask, float(gamma), float(lam))
+
+
+def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, estimator: str = "k1"):
+    return torch.ops.rlhf_engine.shape_rewards(scores, logprobs, ref_logprobs, mask, float(kl_coef),
+                                               _ESTIMATORS[estimator])
+
+
+for _op, _fn in (("gae", gae), ("shape_rewards", shape_rewards)):
+    if has_kernel(_op, "CPU"):
+        register(_op, "cpu")(_fn)
+    if has_kernel(_op, "CUDA"):
+        register(_op, "cuda")(_fn)
+
+
+@torch.library.register_fake("rlhf_engine::gae")
+def _gae_fake(rewards, values, mask, gamma, lam):
+    return torch.empty_like(rewards), torch.empty_like(rewards)
+
+
+@torch.library.register_fake("rlhf_engine::shape_rewards")
+def _shape_rewards_fake(scores, logprobs, ref_logprobs, mask, kl_coef, estimator):
+    out = torch.empty(logprobs.shape, dtype=torch.float32, device=logprobs.device)
+    return out, torch.empty_like(out)

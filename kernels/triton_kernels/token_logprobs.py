@@ -1,0 +1,153 @@
+"""Triton token log-probs (+ entropy), forward and backward, in one read of the logits each way.
+
+Forward, one program per row: an online max / sum-of-exp over vocabulary blocks, the target logit read
+directly, and optionally the entropy, accumulated relative to the running max so that logits of size 1e3
+lose no digits. Outputs float32 log-prob, log-sum-exp (kept for the backward) and entropy per row.
+
+Backward, one program per (row, vocabulary block): recompute p = exp(z - lse) and write
+    d/dz_j = inv_t * (g_lp * ([j == t] - p_j) - g_h * p_j * (log p_j + H))
+straight into a gradient of the logits' dtype: no [tokens x vocab] float32 temporary exists.
+
+Logits may be any [..., V] with unit stride over V; rows are addressed through up to two leading strides,
+so `logits[:, :-1]` (non-contiguous) needs no copy. The plain-PyTorch twin is `kernels.reference`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..dispatch import register
+
+_NEG_BIG = -1.0e30  # the running max starts here, not at -inf, so exp(m_old - m_new) is never nan
+
+
+@triton.jit
+def _fwd_kernel(logits_ptr, tokens_ptr, logp_ptr, lse_ptr, ent_ptr, n_inner, stride_outer, stride_inner, V,
+                inv_t, ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    base = logits_ptr + (row // n_inner).to(tl.int64) * stride_outer + (row % n_inner).to(tl.int64) * stride_inner
+    m = tl.full((), _NEG_BIG, tl.float32)   # running max of z = logits * inv_t
+    s = tl.zeros((), tl.float32)            # sum exp(z - m)
+    t = tl.zeros((), tl.float32)            # sum exp(z - m) * (z - m): the entropy's numerator
+    offs = tl.arange(0, BLOCK_V)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new)
+        if ENTROPY:
+            zs = tl.where(e > 0, z - m_new, 0.0)  # 0 * -inf would be nan
+            # sum_old exp(z - m_new)(z - m_new) = alpha * (t + (m - m_new) * s)
+            t = alpha * (t + (m - m_new) * s) + tl.sum(e * zs, axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
+        m = m_new
+    tok = tl.load(tokens_ptr + row)
+    z_tok = tl.load(base + tok).to(tl.float32) * inv_t
+    log_s = tl.log(s)
+    tl.store(logp_ptr + row, z_tok - m - log_s)
+    tl.store(lse_ptr + row, m + log_s)
+    if ENTROPY:
+        tl.store(ent_ptr + row, log_s - t / s)
+
+
+@triton.jit
+def _bwd_kernel(logits_ptr, grad_ptr, tokens_ptr, lse_ptr, ent_ptr, g_lp_ptr, g_h_ptr, n_inner, stride_outer,
+                stride_inner, g_stride_outer, g_stride_inner, V, inv_t, HAS_GLP: tl.constexpr,
+                HAS_GH: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    outer, inner = (row // n_inner).to(tl.int64), (row % n_inner).to(tl.int64)
+    valid = cols < V
+    z = tl.load(logits_ptr + outer * stride_outer + inner * stride_inner + cols, mask=valid,
+                other=float("-inf")).to(tl.float32) * inv_t
+    lse = tl.load(lse_ptr + row)
+    logp = z - lse
+    p = tl.exp(logp)
+    g = tl.zeros((BLOCK_V,), tl.float32)
+    if HAS_GLP:
+        g_lp = tl.load(g_lp_ptr + row)
+        tok = tl.load(tokens_ptr + row)
+        g = g_lp * (tl.where(cols == tok, 1.0, 0.0) - p)
+    if HAS_GH:
+        g_h = tl.load(g_h_ptr + row)
+        h = tl.load(ent_ptr + row)
+        g -= g_h * tl.where(p > 0, p * (logp + h), 0.0)
+    g = g * inv_t
+    dst = grad_ptr + outer * g_stride_outer + inner * g_stride_inner + cols
+    if BF16_BITS:
+        # bfloat16 written as its bits, rounded to nearest even by hand: exact on every backend (Triton's
+        # CPU interpreter truncates fp32 -> bf16 casts, doubling the rounding error).
+        bits = g.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        tl.store(dst, (bits >> 16).to(tl.int16), mask=valid)
+    else:
+        tl.store(dst, g.to(grad_ptr.dtype.element_ty), mask=valid)
+
+
+def _rows_view(x: torch.Tensor) -> torch.Tensor:
+    """x [..., V] as a [outer, inner, V] view with unit stride over V (a copy only when no view exists)."""
+    if x.dim() == 1:
+        x = x.view(1, 1, -1)
+    elif x.dim() == 2:
+        x = x.unsqueeze(0)
+    elif x.dim() > 3:
+        try:
+            x = x.view(-1, x.shape[-2], x.shape[-1])
+        except RuntimeError:
+            x = x.reshape(-1, x.shape[-2], x.shape[-1])
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x
+
+
+def _block_v(vocab: int, element_size: int) -> int:
+    # 16 KiB of logits per block: wide enough to stream at full bandwidth, few enough registers per thread.
+    return min(triton.next_power_of_2(vocab), 16384 // element_size)
+
+
+class _TritonTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, return_entropy):
+        x = _rows_view(logits)
+        outer, inner, vocab = x.shape
+        n = outer * inner
+        flat_tok = tokens.reshape(-1).contiguous()
+        logp = torch.empty(n, dtype=torch.float32, device=x.device)
+        lse = torch.empty_like(logp)
+        ent = torch.empty_like(logp) if return_entropy else lse
+        if n:
+            _fwd_kernel[(n,)](x, flat_tok, logp, lse, ent, inner, x.stride(0), x.stride(1), vocab,
+                              1.0 / temperature, ENTROPY=return_entropy,
+                              BLOCK_V=_block_v(vocab, x.element_size()), num_warps=8)
+        ctx.save_for_backward(x, flat_tok, lse, ent)
+        ctx.temperature, ctx.return_entropy, ctx.shape = temperature, return_entropy, logits.shape
+        shape = tokens.shape
+        return (logp.view(shape), ent.view(shape)) if return_entropy else logp.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent=None):
+        x, flat_tok, lse, ent = ctx.saved_tensors
+        outer, inner, vocab = x.shape
+        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        has_h = ctx.return_entropy and grad_ent is not None
+        g_lp = grad_logp.reshape(-1).float().contiguous() if grad_logp is not None else lse
+        g_h = grad_ent.reshape(-1).float().contiguous() if has_h else lse
+        n = outer * inner
+        if n:
+            block = _block_v(vocab, x.element_size())
+            bf16 = x.dtype == torch.bfloat16
+            _bwd_kernel[(n, triton.cdiv(vocab, block))](
+                x, grad.view(torch.int16) if bf16 else grad, flat_tok, lse, ent, g_lp, g_h, inner, x.stride(0), x.stride(1), grad.stride(0),
+                grad.stride(1), vocab, 1.0 / ctx.temperature, HAS_GLP=grad_logp is not None, HAS_GH=has_h,
+                BF16_BITS=bf16,
+                BLOCK_V=block, num_warps=8)
+        return grad.view(ctx.shape), None, None, None
+
+
+@register("token_logprobs", "triton")
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   return_entropy: bool = False):
+    """Triton twin of kernels.reference.token_logprobs (same arguments, same float32 outputs)."""
+    return _TritonTokenLogprobs.apply(logits, tokens, float(temperature), bool(return_entropy))
