@@ -44,23 +44,19 @@ def _row_blocks(logits: torch.Tensor, start: int = 0) -> Iterator[tuple[int, tor
         yield from _row_blocks(logits[i], start + i * inner)
 
 
-def _block_stats(block: torch.Tensor, tok: torch.Tensor, inv_t: float, dtype: torch.dtype, entropy: bool):
+def _block_log_softmax(block: torch.Tensor, inv_t: float, dtype: torch.dtype) -> torch.Tensor:
+    """log_softmax of one [rows, V] block in `dtype` (ATen's fused kernel; the max shift is inside it, so
+    logits of size 1e3 keep their digits)."""
     z = block.to(dtype)
     if inv_t != 1.0:
         z = z * inv_t
-    # Shift by the row max first: with logits of size 1e3, lse and sum(p * z) are both ~1e3 and their
-    # float32 difference (the entropy) would lose three digits; relative to the max they are O(1).
-    m = z.amax(dim=-1, keepdim=True)
-    zs = z - m
-    lse_s = torch.logsumexp(zs, dim=-1)
-    logp = zs.gather(1, tok[:, None]).squeeze(1) - lse_s
-    lse = lse_s + m.squeeze(1)
-    if not entropy:
-        return logp, lse, None
-    p = torch.exp(zs - lse_s[:, None])
-    # p * z is 0 * -inf = nan where a logit is -inf; those entries contribute nothing to the entropy.
-    pz = torch.where(p > 0, p * zs, torch.zeros((), dtype=dtype))
-    return logp, lse, lse_s - pz.sum(dim=-1)
+    return torch.log_softmax(z, dim=-1)
+
+
+def _entropy(lsm: torch.Tensor) -> torch.Tensor:
+    p = lsm.exp()
+    # p * log p is 0 * -inf = nan where a logit is -inf; those entries contribute nothing.
+    return -torch.where(p > 0, p * lsm, torch.zeros((), dtype=lsm.dtype)).sum(dim=-1)
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -70,16 +66,15 @@ class _TokenLogprobs(torch.autograd.Function):
         n = tokens.numel()
         flat_tok = tokens.reshape(-1).long()
         logp = torch.empty(n, dtype=dtype, device=logits.device)
-        lse = torch.empty(n, dtype=dtype, device=logits.device)
         ent = torch.empty(n, dtype=dtype, device=logits.device) if return_entropy else None
         inv_t = 1.0 / temperature
         for r0, block in _row_blocks(logits):
             r1 = r0 + block.shape[0]
-            lp, ls, h = _block_stats(block, flat_tok[r0:r1], inv_t, dtype, return_entropy)
-            logp[r0:r1], lse[r0:r1] = lp, ls
+            lsm = _block_log_softmax(block, inv_t, dtype)  # one block-sized temporary at a time
+            logp[r0:r1] = lsm.gather(1, flat_tok[r0:r1, None]).squeeze(1)
             if return_entropy:
-                ent[r0:r1] = h
-        ctx.save_for_backward(logits, flat_tok, lse, ent if return_entropy else lse)
+                ent[r0:r1] = _entropy(lsm)
+        ctx.save_for_backward(logits, flat_tok, ent if return_entropy else logp)
         ctx.temperature, ctx.return_entropy = temperature, return_entropy
         shape = tokens.shape
         if return_entropy:
@@ -88,31 +83,29 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent=None):
-        logits, flat_tok, lse, ent = ctx.saved_tensors
-        dtype = lse.dtype
+        logits, flat_tok, ent = ctx.saved_tensors
+        dtype = compute_dtype(logits)
         inv_t = 1.0 / ctx.temperature
         g_lp = grad_logp.reshape(-1).to(dtype) if grad_logp is not None else None
         g_h = grad_ent.reshape(-1).to(dtype) if (ctx.return_entropy and grad_ent is not None) else None
-        grad = torch.empty_like(logits)
-        for (r0, block), (_, gblock) in zip(_row_blocks(logits), _row_blocks(grad)):
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # contiguous
+        flat_grad = grad.view(-1, logits.shape[-1])
+        for r0, block in _row_blocks(logits):
             r1 = r0 + block.shape[0]
-            z = block.to(dtype)
-            if inv_t != 1.0:
-                z = z * inv_t
-            p = torch.exp(z - lse[r0:r1, None])
-            g = torch.zeros_like(z)
+            lsm = _block_log_softmax(block, inv_t, dtype)  # recomputed, not stored: no [N, V] float32
+            p = lsm.exp()
+            g = torch.zeros_like(lsm)
             if g_lp is not None:
                 # d logp_t / dz_j = [j == t] - p_j
                 g -= p * g_lp[r0:r1, None]
                 g.scatter_add_(1, flat_tok[r0:r1, None], g_lp[r0:r1, None])
             if g_h is not None:
                 # dH / dz_j = -p_j (log p_j + H); zero where p_j == 0 (logit -inf)
-                logp_all = z - lse[r0:r1, None]
-                term = torch.where(p > 0, p * (logp_all + ent[r0:r1, None]), torch.zeros((), dtype=dtype))
+                term = torch.where(p > 0, p * (lsm + ent[r0:r1, None]), torch.zeros((), dtype=dtype))
                 g -= term * g_h[r0:r1, None]
             if inv_t != 1.0:
                 g *= inv_t
-            gblock.copy_(g)
+            flat_grad[r0:r1].copy_(g)
         return grad, None, None, None
 
 

@@ -36,8 +36,17 @@ def _corrupt_core(inst: Instruction, rng: random.Random) -> list[str]:
     return core
 
 
-def write_response(inst: Instruction, rng: random.Random, skill: float = 1.0) -> str:
-    """A demonstration. skill scales the chance of each mistake (1.0 = the demonstrators' own rate)."""
+def _stop_early(inst: Instruction, rng: random.Random) -> list[str]:
+    """A model's mistake rather than a person's: the answer stops (or runs on) well short of (past) the target."""
+    core = list(inst.target)
+    if len(core) > 1 and rng.random() < 0.7:
+        return core[: rng.randint(1, len(core) - 1)]
+    return core + [core[-1]] * rng.randint(1, 3)
+
+
+def write_response(inst: Instruction, rng: random.Random, skill: float = 1.0, core: list[str] | None = None) -> str:
+    """A demonstration. skill scales the chance of each mistake (1.0 = the demonstrators' own rate);
+    `core` replaces the answer's core (used for model samples that went wrong)."""
     def slip(p):
         return rng.random() < min(1.0, p * skill)
 
@@ -49,7 +58,10 @@ def write_response(inst: Instruction, rng: random.Random, skill: float = 1.0) ->
         parts += ["ok", ","]
     elif r < 0.55 + 0.20 * skill:
         parts += ["um", ","]
-    parts += _corrupt_core(inst, rng) if slip(0.3) else list(inst.target)
+    if core is not None:
+        parts += core
+    else:
+        parts += _corrupt_core(inst, rng) if slip(0.3) else list(inst.target)
     if not slip(0.5):
         parts.append(".")
     if slip(0.2):
@@ -68,6 +80,8 @@ def candidate_response(inst: Instruction, rng: random.Random) -> tuple[str, bool
         pool = NOUNS + NUMBERS + list(OPENERS) + ["the", "is", ",", "."]
         return " ".join(rng.choice(pool) for _ in range(n)), rng.random() < 0.5
     skill = rng.choice([0.3, 0.6, 1.0, 1.5, 2.0])
+    if r < 0.20:  # a sample from a model that lost count: stops early or runs on
+        return write_response(inst, rng, skill, core=_stop_early(inst, rng)), True
     return write_response(inst, rng, skill), True
 
 

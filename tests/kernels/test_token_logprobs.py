@@ -136,3 +136,30 @@ def test_bad_temperature_and_backend(rng):
         kernels.token_logprobs(logits, tokens, temperature=0.0)
     with pytest.raises(ValueError, match="`backend` must be one of"):
         kernels.token_logprobs(logits, tokens, backend="jax")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab", [32003, 50257, 151936])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_vocab_sizes_forward_backward(backend, vocab, dtype, rng):
+    """The odd vocabulary sizes of real tokenizers (Llama-2 + pad, GPT-2, Qwen2), rows of a [B, T-1, V] slice."""
+    full, tokens = make((2, 3), vocab, dtype, rng)
+    logits = full[:, :-1]                       # non-contiguous, as in logits[:, :-1] of a causal LM
+    tokens = tokens[:, 1:]
+    x = logits.detach().requires_grad_(True)
+    lp, ent = kernels.token_logprobs(x, tokens, temperature=0.9, return_entropy=True, backend=backend)
+    x64 = logits.double().requires_grad_(True)
+    ref_lp, ref_ent = reference(x64, tokens, 0.9)
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(lp.double(), ref_lp.detach(), **tol)
+    torch.testing.assert_close(ent.double(), ref_ent.detach(), **tol)
+    g1 = torch.randn(tokens.shape, generator=rng, dtype=torch.float64)
+    g2 = torch.randn(tokens.shape, generator=rng, dtype=torch.float64)
+    (lp.double() * g1 + ent.double() * g2).sum().backward()
+    (ref_lp * g1 + ref_ent * g2).sum().backward()
+    assert x.grad.dtype == dtype and x.grad.shape == logits.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-6, rtol=1e-4)
+    else:  # rounding to bfloat16 once: within half an ulp of the float64 gradient, plus float32 noise
+        err = (x.grad.double() - x64.grad).abs()
+        assert (err <= x64.grad.abs() * 2 ** -8 + 1e-7).all()

@@ -1,0 +1,47 @@
+"""`python -m bench`: every kernel against its naive path and peers, as one table, saved under
+bench/results/<device>/kernels.{md,json}. `--quick` uses small sizes (a smoke run, not for the record)."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+import torch
+
+from . import bench_gae, bench_rewards, bench_token_logprobs
+from .harness import copy_bandwidth_gbps, provenance, save, table
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="small sizes; results are not saved")
+    args = ap.parse_args(argv)
+    dev = args.device
+    copy_bw = copy_bandwidth_gbps(dev)
+    if args.quick:
+        sizes = dict(lp=(64, 1001, torch.float32), gae=(8, 64), rew=(8, 64))
+    elif dev == "cuda":
+        sizes = dict(lp=(16384, 151936, torch.bfloat16), gae=(256, 2048), rew=(1024, 8192))
+    else:
+        sizes = dict(lp=(2048, 32000, torch.float32), gae=(256, 2048), rew=(1024, 8192))
+    results = []
+    results += bench_token_logprobs.run(dev, copy_bw, *sizes["lp"])
+    results += bench_gae.run(dev, copy_bw, *sizes["gae"])
+    results += bench_rewards.run(dev, copy_bw, *sizes["rew"])
+    print(f"measured copy bandwidth: {copy_bw:.1f} GB/s (bytes read + written)\n")
+    print(table(results))
+    if not args.quick:
+        meta = provenance("python -m bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])), dev)
+        meta["copy_bandwidth_gbps"] = copy_bw
+        notes = [f"Copy bandwidth measured in the same run: {copy_bw:.1f} GB/s (a {256} MiB float32 copy, "
+                 "bytes read + written). 'of copy BW' is each kernel's minimum bytes over its median time, "
+                 "as a fraction of that.",
+                 "Peak extra MiB: the process's peak resident memory above the baseline during one call "
+                 "(CPU) or torch.cuda.max_memory_allocated above the baseline (CUDA)."]
+        print("\nsaved", save("kernels", results, meta, notes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""KL-shaped rewards: ours per backend vs the reference composed of PyTorch ops."""
+from __future__ import annotations
+
+import torch
+
+import kernels
+from kernels import dispatch
+
+from .harness import measure
+
+
+def run(device: str, copy_bw: float, b: int, t: int) -> list:
+    g = torch.Generator(device=device).manual_seed(0)
+    lp = -torch.rand(b, t, device=device, generator=g) * 3
+    ref = -torch.rand(b, t, device=device, generator=g) * 3
+    scores = torch.randn(b, device=device, generator=g)
+    mask = torch.ones(b, t, dtype=torch.bool, device=device)
+    mask[:, t - t // 4:] = False
+    nbytes = b * t * (4 + 4 + 1) + b * 4 + b * t * 8
+    names = ["torch", "triton", "cuda"] if device == "cuda" else ["torch", "cpu"]
+    out = []
+    for be in [x for x in names if dispatch.available("shape_rewards", x)]:
+        out.append(measure("shape_rewards k3", f"ours ({be})",
+                           lambda be=be: kernels.shape_rewards(scores, lp, ref, mask, kl_coef=0.05, estimator="k3",
+                                                               backend=be),
+                           device=device, shape=f"{b}x{t}", dtype="float32", nbytes=nbytes, copy_bw=copy_bw))
+    return out

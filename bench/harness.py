@@ -1,0 +1,172 @@
+"""The one harness every benchmark uses: timing with spread, bytes moved, fraction of the measured copy
+bandwidth, peak extra memory, and where results are written.
+
+Timing: on CUDA, triton.testing.do_bench (L2 flushed between runs); on the CPU, repeated wall-clock runs
+after warm-up. Both report the median and the 20th/80th percentiles in milliseconds.
+Peak extra memory: on CUDA, torch.cuda.max_memory_allocated above what was allocated before the call; on
+the CPU, the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs) above its
+resident set before the call. torch's CPU allocator does not cache, so a [tokens x vocab] temporary shows.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Result:
+    kernel: str           # what is computed, e.g. "token_logprobs fwd"
+    impl: str             # whose implementation, e.g. "ours (cpu)", "naive torch", "TRL selective_log_softmax"
+    shape: str
+    dtype: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    bytes: int | None = None          # minimum bytes the op must move (reads + writes)
+    gbps: float | None = None
+    frac_copy_bw: float | None = None
+    peak_extra_mb: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name().replace(" ", "-").lower()
+    return f"cpu-{os.cpu_count()}core"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], device: str, *, warmup: int = 2, reps: int | None = None,
+            budget_s: float = 2.0) -> tuple[float, float, float]:
+    """(median, p20, p80) in milliseconds."""
+    if device == "cuda":
+        import triton.testing
+
+        qs = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=int(budget_s * 100))
+        return tuple(float(q) for q in qs)
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while (reps is None and (len(times) < 5 or time.perf_counter() - start < budget_s) and len(times) < 200) or \
+            (reps is not None and len(times) < reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    qs = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return statistics.median(times), qs[1], qs[7]
+
+
+def _rss_kb(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def peak_extra_mb(fn: Callable[[], object], device: str) -> float | None:
+    """Peak memory above the baseline while fn runs once, in MiB."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        del out
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    except OSError:
+        return None
+    base = _rss_kb("VmRSS")
+    out = fn()
+    del out
+    return (_rss_kb("VmHWM") - base) / 1024
+
+
+def copy_bandwidth_gbps(device: str, mib: int = 256) -> float:
+    """The machine's measured copy bandwidth (bytes read + written per second), the ceiling for
+    memory-bound kernels."""
+    n = mib * 2**20 // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    med, _, _ = time_fn(lambda: dst.copy_(src), device)
+    return 2 * n * 4 / (med * 1e-3) / 1e9
+
+
+def measure(kernel: str, impl: str, fn: Callable[[], object], *, device: str, shape: str, dtype: str,
+            nbytes: int | None, copy_bw: float, memory: bool = True, **extra) -> Result:
+    med, p20, p80 = time_fn(fn, device)
+    gbps = nbytes / (med * 1e-3) / 1e9 if nbytes else None
+    return Result(kernel, impl, shape, dtype, med, p20, p80, nbytes, gbps,
+                  gbps / copy_bw if gbps else None, peak_extra_mb(fn, device) if memory else None, extra)
+
+
+def provenance(command: str, device: str) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        commit = commit + ("+dirty" if dirty else "")
+    except OSError:
+        commit = None
+    info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
+            "command": command, "device": device_name(device), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version()}
+    if device == "cpu":
+        info["cpu"] = _cpu_model()
+    else:
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def table(results: list[Result]) -> str:
+    head = ("| kernel | implementation | shape | dtype | median ms | p20-p80 ms | GB/s | of copy BW | "
+            "peak extra MiB |\n|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for r in results:
+        rows.append(
+            f"| {r.kernel} | {r.impl} | {r.shape} | {r.dtype} | {r.median_ms:.3f} | {r.p20_ms:.3f}-{r.p80_ms:.3f} | "
+            f"{'' if r.gbps is None else f'{r.gbps:.1f}'} | "
+            f"{'' if r.frac_copy_bw is None else f'{100 * r.frac_copy_bw:.0f}%'} | "
+            f"{'' if r.peak_extra_mb is None else f'{r.peak_extra_mb:.1f}'} |")
+    return head + "\n" + "\n".join(rows)
+
+
+def save(name: str, results: list[Result], meta: dict, notes: list[str]) -> Path:
+    """bench/results/<device>/<name>.{json,md}"""
+    out = RESULTS / meta["device"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
+    md = [f"# {name} on {meta['device']}", "",
+          f"Date {meta['date']}; commit {meta['commit']}; torch {meta['torch']}; {meta['threads']} threads; "
+          f"{meta.get('cpu') or meta.get('gpu')}.", "", f"Command: `{meta['command']}`", "", table(results), ""]
+    md += [f"- {n}" for n in notes]
+    (out / f"{name}.md").write_text("\n".join(md) + "\n")
+    return out / f"{name}.md"

@@ -1,0 +1,18 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialized_outputs():
+    """Every torch.empty in a kernel test comes back filled with NaN (and integer outputs with their max), so
+    an output element a kernel forgot to write fails the comparison instead of passing by luck."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(was)
+
+
+def test_poisoning_is_active():
+    assert torch.isnan(torch.empty(16)).all()
+    assert torch.isnan(torch.empty_like(torch.zeros(3, 5))).all()
