@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from . import bench_gae, bench_rewards, bench_token_logprobs
+from . import bench_gae, bench_linear_logprobs, bench_rewards, bench_token_logprobs
 from .harness import copy_bandwidth_gbps, provenance, save, table
 
 
@@ -20,15 +20,18 @@ def main(argv=None) -> int:
     dev = args.device
     copy_bw = copy_bandwidth_gbps(dev)
     if args.quick:
-        sizes = dict(lp=(64, 1001, torch.float32), gae=(8, 64), rew=(8, 64))
+        sizes = dict(lp=(64, 1001, torch.float32), gae=(8, 64), rew=(8, 64), lin=(64, 32, 1001, torch.float32))
     elif dev == "cuda":
-        sizes = dict(lp=(16384, 151936, torch.bfloat16), gae=(256, 2048), rew=(1024, 8192))
+        sizes = dict(lp=(16384, 151936, torch.bfloat16), gae=(256, 2048), rew=(1024, 8192),
+                     lin=(16384, 3584, 151936, torch.bfloat16))
     else:
-        sizes = dict(lp=(2048, 32000, torch.float32), gae=(256, 2048), rew=(1024, 8192))
+        sizes = dict(lp=(2048, 32000, torch.float32), gae=(256, 2048), rew=(1024, 8192),
+                     lin=(4096, 512, 32000, torch.float32))
     results = []
     results += bench_token_logprobs.run(dev, copy_bw, *sizes["lp"])
     results += bench_gae.run(dev, copy_bw, *sizes["gae"])
     results += bench_rewards.run(dev, copy_bw, *sizes["rew"])
+    results += bench_linear_logprobs.run(dev, copy_bw, *sizes["lin"])
     print(f"measured copy bandwidth: {copy_bw:.1f} GB/s (bytes read + written)\n")
     print(table(results))
     if not args.quick:

@@ -148,15 +148,22 @@ def _cpu_model() -> str:
 
 def table(results: list[Result]) -> str:
     head = ("| kernel | implementation | shape | dtype | median ms | p20-p80 ms | GB/s | of copy BW | "
-            "peak extra MiB |\n|---|---|---|---|---|---|---|---|---|")
+            "TFLOP/s (of matmul peak) | peak extra MiB |\n|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for r in results:
         rows.append(
             f"| {r.kernel} | {r.impl} | {r.shape} | {r.dtype} | {r.median_ms:.3f} | {r.p20_ms:.3f}-{r.p80_ms:.3f} | "
             f"{'' if r.gbps is None else f'{r.gbps:.1f}'} | "
             f"{'' if r.frac_copy_bw is None else f'{100 * r.frac_copy_bw:.0f}%'} | "
+            f"{_flops(r)} | "
             f"{'' if r.peak_extra_mb is None else f'{r.peak_extra_mb:.1f}'} |")
     return head + "\n" + "\n".join(rows)
+
+
+def _flops(r: Result) -> str:
+    if "tflops" not in r.extra:
+        return ""
+    return f"{r.extra['tflops']:.2f} ({100 * r.extra['frac_matmul_peak']:.0f}%)"
 
 
 def save(name: str, results: list[Result], meta: dict, notes: list[str]) -> Path:

@@ -21,6 +21,8 @@ class RunConfig:
     threads: int = 2                   # torch CPU threads
     resume: bool = False               # continue from the checkpoints under `out`
     progress: bool = True              # tqdm progress bars
+    fused_lm_head: bool = True         # log-probs from hidden states (kernels.linear_token_logprobs); false =
+                                       # LM head then kernels.token_logprobs, kept for comparison
 
     def __post_init__(self):
         _require(self.device in ("cpu", "cuda"), f"run.device must be 'cpu' or 'cuda', got {self.device!r}")

@@ -68,14 +68,30 @@ def _hidden(model, batch: SequenceBatch) -> torch.Tensor:
 
 
 def response_logprobs(policy, batch: SequenceBatch, *, temperature: float = 1.0, return_entropy=False,
-                      backend: str = "auto"):
-    """Log-prob of each response token, [B, R] float32 (and entropies). The LM head runs only on the
-    positions that predict response tokens, and `kernels.token_logprobs` never builds float32 logits."""
+                      backend: str = "auto", fused: bool = True):
+    """Log-prob of each response token, [B, R] float32 (and entropies), 0 where response_mask is 0.
+
+    fused=True: the body's hidden states at the scored positions go through
+    `kernels.linear_token_logprobs` with the LM head's weight, so no [tokens x vocab] logits exist.
+    fused=False (for comparison): the LM head runs on every response position, then
+    `kernels.token_logprobs` (still without a float32 copy of the logits).
+    """
     p = batch.prompt_len
     h = _hidden(policy, batch)[:, p - 1:-1]            # state before each response token, [B, R, H]
-    logits = policy.get_output_embeddings()(h)          # [B, R, V]
-    return kernels.token_logprobs(logits, batch.response_ids, temperature=temperature,
-                                  return_entropy=return_entropy, backend=backend)
+    head = policy.get_output_embeddings()
+    if not fused or not isinstance(head, torch.nn.Linear):
+        logits = head(h)                                 # [B, R, V]
+        return kernels.token_logprobs(logits, batch.response_ids, temperature=temperature,
+                                      return_entropy=return_entropy, backend=backend)
+    mask = batch.response_mask
+    out = kernels.linear_token_logprobs(h[mask], head.weight, batch.response_ids[mask], bias=head.bias,
+                                        temperature=temperature, return_entropy=return_entropy, backend=backend)
+    outs = out if return_entropy else (out,)
+    full = []
+    for x in outs:  # scatter the scored tokens back into [B, R]
+        y = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
+        full.append(y.masked_scatter(mask, x))
+    return tuple(full) if return_entropy else full[0]
 
 
 def token_values(value_model, batch: SequenceBatch) -> torch.Tensor:

@@ -67,6 +67,35 @@ def check_token_logprobs_args(logits, tokens, temperature) -> None:
             raise ValueError(f"`tokens` contains id {bad}, outside the vocabulary [0, {vocab}) of `logits`")
 
 
+def check_linear_token_logprobs_args(hidden, weight, tokens, bias, temperature) -> None:
+    check_tensor("hidden", hidden, floating=True)
+    check_tensor("weight", weight, floating=True)
+    check_tensor("tokens", tokens, floating=False)
+    check_positive("temperature", temperature)
+    if hidden.dim() != 2:
+        raise ValueError(f"`hidden` must have shape [N, H], got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1] or weight.shape[0] == 0:
+        raise ValueError(f"`weight` must have shape [V, H] = [V, {hidden.shape[1]}] with V > 0 (the LM head), "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"`weight` has dtype {weight.dtype} but `hidden` has {hidden.dtype}; cast one to match")
+    if tuple(tokens.shape) != (hidden.shape[0],):
+        raise ValueError(f"`tokens` must have shape [N] = [{hidden.shape[0]}], got {tuple(tokens.shape)}")
+    check_same_device("weight", weight, "hidden", hidden)
+    check_same_device("tokens", tokens, "hidden", hidden)
+    if bias is not None:
+        check_tensor("bias", bias, floating=True)
+        if tuple(bias.shape) != (weight.shape[0],) or bias.dtype != weight.dtype:
+            raise ValueError(f"`bias` must be [V] = [{weight.shape[0]}] of dtype {weight.dtype}, got "
+                             f"{tuple(bias.shape)} {bias.dtype}")
+        check_same_device("bias", bias, "hidden", hidden)
+    if tokens.device.type == "cpu" and tokens.numel() > 0:
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= weight.shape[0]:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"`tokens` contains id {bad}, outside the vocabulary [0, {weight.shape[0]}) of `weight`")
+
+
 def check_kl_args(logprobs, ref_logprobs, estimator) -> None:
     check_tensor("logprobs", logprobs, floating=True)
     check_tensor("ref_logprobs", ref_logprobs, floating=True)

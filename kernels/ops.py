@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import checks, reference
+from . import checks, linear_logprobs_ref, reference
 from .dispatch import register, resolve
 
 # The torch reference is always registered.
@@ -11,6 +11,7 @@ register("token_logprobs", "torch")(reference.token_logprobs)
 register("kl_penalty", "torch")(reference.kl_penalty)
 register("shape_rewards", "torch")(reference.shape_rewards)
 register("gae", "torch")(reference.gae)
+register("linear_token_logprobs", "torch")(linear_logprobs_ref.linear_token_logprobs)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,
@@ -59,3 +60,17 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     checks.check_gae_args(rewards, values, mask, gamma, lam)
     _, fn = resolve("gae", backend, rewards.device.type)
     return fn(rewards, values, mask, float(gamma), float(lam))
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, *,
+                          bias: torch.Tensor | None = None, temperature: float = 1.0, return_entropy: bool = False,
+                          backend: str = "auto"):
+    """Token log-probs from hidden states through the LM head, never holding the [N, V] logits.
+
+    hidden [N, H], weight [V, H] (the LM head; same dtype), tokens [N], bias [V] or None.
+    Returns float32 [N] log_softmax((hidden @ weight^T + bias) / temperature)[tokens], or (log-probs,
+    entropies); differentiable with respect to hidden, weight and bias.
+    """
+    checks.check_linear_token_logprobs_args(hidden, weight, tokens, bias, temperature)
+    _, fn = resolve("linear_token_logprobs", backend, hidden.device.type)
+    return fn(hidden, weight, tokens, bias, float(temperature), bool(return_entropy))

@@ -16,10 +16,10 @@ from .loop import adamw, run_steps, warmup_cosine
 log = logging.getLogger("engine")
 
 
-def lm_loss(model, prompts, responses, pad_id: int, backend: str = "auto") -> torch.Tensor:
+def lm_loss(model, prompts, responses, pad_id: int, backend: str = "auto", fused: bool = True) -> torch.Tensor:
     """Mean negative log-likelihood per response token (nats)."""
     batch = make_batch(prompts, responses, pad_id).to(next(model.parameters()).device)
-    lp = response_logprobs(model, batch, backend=backend)
+    lp = response_logprobs(model, batch, backend=backend, fused=fused)
     return -masked_mean(lp, batch.response_mask)
 
 
@@ -51,7 +51,8 @@ def train_lm(ctx, stage: str, examples: list[tuple[list[int], list[int]]], init_
 
     def step_fn(step: int, gen: torch.Generator) -> dict:
         idx = torch.randint(0, len(examples), (cfg.batch_size,), generator=gen).tolist()
-        loss = lm_loss(model, [examples[i][0] for i in idx], [examples[i][1] for i in idx], pad)
+        loss = lm_loss(model, [examples[i][0] for i in idx], [examples[i][1] for i in idx], pad,
+                       fused=ctx.cfg.run.fused_lm_head)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

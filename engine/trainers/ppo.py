@@ -47,13 +47,13 @@ class Experience:
 
 
 @torch.no_grad()
-def make_experience(policy, ref, value, reward, batch: SequenceBatch, *, kl_coef, cfg, temperature):
+def make_experience(policy, ref, value, reward, batch: SequenceBatch, *, kl_coef, cfg, temperature, fused=True):
     """Score one batch of rollouts and compute rewards and advantages. cfg: PPOConfig."""
     for m in (policy, ref, value, reward):
         m.eval()
     mask = batch.response_mask
-    old_lp = response_logprobs(policy, batch, temperature=temperature, backend=cfg.backend)
-    ref_lp = response_logprobs(ref, batch, temperature=temperature, backend=cfg.backend)
+    old_lp = response_logprobs(policy, batch, temperature=temperature, backend=cfg.backend, fused=fused)
+    ref_lp = response_logprobs(ref, batch, temperature=temperature, backend=cfg.backend, fused=fused)
     values = token_values(value, batch) * mask
     scores = sequence_scores(reward, batch)
     rewards, kl = kernels.shape_rewards(scores, old_lp, ref_lp, mask, kl_coef=kl_coef,
@@ -66,11 +66,12 @@ def make_experience(policy, ref, value, reward, batch: SequenceBatch, *, kl_coef
     return Experience(batch, old_lp, ref_lp, values, scores, rewards, kl, adv, ret)
 
 
-def ppo_minibatch_loss(policy, value, exp: Experience, idx, cfg, temperature, ptx=None):
+def ppo_minibatch_loss(policy, value, exp: Experience, idx, cfg, temperature, ptx=None, fused=True):
     """Loss of one minibatch: clipped policy loss + vf_coef * clipped value loss (+ ptx_coef * LM loss)."""
     mb = exp.batch.select(idx)
     mask = mb.response_mask
-    lp, ent = response_logprobs(policy, mb, temperature=temperature, return_entropy=True, backend=cfg.backend)
+    lp, ent = response_logprobs(policy, mb, temperature=temperature, return_entropy=True, backend=cfg.backend,
+                                fused=fused)
     is_weights = None
     if cfg.tis_cap > 0 and exp.engine_logprobs is not None:
         # Truncated importance sampling: the samples came from the engine's distribution, not the
@@ -141,7 +142,8 @@ def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
 
     def ptx_loss(gen):
         idx = torch.randint(0, len(corpus), (cfg.ptx_batch,), generator=gen).tolist()
-        return lm_loss(policy, [corpus[i][0] for i in idx], [corpus[i][1] for i in idx], pad, cfg.backend)
+        return lm_loss(policy, [corpus[i][0] for i in idx], [corpus[i][1] for i in idx], pad, cfg.backend,
+                       fused=run.fused_lm_head)
 
     def step_fn(step: int, gen: torch.Generator) -> dict:
         nonlocal kl_coef
@@ -151,14 +153,14 @@ def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
                                    top_p=rcfg.top_p, top_k=rcfg.top_k, seed=step_seed(run.seed, stage, step) + 2)
         batch = make_batch(batch_prompts, [r.token_ids for r in results], pad).to(dev)
         exp = make_experience(policy, ref, value, reward, batch, kl_coef=kl_coef, cfg=cfg,
-                              temperature=rcfg.temperature)
+                              temperature=rcfg.temperature, fused=run.fused_lm_head)
         exp.engine_logprobs = engine_logprobs(results, exp.old_logprobs)
         stats: dict[str, list] = {}
         for _ in range(cfg.epochs):
             perm = torch.randperm(cfg.rollout_batch, generator=gen)
             for mb in perm.split(cfg.minibatch):
                 loss, s = ppo_minibatch_loss(policy, value, exp, mb, cfg, rcfg.temperature,
-                                             (lambda: ptx_loss(gen)) if ptx else None)
+                                             (lambda: ptx_loss(gen)) if ptx else None, fused=run.fused_lm_head)
                 opt_p.zero_grad(set_to_none=True)
                 opt_v.zero_grad(set_to_none=True)
                 loss.backward()

@@ -1,0 +1,64 @@
+"""Fused LM-head log-probs (kernels.linear_token_logprobs) vs F.linear + log_softmax + gather, forward +
+backward: time, achieved FLOP rate against the measured matmul rate, peak extra memory; Liger-Kernel's
+fused linear cross-entropy where it installs (GPU)."""
+from __future__ import annotations
+
+import torch
+
+import kernels
+from kernels import dispatch
+from kernels.linear_logprobs_ref import naive_linear_token_logprobs
+
+from .harness import measure, time_fn
+
+
+def matmul_tflops(device: str, dtype: torch.dtype, n: int = 4096) -> float:
+    """The machine's measured dense matmul rate for `dtype` (the ceiling for this op's 6*N*H*V FLOPs)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    med, _, _ = time_fn(lambda: a @ b, device)
+    return 2 * n ** 3 / (med * 1e-3) / 1e12
+
+
+def _liger(device):
+    if device != "cuda":
+        return None
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except Exception:  # noqa: BLE001 - optional peer
+        return None
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+    return lambda h, w, t: -loss(w, h, t)
+
+
+def run(device: str, copy_bw: float, n: int, h: int, v: int, dtype: torch.dtype) -> list:
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(n, h, device=device, dtype=dtype, generator=g).requires_grad_(True)
+    weight = (torch.randn(v, h, device=device, dtype=dtype, generator=g) / h ** 0.5).requires_grad_(True)
+    tokens = torch.randint(0, v, (n,), device=device, generator=g)
+    peak = matmul_tflops(device, dtype)
+    flops = 6 * n * h * v
+
+    def fwd_bwd(f):
+        def go():
+            hidden.grad = weight.grad = None
+            out = f(hidden, weight, tokens)
+            out.sum().backward()
+            return out
+        return go
+    impls = {f"ours fused ({b})": (lambda b: lambda x, w, t: kernels.linear_token_logprobs(x, w, t, backend=b))(b)
+             for b in (["torch", "triton"] if device == "cuda" else ["torch"])
+             if dispatch.available("linear_token_logprobs", b)}
+    impls["plain F.linear + log_softmax + gather"] = lambda x, w, t: naive_linear_token_logprobs(x, w, t)
+    liger = _liger(device)
+    if liger is not None:
+        impls["Liger fused linear CE (loss only)"] = liger
+    out = []
+    for name, f in impls.items():
+        r = measure("linear_token_logprobs fwd+bwd", name, fwd_bwd(f), device=device, shape=f"N{n} H{h} V{v}",
+                    dtype=str(dtype).replace("torch.", ""), nbytes=None, copy_bw=copy_bw)
+        tflops = flops / (r.median_ms * 1e-3) / 1e12
+        r.extra.update(tflops=round(tflops, 3), frac_matmul_peak=round(tflops / peak, 3),
+                       matmul_peak_tflops=round(peak, 3))
+        out.append(r)
+    return out

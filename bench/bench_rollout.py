@@ -1,0 +1,118 @@
+"""Rollout throughput (vLLM vs transformers generate at the same batch) and the time to push all weights
+into the running vLLM engine, against model size. `python -m bench.bench_rollout [--quick]`.
+
+Models are built from configs with random weights (nothing is downloaded): the built-in tiny Llama, a ~50M
+Llama and a Qwen2-0.5B-shaped model. Results: bench/results/<device>/rollout.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .harness import Result, provenance, save, table
+
+CONFIGS = {
+    "tiny (built-in)": dict(arch="llama", hidden=128, layers=2, heads=2, kv=2, inter=256, vocab=None),
+    "~50M Llama": dict(arch="llama", hidden=512, layers=8, heads=8, kv=8, inter=1376, vocab=32000),
+    "~0.5B Qwen2": dict(arch="qwen2", hidden=896, layers=24, heads=14, kv=2, inter=4864, vocab=151936),
+}
+
+
+def build(spec: dict, out: Path, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from engine.task.vocab import build_tokenizer
+
+    tok = build_tokenizer()
+    vocab = spec["vocab"] or len(tok)
+    cls, cfg_cls = (Qwen2ForCausalLM, Qwen2Config) if spec["arch"] == "qwen2" else (LlamaForCausalLM, LlamaConfig)
+    cfg = cfg_cls(vocab_size=vocab, hidden_size=spec["hidden"], intermediate_size=spec["inter"],
+                  num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+                  num_key_value_heads=spec["kv"], max_position_embeddings=512, tie_word_embeddings=False,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = cls(cfg).to(dtype)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return model, tok
+
+
+def tokens_per_second(rollout, prompts, new_tokens: int, reps: int) -> tuple[float, float]:
+    times, counts = [], []
+    rollout.generate(prompts[:2], max_tokens=4)  # warm-up
+    for i in range(reps):
+        t0 = time.perf_counter()
+        res = rollout.generate(prompts, max_tokens=new_tokens, temperature=1.0, seed=i)
+        times.append(time.perf_counter() - t0)
+        counts.append(sum(len(r.token_ids) for r in res))
+    med = statistics.median(times)
+    return statistics.median(counts) / med, med
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_rollout", description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    args = ap.parse_args(argv)
+    from engine.rollout import HFRollout, VLLMRollout
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    names = list(CONFIGS)[:1] if args.quick else list(CONFIGS)
+    results, notes = [], []
+    for name in names:
+        with tempfile.TemporaryDirectory() as d:
+            model, tok = build(CONFIGS[name], Path(d), dtype)
+            model = model.to(device).eval()
+            params = sum(p.numel() for p in model.parameters())
+            g = torch.Generator().manual_seed(0)
+            prompts = [torch.randint(4, len(tok), (16,), generator=g).tolist() for _ in range(args.batch)]
+            shape = f"{params / 1e6:.1f}M params"
+            gen_shape = f"{shape}, batch {args.batch} x {args.new_tokens} new"
+            throughput = {}
+            with VLLMRollout(d, dtype=str(dtype).split(".")[-1], seed=0, max_model_len=256) as vr:
+                tps, sec = tokens_per_second(vr, prompts, args.new_tokens, reps=3)
+                throughput["vllm"] = tps
+                results.append(Result("rollout", "VLLMRollout", gen_shape, str(dtype).split(".")[-1], sec * 1e3,
+                                      sec * 1e3, sec * 1e3, extra={"tokens_per_s": round(tps, 1)}))
+                sync = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    vr.update_weights(model.named_parameters())
+                    sync.append(time.perf_counter() - t0)
+                qs = sorted(sync)
+                nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+                results.append(Result("update_weights", "VLLMRollout", shape, str(dtype).split(".")[-1],
+                                      statistics.median(sync) * 1e3, qs[0] * 1e3, qs[-1] * 1e3, bytes=nbytes))
+            if params < 2e8 or args.quick:  # HF generate of the 0.5B model on 2 CPU cores takes minutes
+                hr = HFRollout(model, seed=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                tps, sec = tokens_per_second(hr, prompts, args.new_tokens, reps=2)
+                throughput["hf"] = tps
+                results.append(Result("rollout", "HFRollout (transformers generate)", gen_shape,
+                                      str(dtype).split(".")[-1], sec * 1e3, sec * 1e3, sec * 1e3,
+                                      extra={"tokens_per_s": round(tps, 1)}))
+            if "hf" in throughput:
+                notes.append(f"{name}: vLLM {throughput['vllm']:.0f} tokens/s vs HF generate {throughput['hf']:.0f} "
+                             f"tokens/s = {throughput['vllm'] / throughput['hf']:.1f}x")
+            del model
+    print(table(results))
+    for n in notes:
+        print(n)
+    if not args.quick:
+        meta = provenance("python -m bench.bench_rollout " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+                          device)
+        notes.append("rollout rows: median seconds of one generate() call for the whole batch (tokens/s in the JSON).")
+        print("saved", save("rollout", results, meta, notes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
