@@ -70,6 +70,7 @@ setup(
         "numpy>=1.24",
         "matplotlib>=3.7",
         "tensorboardX>=2.6",
+        "datasets>=3",  # users' data files (engine/data), read from local paths only
     ],
     extras_require={
         "triton": ["triton>=3.0"],

@@ -24,6 +24,7 @@ COMMANDS = {
     "eval": "held-out labelers' win rates, RM accuracy, alignment tax -> report.md / report.json",
     "pipeline": "all of the above in order: pretrain, sft, rm, ppo, ppo-ptx, eval",
     "reproduce": "Figure 1 in miniature: SFT, PPO, PPO-ptx at several model sizes (a benchmark, minutes each)",
+    "export": "write a run's final policy as a plain transformers directory (loads in transformers and vLLM)",
 }
 
 
@@ -41,6 +42,9 @@ def build_parser() -> ArgumentParser:
             p.add_argument("--ptx", type=bool, default=False, help="PPO-ptx: add ppo.ptx_coef x pretraining loss")
         if name == "reproduce":
             p.add_argument("--sizes", type=list[int], default=[64, 128, 256], help="hidden sizes to train")
+        if name == "export":
+            p.add_argument("--to", type=str, required=True, help="directory to write")
+            p.add_argument("--stage", type=str, default="ppo", help="which policy: pretrain, sft, ppo or ppo_ptx")
         sub.add_subcommand(name, p, help=help_text)
     return parser
 
@@ -67,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
             from .reproduce import reproduce
 
             reproduce(cfg, sub.sizes)
+            return 0
+        if command == "export":
+            from .export import export_policy
+
+            print(export_policy(cfg.run.out, sub.stage, sub.to))
             return 0
         ctx = make_context(cfg)
         if command == "ppo":

@@ -41,7 +41,7 @@ class TaskConfig:
     k_min: int = 4
     k_max: int = 9
     n_ppo_prompts: int = 4000
-    n_eval_prompts: int = 300
+    n_eval_prompts: int = 600
     n_labelers: int = 8
     n_heldout_labelers: int = 4
     label_noise: float = 1.1            # ~73% inter-labeler agreement, InstructGPT's rate
@@ -104,7 +104,7 @@ class PPOConfig:
     iterations: int = 250
     rollout_batch: int = 64             # prompts per iteration (one sample each)
     minibatch: int = 32
-    epochs: int = 4
+    epochs: int = 2
     lr: float = 1e-4
     value_lr: float = 1e-3
     kl_coef: float = 0.1                # beta

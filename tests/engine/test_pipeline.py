@@ -119,3 +119,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_dir, tmp_path, tiny, 
     latest = out / "pretrain" / "checkpoints" / (out / "pretrain" / "checkpoints" / "latest").read_text()
     assert str(latest) in err
     assert not (out / "pretrain" / "final").exists()
+
+
+def test_export_writes_a_plain_transformers_directory(run_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "exported"
+    assert main(["export", "--out", str(run_dir), "--to", str(out), "--stage", "ppo_ptx"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ours = _weights(run_dir / "ppo_ptx")
+    theirs = dict(model.state_dict())
+    for k, v in ours.items():
+        torch.testing.assert_close(theirs[k], v, rtol=0, atol=0)
+    assert tok.eos_token_id == model.config.eos_token_id
+    assert main(["export", "--out", str(tmp_path / "nothing"), "--to", str(tmp_path / "x")]) == 2

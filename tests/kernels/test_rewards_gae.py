@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import dispatch
+from kernels import dispatch, reference
 
 BACKENDS = {op: [b for b in ("torch", "triton", "cpu") if dispatch.available(op, b)]
             for op in ("kl_penalty", "shape_rewards", "gae")}
@@ -138,3 +138,19 @@ def test_shape_rewards_bad_input():
         kernels.shape_rewards(torch.zeros(3), z, z, z, kl_coef=0.1)
     with pytest.raises(ValueError, match="`mask` has shape"):
         kernels.shape_rewards(torch.zeros(2), z, z, torch.zeros(2, 2), kl_coef=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS["gae"])
+def test_gae_ignores_garbage_under_the_mask(backend, rng):
+    """Masked positions may hold anything (NaN from a padded forward pass): it must not leak."""
+    r = torch.randn(3, 11, generator=rng)
+    v = torch.randn(3, 11, generator=rng)
+    mask = torch.rand(3, 11, generator=rng) > 0.4
+    mask[:, 0] = True
+    r_bad, v_bad = r.clone(), v.clone()
+    r_bad[~mask] = float("nan")
+    v_bad[~mask] = float("inf")
+    adv, ret = kernels.gae(r_bad, v_bad, mask, gamma=0.99, lam=0.9, backend=backend)
+    ref_adv, ref_ret = reference.gae(r.double(), v.double(), mask, 0.99, 0.9)
+    torch.testing.assert_close(adv.double(), ref_adv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ret.double(), ref_ret, atol=1e-5, rtol=1e-5)

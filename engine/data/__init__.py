@@ -1,0 +1,1 @@
+"""Users' own data files (see formats.py)."""
