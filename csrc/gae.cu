@@ -94,9 +94,7 @@ __global__ void gae_kernel(const T* __restrict__ r, const T* __restrict__ v, con
 
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
                                             const at::Tensor& mask, double gamma, double lam) {
-  check_rows(values, "values", rewards);
-  check_rows(mask, "mask", rewards);
-  TORCH_CHECK(rewards.scalar_type() == values.scalar_type(), "rewards and values must share a dtype");
+  check_gae_inputs(rewards, values, mask);
   const c10::cuda::CUDAGuard guard(rewards.device());
   auto r = rewards.contiguous(), v = values.contiguous();
   auto m = (mask.scalar_type() == at::kBool ? mask.view(at::kByte) : mask.ne(0).view(at::kByte)).contiguous();

@@ -6,50 +6,37 @@
 
 namespace rlhf_engine {
 
-// ROWS rows advance together (independent dependency chains: the CPU overlaps them), and the mask
-// selects rather than branches, so ragged or holed masks cost no mispredictions.
-template <typename T, int ROWS>
-static inline void gae_group(const T* r, const T* v, const uint8_t* m, T* adv, T* ret, int64_t len, T gamma,
-                             T gl) {
-  T next_a[ROWS] = {}, next_v[ROWS] = {};
+// One row at a time per thread, walking back over time with selects rather than branches (ragged or
+// holed masks cost no mispredictions). Each row is a restrict-qualified call with the pointers captured by
+// value: capturing them by reference in the parallel_for lambda hid the no-alias facts and ran 4x slower.
+template <typename T>
+static void gae_row(const T* __restrict__ r, const T* __restrict__ v, const uint8_t* __restrict__ m,
+                    T* __restrict__ adv, T* __restrict__ ret, int64_t len, T gamma, T gl) {
+  T next_a = 0, next_v = 0;
   for (int64_t t = len - 1; t >= 0; --t) {
-#pragma GCC unroll 8
-    for (int k = 0; k < ROWS; ++k) {
-      const int64_t i = k * len + t;
-      const bool keep = m[i] != 0;  // selects, not products: garbage (NaN) under the mask never leaks
-      const T a = r[i] + gamma * next_v[k] - v[i] + gl * next_a[k];
-      next_a[k] = keep ? a : next_a[k];
-      next_v[k] = keep ? v[i] : next_v[k];
-      adv[i] = keep ? a : T(0);
-      ret[i] = keep ? a + v[i] : T(0);
-    }
+    const bool keep = m[t] != 0;  // selects, not products: garbage (NaN) under the mask never leaks
+    const T a = r[t] + gamma * next_v - v[t] + gl * next_a;
+    next_a = keep ? a : next_a;
+    next_v = keep ? v[t] : next_v;
+    adv[t] = keep ? a : T(0);
+    ret[t] = keep ? a + v[t] : T(0);
   }
 }
 
 template <typename T>
 static void gae_rows(const T* r, const T* v, const uint8_t* m, T* adv, T* ret, int64_t rows, int64_t len, T gamma,
                      T gl) {
-  constexpr int G = 8;
-  at::parallel_for(0, (rows + G - 1) / G, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t b = g * G, o = b * len;
-      if (b + G <= rows) {
-        gae_group<T, G>(r + o, v + o, m + o, adv + o, ret + o, len, gamma, gl);
-      } else {
-        for (int64_t bb = b; bb < rows; ++bb) {
-          const int64_t oo = bb * len;
-          gae_group<T, 1>(r + oo, v + oo, m + oo, adv + oo, ret + oo, len, gamma, gl);
-        }
-      }
+  at::parallel_for(0, rows, 8, [=](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t o = b * len;
+      gae_row<T>(r + o, v + o, m + o, adv + o, ret + o, len, gamma, gl);
     }
   });
 }
 
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                            const at::Tensor& mask, double gamma, double lam) {
-  check_rows(values, "values", rewards);
-  check_rows(mask, "mask", rewards);
-  TORCH_CHECK(rewards.scalar_type() == values.scalar_type(), "rewards and values must share a dtype");
+  check_gae_inputs(rewards, values, mask);
   auto r = rewards.contiguous(), v = values.contiguous();
   auto m = (mask.scalar_type() == at::kBool ? mask.view(at::kByte) : mask.ne(0).view(at::kByte)).contiguous();
   auto adv = at::empty_like(r), ret = at::empty_like(r);

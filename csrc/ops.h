@@ -11,6 +11,20 @@ inline void check_rows(const at::Tensor& x, const char* name, const at::Tensor& 
   TORCH_CHECK(x.device() == like.device(), name, " is on ", x.device(), " but expected ", like.device());
 }
 
+inline void check_gae_inputs(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask) {
+  check_rows(values, "values", rewards);
+  check_rows(mask, "mask", rewards);
+  TORCH_CHECK(rewards.scalar_type() == values.scalar_type(), "rewards and values must share a dtype");
+}
+
+inline void check_shape_rewards_inputs(const at::Tensor& scores, const at::Tensor& logprobs,
+                                       const at::Tensor& ref_logprobs, const at::Tensor& mask, int64_t estimator) {
+  check_rows(ref_logprobs, "ref_logprobs", logprobs);
+  check_rows(mask, "mask", logprobs);
+  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == logprobs.size(0), "scores must be [B]");
+  TORCH_CHECK(estimator >= 1 && estimator <= 3, "estimator must be 1 (k1), 2 (k2) or 3 (k3)");
+}
+
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                            const at::Tensor& mask, double gamma, double lam);
 std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, const at::Tensor& logprobs,

@@ -12,6 +12,10 @@ namespace {
 
 constexpr int THREADS = 256;
 
+struct MaxOp {  // cub::Max is gone in CCCL 3 (CUDA 13); this works with every version
+  __device__ __forceinline__ int64_t operator()(int64_t a, int64_t b) const { return a > b ? a : b; }
+};
+
 template <typename T>
 __device__ __forceinline__ float estimate(float r, int est) {
   if (est == 1) return r;
@@ -31,7 +35,7 @@ __global__ void shape_kernel(const T* __restrict__ s, const T* __restrict__ lp, 
   for (int64_t t = threadIdx.x; t < len; t += THREADS) {
     if (m[o + t]) last = t;
   }
-  last = Reduce(tmp).Reduce(last, cub::Max());
+  last = Reduce(tmp).Reduce(last, MaxOp());
   if (threadIdx.x == 0) last_shared = last;
   __syncthreads();
   last = last_shared;
@@ -48,10 +52,7 @@ __global__ void shape_kernel(const T* __restrict__ s, const T* __restrict__ lp, 
 std::tuple<at::Tensor, at::Tensor> shape_rewards_cuda(const at::Tensor& scores, const at::Tensor& logprobs,
                                                       const at::Tensor& ref_logprobs, const at::Tensor& mask,
                                                       double kl_coef, int64_t estimator) {
-  check_rows(ref_logprobs, "ref_logprobs", logprobs);
-  check_rows(mask, "mask", logprobs);
-  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == logprobs.size(0), "scores must be [B]");
-  TORCH_CHECK(estimator >= 1 && estimator <= 3, "estimator must be 1 (k1), 2 (k2) or 3 (k3)");
+  check_shape_rewards_inputs(scores, logprobs, ref_logprobs, mask, estimator);
   const c10::cuda::CUDAGuard guard(logprobs.device());
   auto lp = logprobs.contiguous(), ref = ref_logprobs.to(logprobs.scalar_type()).contiguous();
   auto s = scores.to(logprobs.scalar_type()).contiguous();

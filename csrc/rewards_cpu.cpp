@@ -1,5 +1,5 @@
-// KL-shaped rewards on the CPU: one pass per row finds the last valid token, a second writes kl and
-// rewards (-kl_coef * kl, plus the score at the last valid token). Rows run in parallel.
+// KL-shaped rewards on the CPU: a backward scan finds each row's last valid token (it stops at the first one
+// it meets), one pass writes kl and -kl_coef * kl, and the score is added at the last valid token.
 #include <ATen/Parallel.h>
 
 #include "ops.h"
@@ -7,20 +7,29 @@
 namespace rlhf_engine {
 
 template <typename T>
+static void shape_row(T score, const T* __restrict__ lp, const T* __restrict__ ref, const uint8_t* __restrict__ m,
+                      T* __restrict__ rew, T* __restrict__ kl, int64_t len, T coef, int64_t est) {
+  int64_t last = -1;
+  for (int64_t t = len - 1; t >= 0; --t) {
+    if (m[t]) { last = t; break; }
+  }
+  for (int64_t t = 0; t < len; ++t) {
+    const T k = m[t] ? kl_estimate<T>(lp[t] - ref[t], est) : T(0);
+    kl[t] = k;
+    rew[t] = -coef * k;
+  }
+  if (last >= 0) rew[last] += score;
+}
+
+// Rows run in parallel; each is its own restrict-qualified call (pointers captured by value: a lambda that
+// captures them by reference hides the no-alias facts from the compiler, which was 4x slower for GAE).
+template <typename T>
 static void shape_rows(const T* s, const T* lp, const T* ref, const uint8_t* m, T* rew, T* kl, int64_t rows,
                        int64_t len, T coef, int64_t est) {
-  at::parallel_for(0, rows, 16, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, rows, 8, [=](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t o = b * len;
-      int64_t last = -1;
-      for (int64_t t = len - 1; t >= 0; --t) {
-        if (m[o + t]) { last = t; break; }
-      }
-      for (int64_t t = 0; t < len; ++t) {
-        const T k = m[o + t] ? kl_estimate<T>(lp[o + t] - ref[o + t], est) : T(0);
-        kl[o + t] = k;
-        rew[o + t] = -coef * k + (t == last ? s[b] : T(0));
-      }
+      shape_row<T>(s[b], lp + o, ref + o, m + o, rew + o, kl + o, len, coef, est);
     }
   });
 }
@@ -28,10 +37,7 @@ static void shape_rows(const T* s, const T* lp, const T* ref, const uint8_t* m, 
 std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, const at::Tensor& logprobs,
                                                      const at::Tensor& ref_logprobs, const at::Tensor& mask,
                                                      double kl_coef, int64_t estimator) {
-  check_rows(ref_logprobs, "ref_logprobs", logprobs);
-  check_rows(mask, "mask", logprobs);
-  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == logprobs.size(0), "scores must be [B]");
-  TORCH_CHECK(estimator >= 1 && estimator <= 3, "estimator must be 1 (k1), 2 (k2) or 3 (k3)");
+  check_shape_rewards_inputs(scores, logprobs, ref_logprobs, mask, estimator);
   const auto dtype = logprobs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto lp = logprobs.to(dtype).contiguous(), ref = ref_logprobs.to(dtype).contiguous();
   auto s = scores.to(dtype).contiguous();

@@ -32,7 +32,7 @@ def _load() -> None:
     sources = [CSRC / "ops.cpp", CSRC / "gae_cpu.cpp", CSRC / "rewards_cpu.cpp"]
     if torch.version.cuda and CUDA_HOME:
         sources += [CSRC / "gae.cu", CSRC / "rewards.cu"]
-    load(name="rlhf_engine_C", sources=[str(s) for s in sources], extra_cflags=["-O3"],
+    load(name="rlhf_engine_C", sources=[str(s) for s in sources], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
          extra_cuda_cflags=["-O3"], is_python_module=False, verbose=False)
 
 

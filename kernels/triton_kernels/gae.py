@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import register
+from .common import rows
 
 _MAX_BLOCK = 4096
 
@@ -68,14 +69,10 @@ def _gae_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, T, s_r, s_v, s_m, gamma, 
         carry_v = tl.sum(tl.where(last, val, 0.0), axis=0)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 @register("gae", "triton")
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
-    r, v = _rows(rewards), _rows(values)
-    m = _rows(mask.view(torch.uint8) if mask.dtype == torch.bool else mask)
+    r, v = rows(rewards), rows(values)
+    m = rows(mask)
     b, t = r.shape
     adv = torch.empty(b, t, dtype=torch.float32, device=r.device)
     ret = torch.empty_like(adv)

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from ..dispatch import register
 from ..linear_logprobs_ref import linear_token_logprobs as _chunked
+from .common import grad_buffer, logits_grad, online_lse_step, store_as
 
 
 @triton.jit
@@ -28,13 +29,7 @@ def _fold_kernel(z_ptr, tok_ptr, m_ptr, s_ptr, t_ptr, zt_ptr, C, stride_z, v0, i
     for c0 in range(0, C, BLOCK):
         cols = c0 + offs
         z = tl.load(base + cols, mask=cols < C, other=float("-inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new)
-        if ENTROPY:
-            t = alpha * (t + (m - m_new) * s) + tl.sum(e * tl.where(e > 0, z - m_new, 0.0), axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        m = m_new
+        m, s, t = online_lse_step(z, m, s, t, ENTROPY)
     # merge this chunk's (m, s, t) with the row's running state (m_old, s_old, t_old)
     s_old = tl.load(s_ptr + row)
     t_old = tl.load(t_ptr + row)
@@ -56,22 +51,11 @@ def _grad_kernel(z_ptr, g_ptr, tok_ptr, lse_ptr, ent_ptr, glp_ptr, gh_ptr, C, st
     valid = cols < C
     z = tl.load(z_ptr + row.to(tl.int64) * stride_z + cols, mask=valid, other=float("-inf")).to(tl.float32)
     logp = z * inv_t - tl.load(lse_ptr + row)
-    p = tl.exp(logp)
-    g = tl.zeros((BLOCK,), tl.float32)
-    if HAS_GLP:
-        glp = tl.load(glp_ptr + row)
-        tok = tl.load(tok_ptr + row) - v0
-        g = glp * (tl.where(cols == tok, 1.0, 0.0) - p)
-    if HAS_GH:
-        g -= tl.load(gh_ptr + row) * tl.where(p > 0, p * (logp + tl.load(ent_ptr + row)), 0.0)
-    g = g * inv_t
-    dst = g_ptr + row.to(tl.int64) * stride_g + cols
-    if BF16_BITS:
-        bits = g.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        tl.store(dst, (bits >> 16).to(tl.int16), mask=valid)
-    else:
-        tl.store(dst, g.to(g_ptr.dtype.element_ty), mask=valid)
+    g_lp = tl.load(glp_ptr + row) if HAS_GLP else 0.0
+    g_h = tl.load(gh_ptr + row) if HAS_GH else 0.0
+    h = tl.load(ent_ptr + row) if HAS_GH else 0.0
+    g = logits_grad(logp, cols == tl.load(tok_ptr + row) - v0, g_lp, g_h, h, inv_t, HAS_GLP, HAS_GH)
+    store_as(g_ptr + row.to(tl.int64) * stride_g + cols, g, valid, BF16_BITS)
 
 
 def _block(c: int, element_size: int) -> int:
@@ -96,10 +80,10 @@ class TritonChunkOps:
             return TorchChunkOps.backward_grad(z, v0, tokens, inv_t, lse, ent, g_lp, g_h, out_dtype)
         n, c = z.shape
         out = torch.empty((n, c), dtype=out_dtype, device=z.device)
-        bf16 = out_dtype == torch.bfloat16
+        buf, bf16 = grad_buffer(out)
         block = _block(c, z.element_size())
         _grad_kernel[(n, triton.cdiv(c, block))](
-            z, out.view(torch.int16) if bf16 else out, tokens, lse, ent, g_lp if g_lp is not None else lse,
+            z, buf, tokens, lse, ent, g_lp if g_lp is not None else lse,
             g_h if g_h is not None else lse, c, z.stride(0), out.stride(0), v0, inv_t, HAS_GLP=g_lp is not None,
             HAS_GH=g_h is not None, BF16_BITS=bf16, BLOCK=block, num_warps=8)
         return out

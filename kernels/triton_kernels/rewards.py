@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import register
+from .common import rows
 
 _ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
 _SINGLE_BLOCK = 8192
@@ -81,11 +82,6 @@ def _shape_kernel(scores_ptr, lp_ptr, ref_ptr, mask_ptr, rew_ptr, kl_ptr, T, s_l
             tl.store(rew_ptr + row * T + cols, rew, mask=valid)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """[B, T] with unit stride over T (row stride is passed to the kernel, so row slices need no copy)."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 @register("kl_penalty", "triton")
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     lp, ref = logprobs.contiguous(), ref_logprobs.contiguous()
@@ -100,8 +96,8 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
 
 @register("shape_rewards", "triton")
 def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, estimator: str = "k1"):
-    lp, ref = _rows(logprobs), _rows(ref_logprobs)
-    m = _rows(mask.view(torch.uint8) if mask.dtype == torch.bool else mask)
+    lp, ref = rows(logprobs), rows(ref_logprobs)
+    m = rows(mask)
     b, t = lp.shape
     rewards = torch.empty(b, t, dtype=torch.float32, device=lp.device)
     kl = torch.empty_like(rewards)

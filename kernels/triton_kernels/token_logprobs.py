@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import register
+from .common import grad_buffer, logits_grad, online_lse_step, store_as
 
 _NEG_BIG = -1.0e30  # the running max starts here, not at -inf, so exp(m_old - m_new) is never nan
 
@@ -34,15 +35,7 @@ def _fwd_kernel(logits_ptr, tokens_ptr, logp_ptr, lse_ptr, ent_ptr, n_inner, str
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new)
-        if ENTROPY:
-            zs = tl.where(e > 0, z - m_new, 0.0)  # 0 * -inf would be nan
-            # sum_old exp(z - m_new)(z - m_new) = alpha * (t + (m - m_new) * s)
-            t = alpha * (t + (m - m_new) * s) + tl.sum(e * zs, axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        m = m_new
+        m, s, t = online_lse_step(z, m, s, t, ENTROPY)
     tok = tl.load(tokens_ptr + row)
     z_tok = tl.load(base + tok).to(tl.float32) * inv_t
     log_s = tl.log(s)
@@ -62,28 +55,12 @@ def _bwd_kernel(logits_ptr, grad_ptr, tokens_ptr, lse_ptr, ent_ptr, g_lp_ptr, g_
     valid = cols < V
     z = tl.load(logits_ptr + outer * stride_outer + inner * stride_inner + cols, mask=valid,
                 other=float("-inf")).to(tl.float32) * inv_t
-    lse = tl.load(lse_ptr + row)
-    logp = z - lse
-    p = tl.exp(logp)
-    g = tl.zeros((BLOCK_V,), tl.float32)
-    if HAS_GLP:
-        g_lp = tl.load(g_lp_ptr + row)
-        tok = tl.load(tokens_ptr + row)
-        g = g_lp * (tl.where(cols == tok, 1.0, 0.0) - p)
-    if HAS_GH:
-        g_h = tl.load(g_h_ptr + row)
-        h = tl.load(ent_ptr + row)
-        g -= g_h * tl.where(p > 0, p * (logp + h), 0.0)
-    g = g * inv_t
-    dst = grad_ptr + outer * g_stride_outer + inner * g_stride_inner + cols
-    if BF16_BITS:
-        # bfloat16 written as its bits, rounded to nearest even by hand: exact on every backend (Triton's
-        # CPU interpreter truncates fp32 -> bf16 casts, doubling the rounding error).
-        bits = g.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        tl.store(dst, (bits >> 16).to(tl.int16), mask=valid)
-    else:
-        tl.store(dst, g.to(grad_ptr.dtype.element_ty), mask=valid)
+    logp = z - tl.load(lse_ptr + row)
+    g_lp = tl.load(g_lp_ptr + row) if HAS_GLP else 0.0
+    g_h = tl.load(g_h_ptr + row) if HAS_GH else 0.0
+    h = tl.load(ent_ptr + row) if HAS_GH else 0.0
+    g = logits_grad(logp, cols == tl.load(tokens_ptr + row), g_lp, g_h, h, inv_t, HAS_GLP, HAS_GH)
+    store_as(grad_ptr + outer * g_stride_outer + inner * g_stride_inner + cols, g, valid, BF16_BITS)
 
 
 def _rows_view(x: torch.Tensor) -> torch.Tensor:
@@ -137,9 +114,9 @@ class _TritonTokenLogprobs(torch.autograd.Function):
         n = outer * inner
         if n:
             block = _block_v(vocab, x.element_size())
-            bf16 = x.dtype == torch.bfloat16
+            out, bf16 = grad_buffer(grad)
             _bwd_kernel[(n, triton.cdiv(vocab, block))](
-                x, grad.view(torch.int16) if bf16 else grad, flat_tok, lse, ent, g_lp, g_h, inner, x.stride(0), x.stride(1), grad.stride(0),
+                x, out, flat_tok, lse, ent, g_lp, g_h, inner, x.stride(0), x.stride(1), grad.stride(0),
                 grad.stride(1), vocab, 1.0 / ctx.temperature, HAS_GLP=grad_logp is not None, HAS_GH=has_h,
                 BF16_BITS=bf16,
                 BLOCK_V=block, num_warps=8)
