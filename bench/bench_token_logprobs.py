@@ -43,10 +43,10 @@ def run(device: str, copy_bw: float, n: int, vocab: int, dtype: torch.dtype) -> 
     leaf = logits.clone().requires_grad_(True)
 
     def fwd_bwd(f):
-        def go():
-            leaf.grad = None
+        def go():  # starts and ends with no .grad held, returns the gradient (counted in peak memory)
             f(leaf, tokens).sum().backward()
-            return leaf.grad
+            g, leaf.grad = leaf.grad, None
+            return g
         return go
     for name, f in impls.items():
         out.append(measure("token_logprobs fwd+bwd", name, fwd_bwd(f), device=device, shape=shape, dtype=dt,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 # Target size of one [N, chunk] float32 block.
-CHUNK_BYTES = 32 * 2**20
+CHUNK_BYTES = 16 * 2**20
 _NEG_BIG = -1.0e30
 
 
@@ -29,42 +29,55 @@ def chunk_size(n: int, vocab: int, chunk: int | None = None) -> int:
 
 
 class TorchChunkOps:
-    """Per-chunk work in plain PyTorch (float32 math; float64 when the inputs are float64)."""
+    """Per-chunk work in plain PyTorch (float32 math; float64 when the inputs are float64). Works in place on
+    the chunk's logits, which the caller hands over and never reads again: one chunk-sized buffer, few passes."""
 
     @staticmethod
     def forward_update(z, v0, tokens, inv_t, state, entropy: bool):
         """Fold logits chunk z [N, c] (columns v0..v0+c) into state = (m, s, t, z_tok), all [N]."""
         m, s, t, z_tok = state
-        zf = z.to(m.dtype) * inv_t
-        m_new = torch.maximum(m, zf.amax(dim=1))
-        alpha = torch.exp(m - m_new)
-        zs = zf - m_new[:, None]
-        e = torch.exp(zs)
-        if entropy:
-            zs0 = torch.where(e > 0, zs, torch.zeros((), dtype=zs.dtype))
-            t.copy_(alpha * (t + (m - m_new) * s) + (e * zs0).sum(dim=1))
-        s.copy_(s * alpha + e.sum(dim=1))
-        m.copy_(m_new)
+        z = z.to(m.dtype)                                # a fresh chunk: ours to modify in place
+        if inv_t != 1.0:
+            z.mul_(inv_t)
         local = tokens - v0
         hit = (local >= 0) & (local < z.shape[1])
-        picked = zf.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
+        picked = z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
         z_tok.copy_(torch.where(hit, picked, z_tok))
+        if not entropy:
+            lse_c = torch.logsumexp(z, dim=1)  # the chunk's log-sum-exp, merged into the running (m, s)
+            m_new = torch.maximum(m, lse_c)
+            s.copy_(s * torch.exp(m - m_new) + torch.exp(lse_c - m_new))
+            m.copy_(m_new)
+            return
+        m_new = torch.maximum(m, z.amax(dim=1))
+        alpha = torch.exp(m - m_new)
+        zs = z.sub_(m_new[:, None])                      # z - m_new, in place
+        e = torch.exp(zs)
+        t.copy_(alpha * (t + (m - m_new) * s) + torch.where(e > 0, e * zs, 0.0).sum(dim=1))
+        s.copy_(s * alpha + e.sum(dim=1))
+        m.copy_(m_new)
 
     @staticmethod
     def backward_grad(z, v0, tokens, inv_t, lse, ent, g_lp, g_h, out_dtype):
-        """d loss / d logits for chunk z, in out_dtype."""
-        logp = z.to(lse.dtype) * inv_t - lse[:, None]
-        p = torch.exp(logp)
-        g = torch.zeros_like(p)
-        if g_lp is not None:
-            g -= p * g_lp[:, None]
-            local = tokens - v0
-            hit = (local >= 0) & (local < z.shape[1])
-            g.scatter_add_(1, local.clamp(0, z.shape[1] - 1)[:, None], torch.where(hit, g_lp, 0.0)[:, None])
-        if g_h is not None:
-            g -= torch.where(p > 0, p * (logp + ent[:, None]), torch.zeros((), dtype=p.dtype)) * g_h[:, None]
+        """d loss / d logits for chunk z, in out_dtype (computed in place of z where the dtypes allow)."""
+        z = z.to(lse.dtype)
         if inv_t != 1.0:
-            g *= inv_t
+            z.mul_(inv_t)
+        logp = z.sub_(lse[:, None])                      # log p, in place
+        if g_h is not None:
+            p = torch.exp(logp)
+            # d(g_lp logp_t + g_h H)/dz = g_lp (onehot - p) - g_h p (log p + H)
+            g = torch.where(p > 0, p * (logp + ent[:, None]), 0.0).mul_(-g_h[:, None])
+            if g_lp is not None:
+                g.sub_(p * g_lp[:, None])
+        else:
+            g = logp.exp_().mul_(-g_lp[:, None])          # -g_lp p, in place
+        if g_lp is not None:
+            local = tokens - v0
+            hit = (local >= 0) & (local < g.shape[1])
+            g.scatter_add_(1, local.clamp(0, g.shape[1] - 1)[:, None], torch.where(hit, g_lp, 0.0)[:, None])
+        if inv_t != 1.0:
+            g.mul_(inv_t)
         return g.to(out_dtype)
 
 
