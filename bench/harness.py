@@ -107,7 +107,11 @@ def peak_extra_mb(fn: Callable[[], object], device: str) -> float | None:
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     # While measuring, every allocation of 64 KiB or more is a fresh mapping, so reused memory counts too;
     # afterwards, glibc's usual steady state (32 MiB, where its dynamic threshold ends up) for the timings.
+    # One thread while measuring: Linux keeps RSS counters per thread and syncs them lazily, so pages touched
+    # by worker threads would show up late (or not at all) in VmHWM.
     _mallopt(64 * 1024)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         base = _rss_kb("VmRSS")
@@ -117,6 +121,7 @@ def peak_extra_mb(fn: Callable[[], object], device: str) -> float | None:
     except OSError:
         return None
     finally:
+        torch.set_num_threads(threads)
         _mallopt(32 * 2**20)
 
 
