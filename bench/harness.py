@@ -171,7 +171,7 @@ def _cpu_model() -> str:
 
 def table(results: list[Result]) -> str:
     head = ("| kernel | implementation | shape | dtype | median ms | p20-p80 ms | GB/s | of copy BW | "
-            "TFLOP/s (of matmul peak) | peak extra MiB |\n|---|---|---|---|---|---|---|---|---|---|")
+            "TFLOP/s (of matmul peak) | peak extra MiB | other |\n|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for r in results:
         rows.append(
@@ -179,8 +179,12 @@ def table(results: list[Result]) -> str:
             f"{'' if r.gbps is None else f'{r.gbps:.1f}'} | "
             f"{'' if r.frac_copy_bw is None else f'{100 * r.frac_copy_bw:.0f}%'} | "
             f"{_flops(r)} | "
-            f"{'' if r.peak_extra_mb is None else f'{r.peak_extra_mb:.1f}'} |")
+            f"{'' if r.peak_extra_mb is None else f'{r.peak_extra_mb:.1f}'} | {_other(r)} |")
     return head + "\n" + "\n".join(rows)
+
+
+def _other(r: Result) -> str:
+    return ", ".join(f"{k} {v}" for k, v in r.extra.items() if k not in ("tflops", "frac_matmul_peak"))
 
 
 def _flops(r: Result) -> str:

@@ -42,6 +42,8 @@ def build_parser() -> ArgumentParser:
             p.add_argument("--ptx", type=bool, default=False, help="PPO-ptx: add ppo.ptx_coef x pretraining loss")
         if name == "reproduce":
             p.add_argument("--sizes", type=list[int], default=[64, 128, 256], help="hidden sizes to train")
+            p.add_argument("--record", type=bool, default=True,
+                           help="also copy figure1.{png,md,json} to bench/results/<device>/ (source checkouts)")
         if name == "export":
             p.add_argument("--to", type=str, required=True, help="directory to write")
             p.add_argument("--stage", type=str, default="ppo", help="which policy: pretrain, sft, ppo or ppo_ptx")
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "reproduce":
             from .reproduce import reproduce
 
-            reproduce(cfg, sub.sizes)
+            reproduce(cfg, sub.sizes, sub.record)
             return 0
         if command == "export":
             from .export import export_policy

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import platform
+import shutil
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -33,7 +35,7 @@ def size_config(cfg: Config, hidden: int) -> Config:
     return dataclasses.replace(cfg, model=model, run=run)
 
 
-def reproduce(cfg: Config, sizes: list[int]) -> dict:
+def reproduce(cfg: Config, sizes: list[int], record: bool = True) -> dict:
     from . import stages
     from .context import make_context
     from .models import load_policy
@@ -71,12 +73,30 @@ def reproduce(cfg: Config, sizes: list[int]) -> dict:
         "smallest_ppo_beats_largest_sft": table[sizes[0]]["ppo"] > 0.5,
         **provenance(time.time() - started),
     }
+    result["command"] = "python -m engine reproduce --sizes " + json.dumps(sizes).replace(" ", "")
     out = Path(cfg.run.out)
     write_text_atomic(out / "figure1.json", json.dumps(result, indent=2))
     draw_figure1(out / "figure1.png", table)
     write_text_atomic(out / "figure1.md", render(result))
     log.info("figure 1 -> %s", out / "figure1.png")
+    results = _bench_results_dir() if record else None
+    if results is not None:  # a source checkout: keep the record beside the other benchmarks
+        results.mkdir(parents=True, exist_ok=True)
+        for name in ("figure1.json", "figure1.png", "figure1.md"):
+            shutil.copyfile(out / name, results / name)
+        log.info("copied to %s", results)
     return result
+
+
+def _bench_results_dir() -> Path | None:
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    if not bench.is_dir():
+        return None
+    import torch
+
+    device = torch.cuda.get_device_name().replace(" ", "-").lower() if torch.cuda.is_available() else \
+        f"cpu-{os.cpu_count()}core"
+    return bench / "results" / device
 
 
 def provenance(seconds: float) -> dict:
@@ -95,6 +115,7 @@ def provenance(seconds: float) -> dict:
 def render(r: dict) -> str:
     lines = ["# Figure 1 in miniature", "", f"{r['what']}; {r['n_eval_prompts']} held-out prompts.", "",
              f"Device: {r['device']}; date {r['date']}; commit {r['commit']}; {r['seconds']} s in all.", "",
+             f"Command: `{r.get('command', 'python -m engine reproduce')}` (run directories under --out).", "",
              "| hidden size | parameters | SFT | PPO | PPO-ptx | minutes |", "|---|---|---|---|---|---|"]
     for hidden, row in r["sizes"].items():
         lines.append(f"| {hidden} | {row['params'] / 1e6:.2f}M | {100 * row['sft']:.1f}% | {100 * row['ppo']:.1f}% "

@@ -134,3 +134,16 @@ def test_export_writes_a_plain_transformers_directory(run_dir, tmp_path):
         torch.testing.assert_close(theirs[k], v, rtol=0, atol=0)
     assert tok.eos_token_id == model.config.eos_token_id
     assert main(["export", "--out", str(tmp_path / "nothing"), "--to", str(tmp_path / "x")]) == 2
+
+
+def test_reproduce_draws_figure1(tmp_path, tiny):
+    out = tmp_path / "fig"
+    args = [a for a in tiny]
+    args[args.index("--model.hidden_size") + 1] = "64"
+    assert main(["reproduce", "--out", str(out), *args, "--sizes", "[64]", "--record", "false"]) == 0
+    result = json.loads((out / "figure1.json").read_text())
+    row = result["sizes"]["64"]
+    assert row["sft"] == 0.5  # the largest SFT model against itself: identical answers, all ties
+    assert 0.0 <= row["ppo"] <= 1.0 and 0.0 <= row["ppo_ptx"] <= 1.0 and row["params"] > 0
+    assert (out / "figure1.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Figure 1 in miniature" in (out / "figure1.md").read_text()
