@@ -144,8 +144,13 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
+    # vLLM on a GPU, colocated with training: the engine's share of GPU memory, and whether it sleeps
+    # (weights offloaded, KV cache freed) while the trainer runs. Ignored by the hf backend and on the CPU.
+    gpu_memory_utilization: float = 0.3
+    sleep: bool = False
 
     def __post_init__(self):
+        _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization must be in (0, 1]")
         _require(self.backend in ("hf", "vllm", "auto"), f"rollout.backend must be hf, vllm or auto, got "
                  f"{self.backend!r}")
         _require(self.temperature > 0, "rollout.temperature must be > 0")

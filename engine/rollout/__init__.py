@@ -16,7 +16,7 @@ def __getattr__(name):
 
 
 def make_rollout(backend: str, *, policy, model_dir, seed: int, pad_token_id: int, eos_token_id: int,
-                 dtype: str = "float32", max_model_len: int | None = None):
+                 dtype: str = "float32", max_model_len: int | None = None, **vllm_kwargs):
     """The backend a trainer asked for: "hf", "vllm", or "auto" (vLLM where it imports, else HF)."""
     from .vllm import vllm_available
 
@@ -24,5 +24,5 @@ def make_rollout(backend: str, *, policy, model_dir, seed: int, pad_token_id: in
         backend = "vllm" if vllm_available()[0] else "hf"
     if backend == "vllm":
         from .vllm import VLLMRollout
-        return VLLMRollout(model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len)
+        return VLLMRollout(model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len, **vllm_kwargs)
     return HFRollout(policy, seed=seed, pad_token_id=pad_token_id, eos_token_id=eos_token_id)

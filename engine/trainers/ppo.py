@@ -129,9 +129,12 @@ def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
         opt_p.load_state_dict(state["opt_policy"])
         opt_v.load_state_dict(state["opt_value"])
         kl_coef, start = state["kl_coef"], state["step"]
+    gpu = dict(gpu_memory_utilization=rcfg.gpu_memory_utilization, enable_sleep_mode=rcfg.sleep) \
+        if dev.type == "cuda" else {}
     rollout = make_rollout(rcfg.backend, policy=policy, model_dir=sft_dir, seed=run.seed, pad_token_id=pad,
                            eos_token_id=tok.eos_token_id, dtype=str(next(policy.parameters()).dtype).split(".")[-1],
-                           max_model_len=ctx.cfg.model.max_positions)
+                           max_model_len=ctx.cfg.model.max_positions, **gpu)
+    sleeps = bool(gpu.get("enable_sleep_mode")) and hasattr(rollout, "sleep")
     if ckpt is not None:
         rollout.update_weights(policy.named_parameters())  # the engine started from the SFT weights
     prompts = [encode_prompt(tok, p.prompt) for p in ctx.data.ppo_prompts]
@@ -151,6 +154,8 @@ def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
         batch_prompts = [prompts[i] for i in idx]
         results = rollout.generate(batch_prompts, max_tokens=rcfg.max_new_tokens, temperature=rcfg.temperature,
                                    top_p=rcfg.top_p, top_k=rcfg.top_k, seed=step_seed(run.seed, stage, step) + 2)
+        if sleeps:  # free the engine's GPU memory for the trainer's passes
+            rollout.sleep(level=1)
         batch = make_batch(batch_prompts, [r.token_ids for r in results], pad).to(dev)
         exp = make_experience(policy, ref, value, reward, batch, kl_coef=kl_coef, cfg=cfg,
                               temperature=rcfg.temperature, fused=run.fused_lm_head)
@@ -171,6 +176,8 @@ def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
                 s["loss"] = loss.item()
                 for k, v in s.items():
                     stats.setdefault(k, []).append(v)
+        if sleeps:
+            rollout.wake_up()
         rollout.update_weights(policy.named_parameters())  # in place for HF; a real push for vLLM
         mask = exp.batch.response_mask
         seq_kl = (exp.kl * mask).sum(1).mean().item()
