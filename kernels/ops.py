@@ -51,15 +51,21 @@ def shape_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: to
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float,
-        backend: str = "auto"):
+        backend: str = "auto", whiten: bool = False):
     """Generalised advantage estimation over valid positions; rewards, values, mask [B, T].
 
     Returns (advantages, returns) [B, T], zero where mask is 0. Masks may be right-padded, left-padded or
-    have holes: masked positions are skipped by the recursion (see kernels.reference.gae).
+    have holes: masked positions are skipped by the recursion (see kernels.reference.gae). whiten=True
+    also whitens the advantages over the valid tokens (a second small call; returns stay unwhitened).
     """
     checks.check_gae_args(rewards, values, mask, gamma, lam)
     _, fn = resolve("gae", backend, rewards.device.type)
-    return fn(rewards, values, mask, float(gamma), float(lam))
+    adv, ret = fn(rewards, values, mask, float(gamma), float(lam))
+    if whiten:
+        from .stats import whiten as _whiten
+
+        adv = _whiten(adv, mask)
+    return adv, ret
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, *,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import kernels
-from kernels import masked_mean, policy_loss, value_loss, whiten
+from kernels import masked_mean, policy_loss, value_loss
 
 from ..batch import SequenceBatch, make_batch
 from ..checkpoint import is_done, latest_checkpoint, load_trainer_state, save_checkpoint, save_models
@@ -58,9 +58,8 @@ def make_experience(policy, ref, value, reward, batch: SequenceBatch, *, kl_coef
     scores = sequence_scores(reward, batch)
     rewards, kl = kernels.shape_rewards(scores, old_lp, ref_lp, mask, kl_coef=kl_coef,
                                         estimator=cfg.kl_estimator, backend=cfg.backend)
-    adv, ret = kernels.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam, backend=cfg.backend)
-    if cfg.whiten_advantages:
-        adv = whiten(adv, mask)
+    adv, ret = kernels.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam, backend=cfg.backend,
+                           whiten=cfg.whiten_advantages)
     for m in (policy, value):
         m.train()
     return Experience(batch, old_lp, ref_lp, values, scores, rewards, kl, adv, ret)

@@ -154,3 +154,17 @@ def test_gae_ignores_garbage_under_the_mask(backend, rng):
     ref_adv, ref_ret = reference.gae(r.double(), v.double(), mask, 0.99, 0.9)
     torch.testing.assert_close(adv.double(), ref_adv, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ret.double(), ref_ret, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS["gae"])
+def test_gae_whiten_option(backend, rng):
+    r, v = torch.randn(4, 9, generator=rng), torch.randn(4, 9, generator=rng)
+    mask = torch.rand(4, 9, generator=rng) > 0.3
+    adv, ret = kernels.gae(r, v, mask, gamma=1.0, lam=0.95, backend=backend)
+    wadv, wret = kernels.gae(r, v, mask, gamma=1.0, lam=0.95, backend=backend, whiten=True)
+    torch.testing.assert_close(wret, ret)  # returns are not whitened
+    valid = wadv[mask].double()
+    assert abs(valid.mean().item()) < 1e-5 and abs(valid.std(unbiased=True).item() - 1) < 1e-4
+    a = adv[mask].double()
+    torch.testing.assert_close(valid, (a - a.mean()) / a.std(unbiased=True), atol=1e-4, rtol=1e-4)
+    assert (wadv[~mask] == 0).all()
