@@ -20,6 +20,13 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="session")
+def tiny_args():
+    """The TINY flags, for fixtures wider than one test (a tuple: nobody edits it)."""
+    return tuple(TINY)
+
+
 @pytest.fixture
 def tiny():
+    """The TINY flags as a fresh list a test may edit."""
     return list(TINY)

@@ -11,11 +11,9 @@ STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from conftest import TINY
-
+def run_dir(tmp_path_factory, tiny_args):
     out = tmp_path_factory.mktemp("pipeline")
-    assert main(["pipeline", "--out", str(out), *TINY]) == 0
+    assert main(["pipeline", "--out", str(out), *tiny_args]) == 0
     return out
 
 

@@ -99,16 +99,14 @@ def test_not_a_model_dir_is_a_clear_error(tmp_path):
         VLLMRollout(tmp_path)
 
 
-def test_ppo_with_vllm_rollouts_logs_mismatch(tmp_path, rollout):
-    from conftest import TINY
-
+def test_ppo_with_vllm_rollouts_logs_mismatch(tmp_path, rollout, tiny):
     from engine.cli import main
 
     rollout.close()  # one engine per process at a time
     out = tmp_path / "run"
     for stage in ("pretrain", "sft", "rm"):
-        assert main([stage, "--out", str(out), *TINY]) == 0
-    assert main(["ppo", "--out", str(out), *TINY, "--rollout.backend", "vllm", "--ppo.tis_cap", "2"]) == 0
+        assert main([stage, "--out", str(out), *tiny]) == 0
+    assert main(["ppo", "--out", str(out), *tiny, "--rollout.backend", "vllm", "--ppo.tis_cap", "2"]) == 0
     rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     for m in rows:
