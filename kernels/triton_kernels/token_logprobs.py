@@ -20,7 +20,7 @@ import triton.language as tl
 from ..dispatch import register
 from .common import grad_buffer, logits_grad, online_lse_step, store_as
 
-_NEG_BIG = -1.0e30  # the running max starts here, not at -inf, so exp(m_old - m_new) is never nan
+_NEG_BIG = tl.constexpr(-1.0e30)  # the running max starts here, not at -inf: exp(m_old - m_new) is never nan
 
 
 @triton.jit
@@ -56,9 +56,14 @@ def _bwd_kernel(logits_ptr, grad_ptr, tokens_ptr, lse_ptr, ent_ptr, g_lp_ptr, g_
     z = tl.load(logits_ptr + outer * stride_outer + inner * stride_inner + cols, mask=valid,
                 other=float("-inf")).to(tl.float32) * inv_t
     logp = z - tl.load(lse_ptr + row)
-    g_lp = tl.load(g_lp_ptr + row) if HAS_GLP else 0.0
-    g_h = tl.load(g_h_ptr + row) if HAS_GH else 0.0
-    h = tl.load(ent_ptr + row) if HAS_GH else 0.0
+    g_lp = 0.0
+    g_h = 0.0
+    h = 0.0
+    if HAS_GLP:  # constexpr branches: only the taken one is compiled
+        g_lp = tl.load(g_lp_ptr + row)
+    if HAS_GH:
+        g_h = tl.load(g_h_ptr + row)
+        h = tl.load(ent_ptr + row)
     g = logits_grad(logp, cols == tl.load(tokens_ptr + row), g_lp, g_h, h, inv_t, HAS_GLP, HAS_GH)
     store_as(grad_ptr + outer * g_stride_outer + inner * g_stride_inner + cols, g, valid, BF16_BITS)
 
