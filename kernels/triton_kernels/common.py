@@ -22,15 +22,17 @@ def online_lse_step(z, m, s, t, ENTROPY: tl.constexpr):
 
 
 @triton.jit
-def logits_grad(logp, is_target, g_lp, g_h, h, inv_t, HAS_GLP: tl.constexpr, HAS_GH: tl.constexpr):
-    """d/dz_j of g_lp * logp_t + g_h * H for log-probs logp_j = log p_j (z = logits / T):
+def logits_grad(logp, is_target, row, g_lp_ptr, g_h_ptr, ent_ptr, inv_t, HAS_GLP: tl.constexpr,
+                HAS_GH: tl.constexpr):
+    """d/dz_j of g_lp * logp_t + g_h * H for one row's log-probs logp_j = log p_j (z = logits / T), reading the
+    row's upstream gradients (and entropy H) only when they exist:
     inv_t * (g_lp * ([j == t] - p_j) - g_h * p_j * (log p_j + H))."""
     p = tl.exp(logp)
     g = tl.zeros(logp.shape, tl.float32)
-    if HAS_GLP:
-        g = g_lp * (tl.where(is_target, 1.0, 0.0) - p)
+    if HAS_GLP:  # constexpr branches: only the taken one is compiled
+        g = tl.load(g_lp_ptr + row) * (tl.where(is_target, 1.0, 0.0) - p)
     if HAS_GH:
-        g -= g_h * tl.where(p > 0, p * (logp + h), 0.0)
+        g -= tl.load(g_h_ptr + row) * tl.where(p > 0, p * (logp + tl.load(ent_ptr + row)), 0.0)
     return g * inv_t
 
 

@@ -51,15 +51,7 @@ def _grad_kernel(z_ptr, g_ptr, tok_ptr, lse_ptr, ent_ptr, glp_ptr, gh_ptr, C, st
     valid = cols < C
     z = tl.load(z_ptr + row.to(tl.int64) * stride_z + cols, mask=valid, other=float("-inf")).to(tl.float32)
     logp = z * inv_t - tl.load(lse_ptr + row)
-    g_lp = 0.0
-    g_h = 0.0
-    h = 0.0
-    if HAS_GLP:  # constexpr branches: only the taken one is compiled
-        g_lp = tl.load(glp_ptr + row)
-    if HAS_GH:
-        g_h = tl.load(gh_ptr + row)
-        h = tl.load(ent_ptr + row)
-    g = logits_grad(logp, cols == tl.load(tok_ptr + row) - v0, g_lp, g_h, h, inv_t, HAS_GLP, HAS_GH)
+    g = logits_grad(logp, cols == tl.load(tok_ptr + row) - v0, row, glp_ptr, gh_ptr, ent_ptr, inv_t, HAS_GLP, HAS_GH)
     store_as(g_ptr + row.to(tl.int64) * stride_g + cols, g, valid, BF16_BITS)
 
 

@@ -56,15 +56,7 @@ def _bwd_kernel(logits_ptr, grad_ptr, tokens_ptr, lse_ptr, ent_ptr, g_lp_ptr, g_
     z = tl.load(logits_ptr + outer * stride_outer + inner * stride_inner + cols, mask=valid,
                 other=float("-inf")).to(tl.float32) * inv_t
     logp = z - tl.load(lse_ptr + row)
-    g_lp = 0.0
-    g_h = 0.0
-    h = 0.0
-    if HAS_GLP:  # constexpr branches: only the taken one is compiled
-        g_lp = tl.load(g_lp_ptr + row)
-    if HAS_GH:
-        g_h = tl.load(g_h_ptr + row)
-        h = tl.load(ent_ptr + row)
-    g = logits_grad(logp, cols == tl.load(tokens_ptr + row), g_lp, g_h, h, inv_t, HAS_GLP, HAS_GH)
+    g = logits_grad(logp, cols == tl.load(tokens_ptr + row), row, g_lp_ptr, g_h_ptr, ent_ptr, inv_t, HAS_GLP, HAS_GH)
     store_as(grad_ptr + outer * g_stride_outer + inner * g_stride_inner + cols, g, valid, BF16_BITS)
 
 
