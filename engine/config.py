@@ -6,6 +6,7 @@ onto these sections) are parsed by jsonargparse, which rejects unknown keys.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -23,9 +24,15 @@ class RunConfig:
     progress: bool = True              # tqdm progress bars
     fused_lm_head: bool = True         # log-probs from hidden states (kernels.linear_token_logprobs); false =
                                        # LM head then kernels.token_logprobs, kept for comparison
+    dtype: str = "auto"                # weights of loaded checkpoints: auto = bfloat16 on cuda, float32 on cpu
+    attention: str = "auto"            # auto = flash_attention_2 on cuda when flash-attn is installed, else sdpa
 
     def __post_init__(self):
         _require(self.device in ("cpu", "cuda"), f"run.device must be 'cpu' or 'cuda', got {self.device!r}")
+        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
+                 f"run.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        _require(self.attention in ("auto", "sdpa", "eager", "flash_attention_2"),
+                 f"run.attention must be auto, sdpa, eager or flash_attention_2, got {self.attention!r}")
         _require(self.threads >= 1, f"run.threads must be >= 1, got {self.threads}")
 
 
@@ -67,6 +74,55 @@ class ModelConfig:
     def __post_init__(self):
         _require(self.hidden_size % self.num_heads == 0,
                  f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
+
+
+@dataclass
+class TrainedModelConfig:
+    """A trained model from a local transformers directory: the `policy` and `value` sections.
+
+    policy.path: the causal LM to start from (SFT starts from it; PPO starts from, and stays close to, it).
+    value.path: default the reward model (InstructGPT); any causal LM or scalar-head directory works.
+    With the built-in task these stay unset and the tiny model is built from `model`.
+    """
+    path: Optional[str] = None
+    lora_rank: int = 0                  # > 0: train LoRA adapters (peft) instead of every weight
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"    # peft target_modules: "all-linear" or comma-separated module names
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        _require(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
+        _require(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class FrozenModelConfig:
+    """A frozen model from a local directory: the `reference` and `reward` sections.
+
+    reference.path: default the policy's starting weights (under LoRA: the policy with adapters disabled,
+    no second copy). reward.path: the reward model PPO scores with (`rm` writes one); for `rm`, where
+    training starts (default: policy.path, the SFT model, as in InstructGPT).
+    """
+    path: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    """Users' data files (JSONL, JSON or Parquet; formats in engine/data/formats.py and the README)."""
+    prompts: Optional[str] = None           # PPO prompts
+    demonstrations: Optional[str] = None    # SFT; also the RM's normalisation (demonstrations score 0)
+    comparisons: Optional[str] = None       # RM: pairwise chosen/rejected or K-way ranked
+    pretrain: Optional[str] = None          # PPO-ptx's pretraining texts: {"text": ...}
+    max_prompt_tokens: int = 512
+    max_response_tokens: int = 512         # SFT and RM responses longer than this are cut (counted in the log)
+    long_prompts: str = "truncate"          # "truncate": keep the last max_prompt_tokens tokens | "drop"
+
+    def __post_init__(self):
+        _require(self.long_prompts in ("truncate", "drop"),
+                 f"data.long_prompts must be truncate or drop, got {self.long_prompts!r}")
+        _require(self.max_prompt_tokens >= 1 and self.max_response_tokens >= 1,
+                 "data.max_prompt_tokens and data.max_response_tokens must be >= 1")
 
 
 @dataclass
@@ -173,3 +229,13 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    policy: TrainedModelConfig = field(default_factory=TrainedModelConfig)
+    reference: FrozenModelConfig = field(default_factory=FrozenModelConfig)
+    reward: FrozenModelConfig = field(default_factory=FrozenModelConfig)
+    value: TrainedModelConfig = field(default_factory=TrainedModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    @property
+    def local(self) -> bool:
+        """True when the run trains the user's checkpoint (`policy.path`) instead of the built-in task."""
+        return self.policy.path is not None

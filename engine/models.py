@@ -15,6 +15,7 @@ import torch
 import kernels
 
 from .batch import SequenceBatch
+from .lora import unwrap
 
 
 def quiet_transformers() -> None:
@@ -58,6 +59,7 @@ def load_scalar_model(path: str | Path, device="cpu"):
 
 
 def _body(model):
+    model = unwrap(model)  # peft: the LoRA layers sit inside the base model, so its body runs them
     return getattr(model, model.base_model_prefix)
 
 
@@ -78,7 +80,7 @@ def response_logprobs(policy, batch: SequenceBatch, *, temperature: float = 1.0,
     """
     p = batch.prompt_len
     h = _hidden(policy, batch)[:, p - 1:-1]            # state before each response token, [B, R, H]
-    head = policy.get_output_embeddings()
+    head = unwrap(policy).get_output_embeddings()
     if not fused or not isinstance(head, torch.nn.Linear):
         logits = head(h)                                 # [B, R, V]
         return kernels.token_logprobs(logits, batch.response_ids, temperature=temperature,
@@ -98,7 +100,7 @@ def token_values(value_model, batch: SequenceBatch) -> torch.Tensor:
     """Value estimate at each response token's decision point, [B, R]."""
     p = batch.prompt_len
     h = _hidden(value_model, batch)[:, p - 1:-1]
-    return value_model.score(h).squeeze(-1).float()
+    return unwrap(value_model).score(h).squeeze(-1).float()
 
 
 def sequence_scores(reward_model, batch: SequenceBatch) -> torch.Tensor:
@@ -107,4 +109,4 @@ def sequence_scores(reward_model, batch: SequenceBatch) -> torch.Tensor:
     idx, _ = kernels.reference.last_valid_index(batch.attention_mask)
     last = h[torch.arange(h.shape[0]), idx]
     offset = float(getattr(reward_model.config, "score_offset", 0.0))
-    return reward_model.score(last).squeeze(-1).float() - offset
+    return unwrap(reward_model).score(last).squeeze(-1).float() - offset

@@ -8,30 +8,32 @@ from pathlib import Path
 from .models import build_policy, load_policy
 from .task import encode_prompt, encode_response, encode_text
 from .trainers.lm import train_lm
-from .trainers.ppo import train_ppo
-from .trainers.reward import train_reward
+from .trainers.ppo import builtin_ppo
+from .trainers.reward import builtin_reward
 
 log = logging.getLogger("engine")
 
 
 def pretrain(ctx) -> Path:
     examples = [encode_text(ctx.tokenizer, t) for t in ctx.data.corpus]
-    return train_lm(ctx, "pretrain", examples, build_policy(ctx.cfg.model, ctx.tokenizer), ctx.cfg.pretrain)
+    def load(resume):
+        return load_policy(resume, ctx.device) if resume else build_policy(ctx.cfg.model, ctx.tokenizer)
+    return train_lm(ctx, "pretrain", examples, load, ctx.cfg.pretrain)
 
 
 def sft(ctx) -> Path:
     tok = ctx.tokenizer
     examples = [(encode_prompt(tok, d["prompt"]), encode_response(tok, d["response"])) for d in ctx.data.demonstrations]
-    init = load_policy(ctx.final("pretrain", "policy"), ctx.device)
-    return train_lm(ctx, "sft", examples, init, ctx.cfg.sft)
+    init = ctx.final("pretrain", "policy")
+    return train_lm(ctx, "sft", examples, lambda resume: load_policy(resume or init, ctx.device), ctx.cfg.sft)
 
 
 def rm(ctx) -> Path:
-    return train_reward(ctx, ctx.final("sft", "policy"), ctx.cfg.rm)
+    return builtin_reward(ctx, ctx.final("sft", "policy"), ctx.cfg.rm)
 
 
 def ppo(ctx, ptx: bool = False) -> Path:
-    return train_ppo(ctx, ctx.final("sft", "policy"), ctx.final("rm", "reward"), ptx=ptx)
+    return builtin_ppo(ctx, ctx.final("sft", "policy"), ctx.final("rm", "reward"), ptx=ptx)
 
 
 def evaluate(ctx) -> dict:

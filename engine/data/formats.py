@@ -9,6 +9,7 @@ Formats (one JSON object per line in JSONL):
   comparisons     {"prompt": str, "chosen": str, "rejected": str}                (pairwise, as in Anthropic HH)
                   {"prompt": str, "responses": [str, ...], "ranking": [int, ...]} (InstructGPT's K-way; ranking
                   lists response indices best first, a permutation of 0..K-1)
+  texts           {"text": str}                        (PPO-ptx's pretraining data)
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-KINDS = ("prompts", "demonstrations", "comparisons")
+KINDS = ("prompts", "demonstrations", "comparisons", "texts")
 
 
 class DataError(ValueError):
@@ -42,14 +43,15 @@ class Comparison:
 
 
 def load(path: str | Path, kind: str) -> list:
-    """Records of `kind` ("prompts" | "demonstrations" | "comparisons") from a local file."""
+    """Records of `kind` ("prompts" | "demonstrations" | "comparisons" | "texts") from a local file."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     rows, where = _read(path)
-    parse = {"prompts": _prompt, "demonstrations": _demonstration, "comparisons": _comparison}[kind]
+    parse = {"prompts": _prompt, "demonstrations": _demonstration, "comparisons": _comparison,
+             "texts": lambda row, err: _text(row, "text", err)}[kind]
     out = []
     for row, loc in zip(rows, where):
         if not isinstance(row, dict):

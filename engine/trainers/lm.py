@@ -10,7 +10,8 @@ from kernels import masked_mean
 
 from ..batch import make_batch
 from ..checkpoint import is_done, latest_checkpoint, load_trainer_state, save_checkpoint, save_models
-from ..models import load_policy, response_logprobs
+from ..lora import plain
+from ..models import response_logprobs
 from .loop import adamw, run_steps, warmup_cosine
 
 log = logging.getLogger("engine")
@@ -23,27 +24,31 @@ def lm_loss(model, prompts, responses, pad_id: int, backend: str = "auto", fused
     return -masked_mean(lp, batch.response_mask)
 
 
-def train_lm(ctx, stage: str, examples: list[tuple[list[int], list[int]]], init_model, cfg) -> Path:
+def train_lm(ctx, stage: str, examples: list[tuple[list[int], list[int]]], load_model, cfg) -> Path:
     """Train a causal LM on (prompt ids, response ids) pairs; returns the directory of the final model.
 
-    cfg: engine.config.LMTrainConfig. With --run.resume a finished stage is skipped and an unfinished one
-    continues from its latest checkpoint (weights, optimizer, schedule, data order and RNG).
+    load_model(resume): the model to train, from a checkpoint's model directory `resume` (full weights or
+    LoRA adapters) or, with resume=None, from where the stage starts. cfg: engine.config.LMTrainConfig.
+    With --run.resume a finished stage is skipped and an unfinished one continues from its latest
+    checkpoint (weights, optimizer, schedule, data order and RNG).
     """
     stage_dir = ctx.fresh_stage_dir(stage)
     final = stage_dir / "final" / "policy"
     if is_done(stage_dir):
         log.info("%s: already done (%s)", stage, final)
         return final
+    if not examples:
+        raise ValueError(f"{stage}: no training examples (every one was dropped by the length rule?)")
     pad = ctx.tokenizer.pad_token_id
-    model, start, state = init_model, 0, None
+    start, state = 0, None
     ckpt = latest_checkpoint(stage_dir) if ctx.cfg.run.resume else None
+    model = load_model(ckpt / "policy" if ckpt is not None else None)
     if ckpt is not None:
-        model = load_policy(ckpt / "policy", ctx.device)
         state = load_trainer_state(ckpt)
         start = state["step"]
         log.info("%s: resuming from %s", stage, ckpt)
     model.to(ctx.device).train()
-    opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
@@ -67,5 +72,5 @@ def train_lm(ctx, stage: str, examples: list[tuple[list[int], list[int]]], init_
 
     run_steps(stage=stage, stage_dir=stage_dir, seed=ctx.cfg.run.seed, start=start, total=cfg.steps, step_fn=step_fn, save_fn=save_fn,
               log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=ctx.cfg.run.progress)
-    save_models(stage_dir / "final", {"policy": model}, ctx.tokenizer)
+    save_models(stage_dir / "final", {"policy": plain(model)}, ctx.tokenizer)
     return final

@@ -12,6 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -22,9 +23,10 @@ from ..batch import SequenceBatch, make_batch
 from ..checkpoint import is_done, latest_checkpoint, load_trainer_state, save_checkpoint, save_models
 from ..evaluate import sample_answers, win_rate
 from ..kl_control import adaptive_kl_coef
+from ..lora import is_peft, merged_named_weights, plain
 from ..models import load_policy, load_scalar_model, response_logprobs, sequence_scores, token_values
 from ..rollout import make_rollout
-from ..task import decode_response, encode_prompt, encode_text
+from ..task import encode_prompt, encode_text
 from .lm import lm_loss
 from .loop import adamw, run_steps, step_seed
 
@@ -48,14 +50,23 @@ class Experience:
 
 @torch.no_grad()
 def make_experience(policy, ref, value, reward, batch: SequenceBatch, *, kl_coef, cfg, temperature, fused=True):
-    """Score one batch of rollouts and compute rewards and advantages. cfg: PPOConfig."""
-    for m in (policy, ref, value, reward):
+    """Score one batch of rollouts and compute rewards and advantages. cfg: PPOConfig.
+
+    ref: the frozen SFT policy, or None for the policy with its LoRA adapters disabled (one base in memory).
+    reward: the reward model, or a function batch -> scores [B] (e.g. one that re-tokenizes for an RM with
+    its own tokenizer).
+    """
+    for m in (policy, value):
         m.eval()
     mask = batch.response_mask
     old_lp = response_logprobs(policy, batch, temperature=temperature, backend=cfg.backend, fused=fused)
-    ref_lp = response_logprobs(ref, batch, temperature=temperature, backend=cfg.backend, fused=fused)
+    if ref is None:
+        with policy.disable_adapter():
+            ref_lp = response_logprobs(policy, batch, temperature=temperature, backend=cfg.backend, fused=fused)
+    else:
+        ref_lp = response_logprobs(ref, batch, temperature=temperature, backend=cfg.backend, fused=fused)
     values = token_values(value, batch) * mask
-    scores = sequence_scores(reward, batch)
+    scores = sequence_scores(reward, batch) if isinstance(reward, torch.nn.Module) else reward(batch)
     rewards, kl = kernels.shape_rewards(scores, old_lp, ref_lp, mask, kl_coef=kl_coef,
                                         estimator=cfg.kl_estimator, backend=cfg.backend)
     adv, ret = kernels.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam, backend=cfg.backend,
@@ -107,7 +118,25 @@ def _engine_mismatch(eng, old_lp, mask) -> dict:
             "ratio_outside_0.9_1.1": ((ratio < 0.9) | (ratio > 1.1)).float().mean().item()}
 
 
-def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
+@dataclass
+class PPOSetup:
+    """What a PPO run trains and on what, built by a stage (the built-in task's or the user's checkpoints).
+
+    load_policy/load_value(resume): the model, from a checkpoint's model directory (full weights or LoRA
+    adapters) or, with None, from where PPO starts (the SFT policy; the RM for the value model).
+    """
+    load_policy: Callable
+    load_value: Callable
+    reference: torch.nn.Module | None      # frozen SFT policy; None: the policy with its adapters disabled
+    score: Callable                        # score(batch, prompt indices, results) -> RM scores [B]
+    policy_dir: Path                       # the starting weights (a vLLM engine loads them)
+    prompts: list[list[int]]               # prompt token ids
+    ptx_examples: list | None = None       # (prompt ids, response ids) of pretraining text, for PPO-ptx
+    max_model_len: int = 64                # prompt + response tokens
+    evaluate: Callable | None = None       # evaluate(policy) -> win rate against the SFT policy
+
+
+def train_ppo(ctx, setup: PPOSetup, *, ptx: bool) -> Path:
     """Run PPO (or PPO-ptx) from the SFT policy and the RM; returns the final policy directory."""
     cfg, rcfg, run = ctx.cfg.ppo, ctx.cfg.rollout, ctx.cfg.run
     stage = "ppo_ptx" if ptx else "ppo"
@@ -115,13 +144,18 @@ def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
     final = stage_dir / "final" / "policy"
     if is_done(stage_dir):
         return final
+    if ptx and not setup.ptx_examples:
+        raise ValueError("ppo --ptx true needs pretraining text: give --data.pretrain FILE ({\"text\": ...} "
+                         "records)")
+    if not setup.prompts:
+        raise ValueError("ppo: no prompts (every one was dropped by the length rule?)")
     tok, pad, dev = ctx.tokenizer, ctx.tokenizer.pad_token_id, ctx.device
     ckpt = latest_checkpoint(stage_dir) if run.resume else None
-    policy = load_policy(ckpt / "policy" if ckpt else sft_dir, dev).train()
-    value = load_scalar_model(ckpt / "value" if ckpt else rm_dir, dev).train()  # value model = the RM
-    ref = load_policy(sft_dir, dev).eval().requires_grad_(False)
-    reward = load_scalar_model(rm_dir, dev).eval().requires_grad_(False)
-    opt_p, opt_v = adamw(policy.parameters(), cfg.lr), adamw(value.parameters(), cfg.value_lr)
+    policy = setup.load_policy(ckpt / "policy" if ckpt else None).train()
+    value = setup.load_value(ckpt / "value" if ckpt else None).train()
+    ref = setup.reference
+    trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731 - LoRA trains a few
+    opt_p, opt_v = adamw(trainable(policy), cfg.lr), adamw(trainable(value), cfg.value_lr)
     kl_coef, start = cfg.kl_coef, 0
     if ckpt is not None:
         state = load_trainer_state(ckpt)
@@ -130,17 +164,19 @@ def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
         kl_coef, start = state["kl_coef"], state["step"]
     gpu = dict(gpu_memory_utilization=rcfg.gpu_memory_utilization, enable_sleep_mode=rcfg.sleep) \
         if dev.type == "cuda" else {}
-    rollout = make_rollout(rcfg.backend, policy=policy, model_dir=sft_dir, seed=run.seed, pad_token_id=pad,
+    rollout = make_rollout(rcfg.backend, policy=policy, model_dir=setup.policy_dir, seed=run.seed, pad_token_id=pad,
                            eos_token_id=tok.eos_token_id, dtype=str(next(policy.parameters()).dtype).split(".")[-1],
-                           max_model_len=ctx.cfg.model.max_positions, **gpu)
+                           max_model_len=setup.max_model_len, **gpu)
     sleeps = bool(gpu.get("enable_sleep_mode")) and hasattr(rollout, "sleep")
-    if ckpt is not None:
-        rollout.update_weights(policy.named_parameters())  # the engine started from the SFT weights
-    prompts = [encode_prompt(tok, p.prompt) for p in ctx.data.ppo_prompts]
-    corpus = [encode_text(tok, t) for t in ctx.data.corpus]
-    eval_insts = ctx.data.eval_prompts[: cfg.eval_prompts]
-    eval_kw = dict(temperature=ctx.cfg.eval.temperature, max_tokens=rcfg.max_new_tokens, seed=ctx.cfg.eval.seed)
-    sft_answers = sample_answers(ref, tok, eval_insts, **eval_kw) if cfg.eval_every else None
+
+    def sync():  # the HF backend samples from the policy object itself; an engine gets the merged weights
+        if getattr(rollout, "model", None) is not policy:
+            rollout.update_weights(merged_named_weights(policy))
+
+    if ckpt is not None or is_peft(policy):
+        sync()  # the engine started from the SFT weights
+    prompts, corpus = setup.prompts, setup.ptx_examples
+    sft_win = setup.evaluate if cfg.eval_every else None
 
     def ptx_loss(gen):
         idx = torch.randint(0, len(corpus), (cfg.ptx_batch,), generator=gen).tolist()
@@ -156,8 +192,8 @@ def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
         if sleeps:  # free the engine's GPU memory for the trainer's passes
             rollout.sleep(level=1)
         batch = make_batch(batch_prompts, [r.token_ids for r in results], pad).to(dev)
-        exp = make_experience(policy, ref, value, reward, batch, kl_coef=kl_coef, cfg=cfg,
-                              temperature=rcfg.temperature, fused=run.fused_lm_head)
+        exp = make_experience(policy, ref, value, lambda b: setup.score(b, idx, results), batch, kl_coef=kl_coef,
+                              cfg=cfg, temperature=rcfg.temperature, fused=run.fused_lm_head)
         exp.engine_logprobs = engine_logprobs(results, exp.old_logprobs)
         stats: dict[str, list] = {}
         for _ in range(cfg.epochs):
@@ -168,8 +204,8 @@ def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
                 opt_p.zero_grad(set_to_none=True)
                 opt_v.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                torch.nn.utils.clip_grad_norm_(value.parameters(), cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(trainable(policy), cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(trainable(value), cfg.max_grad_norm)
                 opt_p.step()
                 opt_v.step()
                 s["loss"] = loss.item()
@@ -177,7 +213,7 @@ def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
                     stats.setdefault(k, []).append(v)
         if sleeps:
             rollout.wake_up()
-        rollout.update_weights(policy.named_parameters())  # in place for HF; a real push for vLLM
+        sync()
         mask = exp.batch.response_mask
         seq_kl = (exp.kl * mask).sum(1).mean().item()
         m = {k: sum(v) / len(v) for k, v in stats.items()}
@@ -187,10 +223,8 @@ def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
                  **_engine_mismatch(exp.engine_logprobs, exp.old_logprobs, mask))
         if cfg.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, seq_kl, cfg.target_kl, cfg.rollout_batch, cfg.kl_horizon)
-        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step == 0):
-            ans = sample_answers(policy, tok, eval_insts, **eval_kw)
-            m["win_rate_vs_sft"] = win_rate(eval_insts, ans, sft_answers, ctx.data.heldout_labelers,
-                                            ctx.cfg.eval.seed)["win_rate"]
+        if sft_win is not None and ((step + 1) % cfg.eval_every == 0 or step == 0):
+            m["win_rate_vs_sft"] = sft_win(policy)
         return m
 
     def save_fn(step: int) -> Path:
@@ -201,6 +235,34 @@ def train_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
     run_steps(stage=stage, stage_dir=stage_dir, seed=ctx.cfg.run.seed, start=start, total=cfg.iterations, step_fn=step_fn,
               save_fn=save_fn, log_every=1, checkpoint_every=cfg.checkpoint_every, progress=run.progress)
     rollout.close()
-    save_models(stage_dir / "final", {"policy": policy, "value": value}, tok)
+    save_models(stage_dir / "final", {"policy": plain(policy), "value": plain(value)}, tok)
     (stage_dir / "summary.json").write_text(json.dumps({"ptx": ptx, "kl_coef_final": kl_coef}, indent=2))
     return final
+
+
+def builtin_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
+    """PPO on the built-in task: its PPO prompts, its corpus for PPO-ptx, its held-out labelers judging."""
+    tok, dev, cfg = ctx.tokenizer, ctx.device, ctx.cfg.ppo
+    reward = load_scalar_model(rm_dir, dev).eval().requires_grad_(False)
+    ref = load_policy(sft_dir, dev).eval().requires_grad_(False)
+    eval_insts = ctx.data.eval_prompts[: cfg.eval_prompts]
+    eval_kw = dict(temperature=ctx.cfg.eval.temperature, max_tokens=ctx.cfg.rollout.max_new_tokens,
+                   seed=ctx.cfg.eval.seed)
+    sft_answers = sample_answers(ref, tok, eval_insts, **eval_kw) if cfg.eval_every else None
+
+    def evaluate(policy) -> float:
+        ans = sample_answers(policy, tok, eval_insts, **eval_kw)
+        return win_rate(eval_insts, ans, sft_answers, ctx.data.heldout_labelers, ctx.cfg.eval.seed)["win_rate"]
+
+    setup = PPOSetup(
+        load_policy=lambda resume: load_policy(resume or sft_dir, dev),
+        load_value=lambda resume: load_scalar_model(resume or rm_dir, dev),  # the value model starts as the RM
+        reference=ref,
+        score=lambda batch, idx, results: sequence_scores(reward, batch),
+        policy_dir=sft_dir,
+        prompts=[encode_prompt(tok, p.prompt) for p in ctx.data.ppo_prompts],
+        ptx_examples=[encode_text(tok, t) for t in ctx.data.corpus],
+        max_model_len=ctx.cfg.model.max_positions,
+        evaluate=evaluate,
+    )
+    return train_ppo(ctx, setup, ptx=ptx)

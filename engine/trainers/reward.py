@@ -16,6 +16,7 @@ from kernels import ranking_loss
 
 from ..batch import make_batch
 from ..checkpoint import is_done, latest_checkpoint, load_trainer_state, save_checkpoint, save_models, write_text_atomic
+from ..lora import plain, unwrap
 from ..models import load_scalar_model, sequence_scores
 from ..task import encode_prompt, encode_response
 from .loop import adamw, run_steps, warmup_cosine
@@ -76,19 +77,26 @@ def mean_score(model, prompts, responses, pad_id: int, chunk: int = 256) -> floa
     return torch.cat(vals).mean().item()
 
 
-def train_reward(ctx, init_dir: Path, cfg) -> Path:
-    """Train the RM from the SFT model at `init_dir`; returns the final RM directory. cfg: RewardConfig."""
+def train_reward(ctx, load_model, cfg, rows: list[dict], demos: tuple[list, list] | None, evaluate=None) -> Path:
+    """Train the RM on ranked `rows` ({prompt, responses, ranks}: token ids, ranks 0 = best); returns the
+    final RM directory. cfg: RewardConfig.
+
+    load_model(resume): the model, from a checkpoint's model directory or (None) from the SFT model.
+    demos: (prompt ids, response ids) lists of the labelers' demonstrations: the scores are shifted so they
+    average 0 (None: no shift). evaluate(model) -> dict: extra metrics written to eval.json.
+    """
     stage = "rm"
     stage_dir = ctx.fresh_stage_dir(stage)
     final = stage_dir / "final" / "reward"
     if is_done(stage_dir):
         return final
+    if not rows:
+        raise ValueError("rm: no comparisons to train on (every one was dropped by the length rule?)")
     tok, pad = ctx.tokenizer, ctx.tokenizer.pad_token_id
-    train_rows = [encode_comparison(tok, r) for r in ctx.data.comparisons]
     ckpt = latest_checkpoint(stage_dir) if ctx.cfg.run.resume else None
-    model = load_scalar_model(ckpt / "reward" if ckpt else init_dir, ctx.device).train()
-    model.config.score_offset = 0.0
-    opt = adamw(model.parameters(), cfg.lr)
+    model = load_model(ckpt / "reward" if ckpt else None).train()
+    unwrap(model).config.score_offset = 0.0
+    opt = adamw([p for p in model.parameters() if p.requires_grad], cfg.lr)
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
     start = 0
     if ckpt is not None:
@@ -98,8 +106,8 @@ def train_reward(ctx, init_dir: Path, cfg) -> Path:
         start = state["step"]
 
     def step_fn(step: int, gen: torch.Generator) -> dict:
-        idx = torch.randint(0, len(train_rows), (cfg.batch_size,), generator=gen).tolist()
-        scores, ranks, valid = score_comparisons(model, [train_rows[i] for i in idx], pad)
+        idx = torch.randint(0, len(rows), (cfg.batch_size,), generator=gen).tolist()
+        scores, ranks, valid = score_comparisons(model, [rows[i] for i in idx], pad)
         loss, acc = ranking_loss(scores, ranks, valid)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -115,23 +123,38 @@ def train_reward(ctx, init_dir: Path, cfg) -> Path:
     run_steps(stage=stage, stage_dir=stage_dir, seed=ctx.cfg.run.seed, start=start, total=cfg.steps, step_fn=step_fn, save_fn=save_fn,
               log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=ctx.cfg.run.progress)
 
-    # Normalise: the labelers' demonstrations score 0 on average (the paper's bias fix before PPO).
-    demos = ctx.data.demonstrations
-    demo_prompts = [encode_prompt(tok, d["prompt"]) for d in demos]
-    demo_responses = [encode_response(tok, d["response"]) for d in demos]
-    offset = mean_score(model, demo_prompts, demo_responses, pad)
-    model.config.score_offset = offset
-    after = mean_score(model, demo_prompts, demo_responses, pad)  # ~0 by construction: checked by the tests
-    heldout = [{**encode_comparison(tok, r), "ranks_second": r["ranks_second"]} for r in ctx.data.comparisons_heldout]
-    result = {
-        "rm_heldout_accuracy": pairwise_accuracy(model, heldout, pad),
-        "rm_heldout_accuracy_second_labeler": pairwise_accuracy(model, heldout, pad, "ranks_second"),
-        "rm_train_accuracy": pairwise_accuracy(model, train_rows[:500], pad),
-        "labeler_agreement": ctx.data.labeler_agreement(),
-        "score_offset": offset,
-        "demonstration_score_mean_after": after,
-    }
+    model = plain(model)
+    result = {"rm_train_accuracy": pairwise_accuracy(model, rows[:500], pad)}
+    if demos is not None:
+        # Normalise: the labelers' demonstrations score 0 on average (the paper's bias fix before PPO).
+        offset = mean_score(model, *demos, pad)
+        model.config.score_offset = offset
+        result.update(score_offset=offset, demonstration_score_mean_after=mean_score(model, *demos, pad))
+    else:
+        log.warning("rm: no demonstrations given (--data.demonstrations), so scores are not shifted to average "
+                    "0 on them")
+    if evaluate is not None:
+        result.update(evaluate(model))
     write_text_atomic(stage_dir / "eval.json", json.dumps(result, indent=2))
     log.info("rm: %s", result)
     save_models(stage_dir / "final", {"reward": model}, tok)
     return final
+
+
+def builtin_reward(ctx, init_dir: Path, cfg) -> Path:
+    """The built-in task's RM: its rankings, its demonstrations, and held-out labelers' rankings to test on."""
+    tok, pad = ctx.tokenizer, ctx.tokenizer.pad_token_id
+    rows = [encode_comparison(tok, r) for r in ctx.data.comparisons]
+    demos = ([encode_prompt(tok, d["prompt"]) for d in ctx.data.demonstrations],
+             [encode_response(tok, d["response"]) for d in ctx.data.demonstrations])
+    heldout = [{**encode_comparison(tok, r), "ranks_second": r["ranks_second"]} for r in ctx.data.comparisons_heldout]
+
+    def evaluate(model) -> dict:
+        return {"rm_heldout_accuracy": pairwise_accuracy(model, heldout, pad),
+                "rm_heldout_accuracy_second_labeler": pairwise_accuracy(model, heldout, pad, "ranks_second"),
+                "labeler_agreement": ctx.data.labeler_agreement()}
+
+    def load(resume):
+        return load_scalar_model(resume or init_dir, ctx.device)
+
+    return train_reward(ctx, load, cfg, rows, demos, evaluate)

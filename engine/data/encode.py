@@ -1,0 +1,96 @@
+"""Users' records -> token ids, with the tokenizer's chat template where it has one.
+
+Prompts: a chat template renders the messages (a plain-text prompt becomes one user turn) with the
+generation prompt; without a template the text is tokenized as is (messages: their contents joined by blank
+lines). Responses: the template's rendering of the assistant turn after the prompt, cut after its first
+eos; without a template, the text followed by eos. Every response ends with eos unless it was cut.
+
+Length rule (stated, and counted in the log): a prompt longer than `max_prompt_tokens` keeps its last
+`max_prompt_tokens` tokens (long_prompts="truncate", the end holds the question and the generation prompt)
+or is dropped (long_prompts="drop"); a response longer than `max_response_tokens` is cut to that length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LengthCounts:
+    prompts: int = 0
+    prompts_truncated: int = 0
+    prompts_dropped: int = 0
+    responses: int = 0
+    responses_cut: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.prompts} prompts ({self.prompts_truncated} truncated, {self.prompts_dropped} dropped), "
+                f"{self.responses} responses ({self.responses_cut} cut)")
+
+
+@dataclass
+class Encoder:
+    tokenizer: object
+    max_prompt_tokens: int = 512
+    max_response_tokens: int = 512
+    long_prompts: str = "truncate"
+    counts: LengthCounts = field(default_factory=LengthCounts)
+
+    @property
+    def chat(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def _messages(self, prompt) -> list[dict]:
+        return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+    def _render(self, messages, generation_prompt: bool) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                                       tokenize=True, return_dict=False))
+
+    def raw_prompt(self, prompt) -> list[int]:
+        if self.chat:
+            return self._render(self._messages(prompt), True)
+        text = prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)
+        return list(self.tokenizer(text).input_ids)
+
+    def prompt(self, prompt) -> list[int] | None:
+        """Token ids of a prompt (str or chat messages), or None when the length rule drops it."""
+        ids = self.raw_prompt(prompt)
+        self.counts.prompts += 1
+        if len(ids) > self.max_prompt_tokens:
+            if self.long_prompts == "drop":
+                self.counts.prompts_dropped += 1
+                return None
+            self.counts.prompts_truncated += 1
+            ids = ids[-self.max_prompt_tokens:]
+        return ids
+
+    def response(self, prompt, text: str) -> list[int]:
+        """Token ids of `text` answering `prompt`, ending with eos (unless cut by max_response_tokens)."""
+        eos = self.tokenizer.eos_token_id
+        ids = None
+        if self.chat:
+            msgs = self._messages(prompt)
+            before = self._render(msgs, True)
+            full = self._render(msgs + [{"role": "assistant", "content": text}], False)
+            if full[:len(before)] == before and len(full) > len(before):
+                ids = full[len(before):]
+                ids = ids[:ids.index(eos) + 1] if eos in ids else ids + [eos]
+        if ids is None:  # no template, or one that renders the prompt differently once answered
+            ids = list(self.tokenizer(text, add_special_tokens=False).input_ids) + [eos]
+        self.counts.responses += 1
+        if len(ids) > self.max_response_tokens:
+            self.counts.responses_cut += 1
+            ids = ids[:self.max_response_tokens]
+        return ids
+
+    def text_of(self, response_ids: list[int]) -> str:
+        """A sampled response's text (up to its eos), for re-tokenizing under another tokenizer."""
+        eos = self.tokenizer.eos_token_id
+        if eos in response_ids:
+            response_ids = response_ids[:response_ids.index(eos)]
+        return self.tokenizer.decode(response_ids, skip_special_tokens=True)
+
+
+def make_encoder(tokenizer, data_cfg) -> Encoder:
+    """data_cfg: engine.config.DataConfig."""
+    return Encoder(tokenizer, data_cfg.max_prompt_tokens, data_cfg.max_response_tokens, data_cfg.long_prompts)
