@@ -3,18 +3,20 @@
 dataclasses in engine/config.py. Parsing is jsonargparse's: unknown keys and bad types are errors."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from typing import Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from .config import (Config, EvalConfig, LMTrainConfig, ModelConfig, PPOConfig, RewardConfig, RolloutConfig,
-                     RunConfig, TaskConfig)
+from .config import (Config, DataConfig, EvalConfig, FrozenModelConfig, LMTrainConfig, ModelConfig, PPOConfig,
+                     RewardConfig, RolloutConfig, RunConfig, TaskConfig, TrainedModelConfig)
 
 SECTIONS = {"run": RunConfig, "task": TaskConfig, "model": ModelConfig, "pretrain": LMTrainConfig,
             "sft": LMTrainConfig, "rm": RewardConfig, "ppo": PPOConfig, "rollout": RolloutConfig,
-            "eval": EvalConfig}
+            "eval": EvalConfig, "policy": TrainedModelConfig, "reference": FrozenModelConfig,
+            "reward": FrozenModelConfig, "value": TrainedModelConfig, "data": DataConfig}
 
 COMMANDS = {
     "pretrain": "pretrain the tiny LM on the built-in corpus",
@@ -25,6 +27,8 @@ COMMANDS = {
     "pipeline": "all of the above in order: pretrain, sft, rm, ppo, ppo-ptx, eval",
     "reproduce": "Figure 1 in miniature: SFT, PPO, PPO-ptx at several model sizes (a benchmark, minutes each)",
     "export": "write a run's final policy as a plain transformers directory (loads in transformers and vLLM)",
+    "tiny-model": "write a small random checkpoint of a real family (llama, qwen2, mistral, gpt2) with its "
+                  "tokenizer, to try --policy.path without downloads",
 }
 
 
@@ -47,6 +51,9 @@ def build_parser() -> ArgumentParser:
         if name == "export":
             p.add_argument("--to", type=str, required=True, help="directory to write")
             p.add_argument("--stage", type=str, default="ppo", help="which policy: pretrain, sft, ppo or ppo_ptx")
+        if name == "tiny-model":
+            p.add_argument("--family", type=str, default="llama", help="llama, qwen2, mistral or gpt2")
+            p.add_argument("--to", type=str, required=True, help="directory to write")
         sub.add_subcommand(name, p, help=help_text)
     return parser
 
@@ -61,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = Config(**{s: sub[s] for s in SECTIONS})
         if sub.out is not None:
             cfg.run.out = sub.out
+        if not cfg.local and any(dataclasses.astuple(cfg.data)[:4]):
+            raise ValueError("--data.* files train your own checkpoint: give --policy.path DIR too (the built-in "
+                             "task makes its own data)")
     except ValueError as exc:  # a config value failed validation
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -79,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
 
             print(export_policy(cfg.run.out, sub.stage, sub.to))
             return 0
+        if command == "tiny-model":
+            from .tiny_checkpoint import write_tiny_model
+
+            print(write_tiny_model(sub.family, sub.to, seed=cfg.run.seed))
+            return 0
+        if cfg.local:
+            from . import local_stages as stages
         ctx = make_context(cfg)
         if command == "ppo":
             stages.ppo(ctx, ptx=sub.ptx)

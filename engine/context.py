@@ -24,7 +24,7 @@ class RunContext:
     cfg: Config
     out: Path
     tokenizer: object
-    data: TaskData
+    data: TaskData | None     # the built-in task's data; None when training the user's checkpoint
 
     @property
     def device(self) -> torch.device:
@@ -66,6 +66,10 @@ def make_context(cfg: Config) -> RunContext:
     out = Path(cfg.run.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    if cfg.local:  # the user's checkpoint brings its tokenizer; data come from --data.* files per stage
+        from .loading import load_tokenizer
+
+        return RunContext(cfg, out, load_tokenizer(cfg.policy.path, "--policy.path"), None)
     tok_dir = out / "tokenizer"
     if tok_dir.is_dir():
         tokenizer = load_tokenizer(tok_dir)

@@ -1,0 +1,197 @@
+"""The stages on the user's own checkpoint and data files (`--policy.path DIR` and `--data.*`).
+
+    sft  --policy.path BASE --data.demonstrations F                 -> OUT/sft/final/policy
+    rm   --policy.path SFT  --data.comparisons F [--data.demonstrations F] [--reward.path INIT]
+                                                                    -> OUT/rm/final/reward
+    ppo  --policy.path SFT  --reward.path RM --data.prompts F [--ptx true --data.pretrain F]
+                                                                    -> OUT/ppo[_ptx]/final/policy
+    pipeline: the three in order, each starting from the one before.
+
+The reference model is the policy's starting weights (`--reference.path` to choose another); the value
+model starts from the reward model (`--value.path` to choose another). Under LoRA (`--policy.lora_rank`)
+the reference is the policy with its adapters disabled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from .batch import make_batch
+from .data.encode import make_encoder
+from .data.formats import load
+from .loading import load_model, load_tokenizer, same_vocabulary
+from .models import sequence_scores
+from .trainers.lm import train_lm
+from .trainers.ppo import PPOSetup, train_ppo
+from .trainers.reward import train_reward
+
+log = logging.getLogger("engine")
+
+
+def _need(value, flag: str, stage: str, what: str):
+    if value is None:
+        raise ValueError(f"{stage} with --policy.path needs {flag}: {what}")
+    return value
+
+
+def _loader(ctx, path, flag, *, scalar, train, tokenizer):
+    cfg = ctx.cfg
+    return lambda resume: load_model(path, flag=flag, scalar=scalar, device=ctx.device, run=cfg.run, train=train,
+                                     resume=resume, tokenizer=tokenizer)
+
+
+def _same_tokenizer(tokenizer, path, flag: str, why: str):
+    other = load_tokenizer(path, flag)
+    if not same_vocabulary(tokenizer, other):
+        raise ValueError(f"{flag} {path}: its tokenizer differs from the policy's (--policy.path "
+                         f"{Path(tokenizer.name_or_path)}); {why}")
+
+
+def sft(ctx) -> Path:
+    cfg = ctx.cfg
+    path = _need(cfg.data.demonstrations, "--data.demonstrations FILE", "sft", "the demonstrations to imitate")
+    enc = make_encoder(ctx.tokenizer, cfg.data)
+    examples = []
+    for d in load(path, "demonstrations"):
+        p = enc.prompt(d.prompt)
+        if p is not None:
+            examples.append((p, enc.response(d.prompt, d.completion)))
+    log.info("sft: %s: %s", path, enc.counts.summary())
+    load_fn = _loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=ctx.tokenizer)
+    return train_lm(ctx, "sft", examples, load_fn, cfg.sft)
+
+
+def rm(ctx) -> Path:
+    """The RM starts from --reward.path when given (with its own tokenizer), else from the SFT policy."""
+    cfg = ctx.cfg
+    path = _need(cfg.data.comparisons, "--data.comparisons FILE", "rm", "labelers' comparisons to learn from")
+    init, flag = (cfg.reward.path, "--reward.path") if cfg.reward.path else (cfg.policy.path, "--policy.path")
+    tok = load_tokenizer(init, flag) if cfg.reward.path else ctx.tokenizer
+    ctx = dataclasses.replace(ctx, tokenizer=tok)
+    enc = make_encoder(tok, cfg.data)
+    rows = []
+    for c in load(path, "comparisons"):
+        p = enc.prompt(c.prompt)
+        if p is None:
+            continue
+        ranks = [0] * len(c.ranking)
+        for place, i in enumerate(c.ranking):  # ranking: indices best first -> rank of each response
+            ranks[i] = place
+        rows.append({"prompt": p, "responses": [enc.response(c.prompt, r) for r in c.responses], "ranks": ranks})
+    log.info("rm: %s: %s", path, enc.counts.summary())
+    demos = None
+    if cfg.data.demonstrations:
+        pairs = [(enc.prompt(d.prompt), d) for d in load(cfg.data.demonstrations, "demonstrations")]
+        pairs = [(p, enc.response(d.prompt, d.completion)) for p, d in pairs if p is not None]
+        demos = ([p for p, _ in pairs], [r for _, r in pairs])
+    # The `value` section's LoRA and checkpointing settings apply to every scalar-head model being trained.
+    return train_reward(ctx, _loader(ctx, init, flag, scalar=True, train=cfg.value, tokenizer=tok), cfg.rm, rows,
+                        demos)
+
+
+def _reward_scorer(ctx, reward, rm_tok, prompts, enc):
+    """score(batch, prompt indices, results): RM scores, re-tokenizing text when the RM has its own tokenizer."""
+    if same_vocabulary(ctx.tokenizer, rm_tok):
+        return lambda batch, idx, results: sequence_scores(reward, batch)
+    log.warning("ppo: the reward model's tokenizer differs from the policy's: each answer is decoded to text "
+                "and re-tokenized for the reward model")
+    rm_enc = make_encoder(rm_tok, dataclasses.replace(ctx.cfg.data, long_prompts="truncate"))
+
+    def score(batch, idx, results):
+        rm_prompts, rm_responses = [], []
+        for i, r in zip(idx, results):
+            text = enc.text_of(r.token_ids)
+            rm_prompts.append(rm_enc.prompt(prompts[i]))
+            ids = rm_enc.response(prompts[i], text)
+            if r.finish_reason != "stop":  # an unfinished answer is scored without an end
+                ids = [t for t in ids if t != rm_tok.eos_token_id] or ids
+            rm_responses.append(ids)
+        return sequence_scores(reward, make_batch(rm_prompts, rm_responses, rm_tok.pad_token_id).to(ctx.device))
+    return score
+
+
+def _pretrain_examples(tok, path, max_tokens: int) -> list:
+    """Pretraining text as (prompt, response): bos (or the first token) then the text and eos."""
+    out = []
+    for text in load(path, "texts"):
+        ids = list(tok(text, add_special_tokens=False).input_ids)[:max_tokens] + [tok.eos_token_id]
+        out.append(([tok.bos_token_id], ids) if tok.bos_token_id is not None else (ids[:1], ids[1:]))
+    return out
+
+
+def _context_length(path) -> int:
+    from transformers import AutoConfig
+
+    return int(getattr(AutoConfig.from_pretrained(str(path)), "max_position_embeddings", 1 << 20))
+
+
+def ppo(ctx, ptx: bool = False) -> Path:
+    cfg = ctx.cfg
+    path = _need(cfg.data.prompts, "--data.prompts FILE", "ppo", "the prompts to sample answers for")
+    rm_path = _need(cfg.reward.path, "--reward.path DIR", "ppo",
+                    "the reward model to score answers (`python -m engine rm` writes OUT/rm/final/reward)")
+    tok, dev = ctx.tokenizer, ctx.device
+    rm_tok = load_tokenizer(rm_path, "--reward.path")
+    reward = load_model(rm_path, flag="--reward.path", scalar=True, device=dev, run=cfg.run, tokenizer=rm_tok)
+    value_path, value_flag = (cfg.value.path, "--value.path") if cfg.value.path else (rm_path, "--reward.path")
+    _same_tokenizer(tok, value_path, value_flag,
+                    "the value model scores every policy token, so it needs the policy's tokenizer"
+                    + ("" if cfg.value.path else " (it starts from the reward model unless --value.path is given: "
+                       "give --value.path, e.g. the SFT policy)"))
+    if cfg.reference.path:
+        _same_tokenizer(tok, cfg.reference.path, "--reference.path",
+                        "the KL penalty compares the two models token by token")
+        reference = load_model(cfg.reference.path, flag="--reference.path", scalar=False, device=dev, run=cfg.run,
+                               tokenizer=tok)
+    elif cfg.policy.lora_rank > 0:
+        reference = None  # the policy with its adapters disabled: the base weights once in memory
+    else:
+        reference = load_model(cfg.policy.path, flag="--policy.path", scalar=False, device=dev, run=cfg.run,
+                               tokenizer=tok)
+    enc = make_encoder(tok, cfg.data)
+    records, prompts = [], []
+    for rec in load(path, "prompts"):
+        ids = enc.prompt(rec.prompt)
+        if ids is not None:
+            records.append(rec.prompt)
+            prompts.append(ids)
+    log.info("ppo: %s: %s", path, enc.counts.summary())
+    ptx_examples = None
+    if ptx:
+        ptx_examples = _pretrain_examples(tok, _need(cfg.data.pretrain, "--data.pretrain FILE", "ppo --ptx true",
+                                                     "pretraining text ({\"text\": ...} records)"),
+                                          cfg.data.max_response_tokens)
+    setup = PPOSetup(
+        load_policy=_loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=tok),
+        load_value=_loader(ctx, value_path, value_flag, scalar=True, train=cfg.value, tokenizer=tok),
+        reference=reference,
+        score=_reward_scorer(ctx, reward, rm_tok, records, enc),
+        policy_dir=Path(cfg.policy.path),
+        prompts=prompts,
+        ptx_examples=ptx_examples,
+        max_model_len=min(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, _context_length(cfg.policy.path)),
+    )
+    return train_ppo(ctx, setup, ptx=ptx)
+
+
+def pipeline(ctx) -> dict:
+    """sft -> rm -> ppo (-> ppo-ptx when --data.pretrain is given), each from the one before."""
+    sft_dir = sft(ctx)
+    cfg = dataclasses.replace(ctx.cfg, policy=dataclasses.replace(ctx.cfg.policy, path=str(sft_dir)))
+    rm_dir = rm(dataclasses.replace(ctx, cfg=cfg))
+    cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, path=str(rm_dir)))
+    out = {"sft": str(sft_dir), "rm": str(rm_dir), "ppo": str(ppo(dataclasses.replace(ctx, cfg=cfg)))}
+    if cfg.data.pretrain:
+        out["ppo_ptx"] = str(ppo(dataclasses.replace(ctx, cfg=cfg), ptx=True))
+    return out
+
+
+def evaluate(ctx):
+    raise ValueError("eval judges with the built-in task's held-out labelers, which your data does not have; "
+                     "export the policy (`python -m engine export`) and judge its answers with your own labelers")
+
+
+def pretrain(ctx):
+    raise ValueError("pretrain builds the built-in tiny model; with --policy.path start from your checkpoint "
+                     "with `sft`")
