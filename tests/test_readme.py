@@ -21,3 +21,26 @@ def test_readme_opens_with_two_commands():
 def test_ci_runs_readme_second_command():
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     assert ci[-1].strip() == _readme_commands()[1]
+
+
+def test_readme_real_model_commands_run(tmp_path, monkeypatch):
+    """The README's own-model commands, as written, with a few steps each (checkpoint paths under tmp)."""
+    import shlex
+
+    from engine.cli import main
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Your own model and data"):]
+    block = re.search(r"```bash\n(.*?)\n```", section, flags=re.S).group(1).replace("\\\n", " ")
+    commands = [shlex.split(line) for line in block.splitlines() if line.startswith("python -m engine")]
+    assert [c[3] for c in commands] == ["sft", "rm", "ppo", "export"]
+    monkeypatch.chdir(ROOT)
+    model = tmp_path / "models" / "tiny-qwen2"
+    assert main(["tiny-model", "--family", "qwen2", "--to", str(model)]) == 0
+    few = ["--run.progress", "false", "--sft.steps", "2", "--sft.batch_size", "2", "--rm.steps", "2",
+           "--rm.batch_size", "2", "--ppo.iterations", "1", "--ppo.rollout_batch", "2", "--ppo.minibatch", "2",
+           "--rollout.max_new_tokens", "4"]
+    for argv in commands:
+        argv = [str(tmp_path / a) if a.startswith(("models/", "runs/", "exported/")) else a for a in argv[3:]]
+        assert main(argv + (few if argv[0] != "export" else [])) == 0, argv
+    assert (tmp_path / "exported" / "mine-ppo" / "model.safetensors").is_file()

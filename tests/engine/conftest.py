@@ -30,3 +30,21 @@ def tiny_args():
 def tiny():
     """The TINY flags as a fresh list a test may edit."""
     return list(TINY)
+
+
+def interrupt_after(monkeypatch, module, name, calls):
+    """Raise KeyboardInterrupt (what Ctrl-C raises) on the calls-th call of module.name."""
+    real, count = getattr(module, name), {"n": 0}
+
+    def wrapped(*a, **k):
+        count["n"] += 1
+        if count["n"] == calls:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, wrapped)
+
+
+@pytest.fixture
+def interrupt():
+    """interrupt(monkeypatch, module, name, calls): Ctrl-C on the calls-th call of module.name."""
+    return interrupt_after

@@ -71,3 +71,10 @@ def test_bad_files(tmp_path):
         load(write(tmp_path, ['{"prompt": "p"}'], "data.json"), "prompts")
     with pytest.raises(DataError, match="no records"):
         load(write(tmp_path, [""], "empty.jsonl"), "prompts")
+
+
+def test_pretraining_texts(tmp_path):
+    texts = load(EXAMPLES / "pretrain.jsonl", "texts")
+    assert len(texts) == 5 and texts[1] == "Spiders have eight legs; insects have six."
+    with pytest.raises(DataError, match=r"line 2: missing field 'text'"):
+        load(write(tmp_path, ['{"text": "ok"}', '{"prompt": "not text"}']), "texts")

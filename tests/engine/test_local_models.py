@@ -42,12 +42,12 @@ def test_pipeline_on_each_family_then_export(tiny_models, tmp_path, family):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
-    pretrain = tmp_path / "pretrain.jsonl"
-    pretrain.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["the sky is blue .", "one two three ."]))
+    extra = ["--policy.gradient_checkpointing", "true", "--value.gradient_checkpointing", "true"] \
+        if family == "mistral" else []
     assert main(["pipeline", "--policy.path", str(tiny_models[family]), "--out", str(out), *DATA,
-                 "--data.pretrain", str(pretrain), *FEW]) == 0
+                 "--data.pretrain", str(EXAMPLES / "pretrain.jsonl"), *FEW, *extra]) == 0
     sft = rows(out / "sft" / "metrics.jsonl")
-    assert len(sft) == 4 and sft[-1]["loss"] < sft[0]["loss"]  # four steps on four examples: it learns them
+    assert len(sft) == 4 and sft[-1]["loss"] < sft[0]["loss"]  # four steps on five examples: it learns them
     rm = json.loads((out / "rm" / "eval.json").read_text())
     assert abs(rm["demonstration_score_mean_after"]) < 1e-4   # demonstrations average 0
     for stage in ("ppo", "ppo_ptx"):
@@ -104,17 +104,6 @@ def test_lora_reference_is_the_base_and_merged_weights_are_the_plain_model(tiny_
         torch.testing.assert_close(plain_model(ids).logits, adapted, rtol=1e-5, atol=1e-5)
 
 
-def _interrupt_on(monkeypatch, module, name, calls):
-    real, count = getattr(module, name), {"n": 0}
-
-    def wrapped(*a, **k):
-        count["n"] += 1
-        if count["n"] == calls:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(module, name, wrapped)
-
-
 @pytest.fixture(scope="module")
 def qwen_run(tiny_models, tmp_path_factory):
     """SFT and RM on the Qwen2 checkpoint, shared by the PPO tests below."""
@@ -124,7 +113,7 @@ def qwen_run(tiny_models, tmp_path_factory):
     return out
 
 
-def test_lora_ppo_ctrl_c_and_resume_match_an_uninterrupted_run(qwen_run, tmp_path, monkeypatch):
+def test_lora_ppo_ctrl_c_and_resume_match_an_uninterrupted_run(qwen_run, tmp_path, monkeypatch, interrupt):
     import engine.trainers.ppo as ppo
 
     def run(out):
@@ -137,7 +126,7 @@ def test_lora_ppo_ctrl_c_and_resume_match_an_uninterrupted_run(qwen_run, tmp_pat
     assert main(straight) == 0
     broken = run(tmp_path / "broken")
     with monkeypatch.context() as m:
-        _interrupt_on(m, ppo, "make_experience", 2)  # during iteration 2 of 2
+        interrupt(m, ppo, "make_experience", 2)  # during iteration 2 of 2
         assert main(broken) == 130
     ckpt = tmp_path / "broken" / "ppo" / "checkpoints" / "step-000001"
     assert (ckpt / "policy" / "adapter_config.json").is_file()  # LoRA checkpoints hold the adapters only
@@ -224,7 +213,7 @@ def test_length_rule_drops_and_logs_through_the_cli(tiny_models, tmp_path, caplo
     caplog.set_level(logging.INFO, logger="engine")
     assert main(["sft", "--policy.path", str(tiny_models["mistral"]), "--out", str(tmp_path / "r"), *DATA, *FEW,
                  "--data.max_prompt_tokens", "25", "--data.long_prompts", "drop"]) == 0
-    assert "4 prompts (0 truncated, 2 dropped)" in caplog.text  # the two of 27 and 30 tokens
+    assert "5 prompts (0 truncated, 3 dropped)" in caplog.text  # those of 27, 30 and 30 tokens
     assert main(["sft", "--policy.path", str(tiny_models["mistral"]), "--out", str(tmp_path / "r2"), *DATA, *FEW,
                  "--data.max_prompt_tokens", "1", "--data.long_prompts", "drop"]) == 2  # nothing left to train on
 

@@ -61,20 +61,8 @@ def _weights(stage_dir):
     return load_file(stage_dir / "final" / "policy" / "model.safetensors")
 
 
-def _interrupt_after(monkeypatch, module, name, calls):
-    """Raise KeyboardInterrupt (what Ctrl-C raises) on the calls-th call of module.name."""
-    real, count = getattr(module, name), {"n": 0}
-
-    def wrapped(*a, **k):
-        count["n"] += 1
-        if count["n"] == calls:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(module, name, wrapped)
-
-
 @pytest.mark.parametrize("stage", ["pretrain", "ppo"])
-def test_ctrl_c_saves_and_resume_matches_uninterrupted(run_dir, tmp_path, tiny, monkeypatch, stage):
+def test_ctrl_c_saves_and_resume_matches_uninterrupted(run_dir, tmp_path, tiny, monkeypatch, interrupt, stage):
     import shutil
 
     import engine.trainers.lm as lm
@@ -90,9 +78,9 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(run_dir, tmp_path, tiny, 
     broken = prepare(tmp_path / "broken")
     with monkeypatch.context() as m:
         if stage == "pretrain":
-            _interrupt_after(m, lm, "lm_loss", 5)          # during step 5 of 6
+            interrupt(m, lm, "lm_loss", 5)          # during step 5 of 6
         else:
-            _interrupt_after(m, ppo, "make_experience", 3)  # during iteration 3 of 3
+            interrupt(m, ppo, "make_experience", 3)  # during iteration 3 of 3
         assert main([stage, "--out", str(broken), *tiny]) == 130
     latest = (broken / stage / "checkpoints" / "latest").read_text()
     assert latest == ("step-000004" if stage == "pretrain" else "step-000002")
