@@ -3,6 +3,7 @@
 dataclasses in engine/config.py. Parsing is jsonargparse's: unknown keys and bad types are errors."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -94,13 +95,18 @@ def main(argv: list[str] | None = None) -> int:
 
             print(write_tiny_model(sub.family, sub.to, seed=cfg.run.seed))
             return 0
+        precision = contextlib.nullcontext()
         if cfg.local:
             from . import local_stages as stages
+            from .loading import compute_precision
+
+            precision = compute_precision(cfg.run)
         ctx = make_context(cfg)
-        if command == "ppo":
-            stages.ppo(ctx, ptx=sub.ptx)
-        else:
-            getattr(stages, {"eval": "evaluate"}.get(command, command))(ctx)
+        with precision:
+            if command == "ppo":
+                stages.ppo(ctx, ptx=sub.ptx)
+            else:
+                getattr(stages, {"eval": "evaluate"}.get(command, command))(ctx)
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

@@ -32,6 +32,18 @@ def resolve_attention(name: str, device: torch.device) -> str:
     return "flash_attention_2" if device.type == "cuda" and has_flash else "sdpa"
 
 
+def compute_precision(run):
+    """The context every pass of a run on the user's checkpoints computes under: autocast to run.dtype when
+    that is a 16-bit type (frozen models are stored in it; trained ones keep float32 weights), else nothing."""
+    import contextlib
+
+    device = torch.device(run.device)
+    dtype = resolve_dtype(run.dtype, device)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def checkpoint_dir(path, flag: str) -> Path:
     """`path` as a directory holding a transformers checkpoint, or a FileNotFoundError naming `flag`."""
     p = Path(path)
@@ -96,7 +108,12 @@ def load_model(path, *, flag: str, scalar: bool, device, run, train=None, resume
     quiet_transformers()
     p = checkpoint_dir(path, flag)
     device = torch.device(device)
-    kw = dict(dtype=resolve_dtype(run.dtype, device), attn_implementation=resolve_attention(run.attention, device))
+    dtype = resolve_dtype(run.dtype, device)
+    if train is not None and train.lora_rank == 0:
+        # Trained weights stay float32 (the master copy): a bf16 weight would swallow updates smaller than
+        # 1/256 of itself, i.e. most of PPO's. The passes still compute in `dtype` (see `compute_precision`).
+        dtype = torch.float32
+    kw = dict(dtype=dtype, attn_implementation=resolve_attention(run.attention, device))
     if scalar:
         model = AutoModelForSequenceClassification.from_pretrained(str(p), num_labels=1, **kw)
     else:

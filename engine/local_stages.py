@@ -20,7 +20,7 @@ from pathlib import Path
 from .batch import make_batch
 from .data.encode import make_encoder
 from .data.formats import load
-from .loading import load_model, load_tokenizer, same_vocabulary
+from .loading import load_model, load_tokenizer, resolve_dtype, same_vocabulary
 from .models import sequence_scores
 from .trainers.lm import train_lm
 from .trainers.ppo import PPOSetup, train_ppo
@@ -170,6 +170,7 @@ def ppo(ctx, ptx: bool = False) -> Path:
         policy_dir=Path(cfg.policy.path),
         prompts=prompts,
         ptx_examples=ptx_examples,
+        engine_dtype=str(resolve_dtype(cfg.run.dtype, dev)).split(".")[-1],
         max_model_len=min(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, _context_length(cfg.policy.path)),
     )
     return train_ppo(ctx, setup, ptx=ptx)

@@ -86,7 +86,10 @@ def response_logprobs(policy, batch: SequenceBatch, *, temperature: float = 1.0,
         return kernels.token_logprobs(logits, batch.response_ids, temperature=temperature,
                                       return_entropy=return_entropy, backend=backend)
     mask = batch.response_mask
-    out = kernels.linear_token_logprobs(h[mask], head.weight, batch.response_ids[mask], bias=head.bias,
+    weight, bias = head.weight, head.bias
+    if weight.dtype != h.dtype:  # float32 master weights under bf16 autocast: the GEMMs run in h's dtype
+        weight, bias = weight.to(h.dtype), (None if bias is None else bias.to(h.dtype))
+    out = kernels.linear_token_logprobs(h[mask], weight, batch.response_ids[mask], bias=bias,
                                         temperature=temperature, return_entropy=return_entropy, backend=backend)
     outs = out if return_entropy else (out,)
     full = []

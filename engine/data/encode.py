@@ -23,8 +23,8 @@ class LengthCounts:
     responses_cut: int = 0
 
     def summary(self) -> str:
-        return (f"{self.prompts} prompts ({self.prompts_truncated} truncated, {self.prompts_dropped} dropped), "
-                f"{self.responses} responses ({self.responses_cut} cut)")
+        text = f"{self.prompts} prompts ({self.prompts_truncated} truncated, {self.prompts_dropped} dropped)"
+        return text + (f", {self.responses} responses ({self.responses_cut} cut)" if self.responses else "")
 
 
 @dataclass

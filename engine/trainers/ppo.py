@@ -134,6 +134,7 @@ class PPOSetup:
     ptx_examples: list | None = None       # (prompt ids, response ids) of pretraining text, for PPO-ptx
     max_model_len: int = 64                # prompt + response tokens
     evaluate: Callable | None = None       # evaluate(policy) -> win rate against the SFT policy
+    engine_dtype: str | None = None        # the rollout engine's weights; None: the policy's
 
 
 def train_ppo(ctx, setup: PPOSetup, *, ptx: bool) -> Path:
@@ -165,7 +166,8 @@ def train_ppo(ctx, setup: PPOSetup, *, ptx: bool) -> Path:
     gpu = dict(gpu_memory_utilization=rcfg.gpu_memory_utilization, enable_sleep_mode=rcfg.sleep) \
         if dev.type == "cuda" else {}
     rollout = make_rollout(rcfg.backend, policy=policy, model_dir=setup.policy_dir, seed=run.seed, pad_token_id=pad,
-                           eos_token_id=tok.eos_token_id, dtype=str(next(policy.parameters()).dtype).split(".")[-1],
+                           eos_token_id=tok.eos_token_id,
+                           dtype=setup.engine_dtype or str(next(policy.parameters()).dtype).split(".")[-1],
                            max_model_len=setup.max_model_len, **gpu)
     sleeps = bool(gpu.get("enable_sleep_mode")) and hasattr(rollout, "sleep")
 

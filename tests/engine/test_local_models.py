@@ -302,3 +302,31 @@ def test_lora_ppo_with_vllm_rollouts_then_export_loads_in_vllm(tiny_models, tmp_
     with VLLMRollout(exported, dtype="float32", seed=0, max_model_len=64) as engine:
         res = engine.generate([[1, 2, 3]], n=2, max_tokens=4)
     assert len(res) == 2 and all(1 <= len(r.token_ids) <= 4 for r in res)
+
+
+def test_bf16_runs_keep_float32_master_weights(tiny_models, tmp_path):
+    """run.dtype=bfloat16 (the GPU default): frozen models are stored in bf16, trained ones in float32 and
+    computed under autocast. At lr 1e-5 an Adam step moves a weight by ~1e-5, below half a bf16 ulp of a
+    typical weight here (~6e-5 at |w| ~ 0.02), so bf16 weights would mostly not move; the float32 masters do."""
+    from engine.config import RunConfig, TrainedModelConfig
+    from engine.loading import load_model, load_tokenizer
+
+    path = tiny_models["llama"]
+    run = RunConfig(dtype="bfloat16")
+    tok = load_tokenizer(path)
+    frozen = load_model(path, flag="--reward.path", scalar=True, device="cpu", run=run, tokenizer=tok)
+    trained = load_model(path, flag="--policy.path", scalar=False, device="cpu", run=run,
+                         train=TrainedModelConfig(), tokenizer=tok)
+    lora = load_model(path, flag="--policy.path", scalar=False, device="cpu", run=run,
+                      train=TrainedModelConfig(lora_rank=4), tokenizer=tok)
+    assert {p.dtype for p in frozen.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trained.parameters()} == {torch.float32}
+    assert {p.dtype for n, p in lora.named_parameters() if "lora_" in n} == {torch.float32}
+    assert {p.dtype for n, p in lora.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+
+    out = tmp_path / "run"
+    assert main(["sft", "--policy.path", str(path), "--out", str(out), *DATA, *FEW, "--run.dtype", "bfloat16",
+                 "--sft.lr", "1e-5"]) == 0
+    before, after = weights(path), weights(out / "sft" / "final" / "policy")
+    moved = [k for k in before if not torch.equal(before[k].float(), after[k])]
+    assert len(moved) == len(before)
