@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = Config(**{s: sub[s] for s in SECTIONS})
         if sub.out is not None:
             cfg.run.out = sub.out
-        if not cfg.local and any(dataclasses.astuple(cfg.data)[:4]):
+        if not cfg.local and any(dataclasses.astuple(cfg.data)[:5]):
             raise ValueError("--data.* files train your own checkpoint: give --policy.path DIR too (the built-in "
                              "task makes its own data)")
     except ValueError as exc:  # a config value failed validation

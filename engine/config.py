@@ -113,6 +113,7 @@ class DataConfig:
     prompts: Optional[str] = None           # PPO prompts
     demonstrations: Optional[str] = None    # SFT; also the RM's normalisation (demonstrations score 0)
     comparisons: Optional[str] = None       # RM: pairwise chosen/rejected or K-way ranked
+    eval_comparisons: Optional[str] = None  # RM: held-out comparisons -> rm_heldout_accuracy in rm/eval.json
     pretrain: Optional[str] = None          # PPO-ptx's pretraining texts: {"text": ...}
     max_prompt_tokens: int = 512
     max_response_tokens: int = 512         # SFT and RM responses longer than this are cut (counted in the log)

@@ -24,7 +24,7 @@ from .loading import load_model, load_tokenizer, resolve_dtype, same_vocabulary
 from .models import sequence_scores
 from .trainers.lm import train_lm
 from .trainers.ppo import PPOSetup, train_ppo
-from .trainers.reward import train_reward
+from .trainers.reward import pairwise_accuracy, train_reward
 
 log = logging.getLogger("engine")
 
@@ -48,18 +48,38 @@ def _same_tokenizer(tokenizer, path, flag: str, why: str):
                          f"{Path(tokenizer.name_or_path)}); {why}")
 
 
+def _encode_demonstrations(enc, path) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) of a demonstrations file; prompts the length rule drops are left out."""
+    out = []
+    for d in load(path, "demonstrations"):
+        p = enc.prompt(d.prompt)
+        if p is not None:
+            out.append((p, enc.response(d.prompt, d.completion)))
+    return out
+
+
 def sft(ctx) -> Path:
     cfg = ctx.cfg
     path = _need(cfg.data.demonstrations, "--data.demonstrations FILE", "sft", "the demonstrations to imitate")
     enc = make_encoder(ctx.tokenizer, cfg.data)
-    examples = []
-    for d in load(path, "demonstrations"):
-        p = enc.prompt(d.prompt)
-        if p is not None:
-            examples.append((p, enc.response(d.prompt, d.completion)))
+    examples = _encode_demonstrations(enc, path)
     log.info("sft: %s: %s", path, enc.counts.summary())
     load_fn = _loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=ctx.tokenizer)
     return train_lm(ctx, "sft", examples, load_fn, cfg.sft)
+
+
+def _encode_comparisons(enc, path) -> list[dict]:
+    """{prompt, responses, ranks} token-id rows (ranks: 0 = best) of a comparisons file."""
+    rows = []
+    for c in load(path, "comparisons"):
+        p = enc.prompt(c.prompt)
+        if p is None:
+            continue
+        ranks = [0] * len(c.ranking)
+        for place, i in enumerate(c.ranking):  # ranking: indices best first -> rank of each response
+            ranks[i] = place
+        rows.append({"prompt": p, "responses": [enc.response(c.prompt, r) for r in c.responses], "ranks": ranks})
+    return rows
 
 
 def rm(ctx) -> Path:
@@ -70,24 +90,21 @@ def rm(ctx) -> Path:
     tok = load_tokenizer(init, flag) if cfg.reward.path else ctx.tokenizer
     ctx = dataclasses.replace(ctx, tokenizer=tok)
     enc = make_encoder(tok, cfg.data)
-    rows = []
-    for c in load(path, "comparisons"):
-        p = enc.prompt(c.prompt)
-        if p is None:
-            continue
-        ranks = [0] * len(c.ranking)
-        for place, i in enumerate(c.ranking):  # ranking: indices best first -> rank of each response
-            ranks[i] = place
-        rows.append({"prompt": p, "responses": [enc.response(c.prompt, r) for r in c.responses], "ranks": ranks})
+    rows = _encode_comparisons(enc, path)
     log.info("rm: %s: %s", path, enc.counts.summary())
     demos = None
     if cfg.data.demonstrations:
-        pairs = [(enc.prompt(d.prompt), d) for d in load(cfg.data.demonstrations, "demonstrations")]
-        pairs = [(p, enc.response(d.prompt, d.completion)) for p, d in pairs if p is not None]
+        pairs = _encode_demonstrations(enc, cfg.data.demonstrations)
         demos = ([p for p, _ in pairs], [r for _, r in pairs])
+    evaluate = None
+    if cfg.data.eval_comparisons:
+        heldout = _encode_comparisons(make_encoder(tok, cfg.data), cfg.data.eval_comparisons)
+
+        def evaluate(model) -> dict:
+            return {"rm_heldout_accuracy": pairwise_accuracy(model, heldout, tok.pad_token_id)}
     # The `value` section's LoRA and checkpointing settings apply to every scalar-head model being trained.
     return train_reward(ctx, _loader(ctx, init, flag, scalar=True, train=cfg.value, tokenizer=tok), cfg.rm, rows,
-                        demos)
+                        demos, evaluate)
 
 
 def _reward_scorer(ctx, reward, rm_tok, prompts, enc):

@@ -45,11 +45,13 @@ def test_pipeline_on_each_family_then_export(tiny_models, tmp_path, family):
     extra = ["--policy.gradient_checkpointing", "true", "--value.gradient_checkpointing", "true"] \
         if family == "mistral" else []
     assert main(["pipeline", "--policy.path", str(tiny_models[family]), "--out", str(out), *DATA,
-                 "--data.pretrain", str(EXAMPLES / "pretrain.jsonl"), *FEW, *extra]) == 0
+                 "--data.pretrain", str(EXAMPLES / "pretrain.jsonl"),
+                 "--data.eval_comparisons", str(EXAMPLES / "comparisons_pairwise.jsonl"), *FEW, *extra]) == 0
     sft = rows(out / "sft" / "metrics.jsonl")
     assert len(sft) == 4 and sft[-1]["loss"] < sft[0]["loss"]  # four steps on five examples: it learns them
     rm = json.loads((out / "rm" / "eval.json").read_text())
     assert abs(rm["demonstration_score_mean_after"]) < 1e-4   # demonstrations average 0
+    assert rm["rm_heldout_accuracy"] in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # five held-out pairs
     for stage in ("ppo", "ppo_ptx"):
         m = rows(out / stage / "metrics.jsonl")
         assert len(m) == 2 and all(torch.isfinite(torch.tensor(r["pg_loss"])) for r in m)
