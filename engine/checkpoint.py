@@ -1,35 +1,60 @@
 """Atomic checkpoints: models as transformers `save_pretrained` (safetensors) plus the trainer state
-(optimizers, step, RNG streams) as one torch file.
+(optimizers, scheduler, step, RNG streams) as safetensors + JSON (`engine.state_file`): nothing in a run
+directory is a pickle, so loading one never runs code.
 
 Layout of a stage directory:
-    checkpoints/step-000200/{<model name>/, trainer.pt}
-    checkpoints/latest            name of the newest complete checkpoint
+    checkpoints/step-000200/{<model name>/, trainer.json, trainer.safetensors}
+    checkpoints/latest            the name of the newest complete checkpoint, a sibling `step-N` folder
     final/                        the stage's result (written once, at the end)
 Every directory is written under a temporary name and renamed into place, and `latest` is replaced
-atomically, so a crash at any moment leaves the previous checkpoint intact.
+atomically, so a crash at any moment leaves the previous checkpoint intact; the temporary folders a crash
+leaves behind are removed when the stage next starts.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+
+from .state_file import StateFileError, has_state, read_state, write_state
+
+log = logging.getLogger("engine")
 
 KEEP = 2  # checkpoints kept per stage
+STEP_NAME = re.compile(r"step-\d{6,}")
+LEGACY_STATE = "trainer.pt"  # before 2026-11-24: a torch pickle, read only through weights_only=True
+
+
+class CheckpointError(ValueError):
+    """A run directory that cannot be resumed as it is; the message says what is wrong and what to do."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (a full disk, a read-only folder): nothing earlier was touched."""
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG stream a step draws from, as plain numbers and one tensor (no numpy objects)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 def _atomic_dir(target: Path, write) -> None:
@@ -37,7 +62,11 @@ def _atomic_dir(target: Path, write) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except (OSError, SafetensorError) as exc:
+            code = getattr(exc, "errno", None) or errno.EIO
+            raise CheckpointWriteError(code, f"could not write {target}: {_reason(exc)}") from exc
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             target.rename(old)
@@ -50,20 +79,41 @@ def _atomic_dir(target: Path, write) -> None:
         raise
 
 
+def _reason(exc: BaseException) -> str:
+    """The OS's words for a failed write (safetensors wraps them: "I/O error: No space left on device")."""
+    return getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def remove_leftovers(directory: Path) -> None:
+    """Remove the `.NAME.tmp-*` / `.NAME.old-*` folders an interrupted write (kill -9, power loss) left."""
+    if not directory.is_dir():
+        return
+    for p in directory.iterdir():
+        if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name) and not p.is_symlink():
+            log.info("removing %s, left by an interrupted write", p)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(exc.errno or errno.EIO, f"could not write {path}: {_reason(exc)}") from exc
+
+
+def _write_models(tmp: Path, models: dict, tokenizer) -> None:
+    for name, model in models.items():
+        model.save_pretrained(tmp / name, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / name)
 
 
 def save_models(target: Path, models: dict, tokenizer=None) -> None:
-    def write(tmp: Path):
-        for name, model in models.items():
-            model.save_pretrained(tmp / name, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp / name)
-    _atomic_dir(target, write)
+    _atomic_dir(target, lambda tmp: _write_models(tmp, models, tokenizer))
 
 
 def save_checkpoint(stage_dir: Path, step: int, models: dict, state: dict, tokenizer=None) -> Path:
@@ -72,30 +122,94 @@ def save_checkpoint(stage_dir: Path, step: int, models: dict, state: dict, token
     target = ckpts / f"step-{step:06d}"
 
     def write(tmp: Path):
-        for name, model in models.items():
-            model.save_pretrained(tmp / name, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp / name)
-        torch.save({**state, "step": step, "rng": rng_state()}, tmp / "trainer.pt")
+        _write_models(tmp, models, tokenizer)
+        write_state(tmp, {**state, "step": step, "rng": rng_state()})
 
     _atomic_dir(target, write)
     write_text_atomic(ckpts / "latest", target.name)
-    for old in sorted(p for p in ckpts.glob("step-*") if p.is_dir())[:-KEEP]:
+    for old in sorted(p for p in ckpts.glob("step-*") if p.is_dir() and STEP_NAME.fullmatch(p.name))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
+def _no_links(ckpt: Path) -> None:
+    for p in [ckpt, *ckpt.rglob("*")]:
+        if p.is_symlink():
+            raise CheckpointError(f"{p} is a symbolic link; a checkpoint holds only its own files, and a link "
+                                  f"could lead anywhere on this machine. Replace it with the file itself.")
+
+
 def latest_checkpoint(stage_dir: Path) -> Path | None:
-    pointer = stage_dir / "checkpoints" / "latest"
-    if not pointer.exists():
+    """The checkpoint `checkpoints/latest` names, checked: None when the stage has none yet.
+
+    `latest` may only name a sibling `step-N` folder holding its trainer state; anything else (a path that
+    leaves the folder, a link, a checkpoint without its trainer state) is a CheckpointError saying what to do.
+    """
+    ckpts = stage_dir / "checkpoints"
+    pointer = ckpts / "latest"
+    if not pointer.exists() and not pointer.is_symlink():
         return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if (path / "trainer.pt").exists() else None
+    if pointer.is_symlink() or not pointer.is_file():
+        raise CheckpointError(f"{pointer} must be a small text file naming a step-N folder beside it")
+    name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    if not STEP_NAME.fullmatch(name):
+        raise CheckpointError(f"{pointer} names {name[:80]!r}; it may only name a step-N folder beside it "
+                              f"(e.g. step-000200). Write the name of one of {_existing(ckpts)} into it.")
+    path = ckpts / name
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names {name}, which does not exist in {ckpts}. Write the name of one of "
+                              f"{_existing(ckpts)} into it, or start the stage over with --run.overwrite true.")
+    _no_links(path)
+    if not has_state(path):
+        legacy = path / LEGACY_STATE
+        if not legacy.is_file():
+            raise CheckpointError(
+                f"{path} holds no trainer state (trainer.json and trainer.safetensors), so the run cannot go on "
+                f"exactly from it. Write the name of an earlier complete checkpoint ({_existing(ckpts)}) into "
+                f"{pointer}, or start the stage over with --run.overwrite true.")
+    return path
+
+
+def _existing(ckpts: Path) -> str:
+    names = sorted(p.name for p in ckpts.glob("step-*") if p.is_dir() and has_state(p))
+    return ", ".join(names) if names else "no complete checkpoint"
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    state = torch.load(ckpt / "trainer.pt", weights_only=False)
+    """The checkpoint's trainer state; also restores the RNG streams it recorded."""
+    if has_state(ckpt):
+        try:
+            state = read_state(ckpt)
+        except StateFileError as exc:
+            raise CheckpointError(f"{exc}. Resume from an earlier checkpoint (write its name into "
+                                  f"{ckpt.parent / 'latest'}) or start over with --run.overwrite true.") from None
+    else:
+        state = _load_legacy(ckpt / LEGACY_STATE)
     set_rng_state(state["rng"])
+    return state
+
+
+def _load_legacy(path: Path) -> dict:
+    """A trainer.pt from before the safetensors + JSON format, read with torch's weights-only unpickler
+    (plain tensors, numbers, strings and containers, plus numpy's uint32 RNG array): anything that could
+    run code is refused instead of loaded."""
+    import pickle
+
+    core = getattr(np, "_core", None) or np.core
+    allowed = [np.ndarray, np.dtype, np.dtypes.UInt32DType, core.multiarray._reconstruct]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            state = torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: refused: this trainer state (the pickle format of rlhf-engine before 2026-11-24) holds "
+            f"more than plain tensors and numbers, and loading it could run code ({first[:200]}). Start the "
+            f"stage over with --run.overwrite true, or resume only run directories you wrote yourself.") from None
+    name, keys, pos, has_gauss, cached = state["rng"]["numpy"]
+    state["rng"]["numpy"] = [name, np.asarray(keys).tolist(), pos, has_gauss, cached]
+    log.info("%s: read a trainer state in the old format (weights only); the next checkpoint is written in "
+             "the new one", path)
     return state
 
 

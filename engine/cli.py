@@ -52,6 +52,8 @@ def build_parser() -> ArgumentParser:
         if name == "export":
             p.add_argument("--to", type=str, required=True, help="directory to write")
             p.add_argument("--stage", type=str, default="ppo", help="which policy: pretrain, sft, ppo or ppo_ptx")
+            p.add_argument("--overwrite", type=bool, default=False,
+                           help="replace a non-empty --to directory (never one that is, holds or is inside the run)")
         if name == "tiny-model":
             p.add_argument("--family", type=str, default="llama", help="llama, qwen2, mistral or gpt2")
             p.add_argument("--to", type=str, required=True, help="directory to write")
@@ -76,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from . import stages
+    from .checkpoint import CheckpointWriteError
     from .context import make_context
-    from .guard import NonFiniteLossError
+    from .guard import DivergedError
+    from .trainers.loop import StoppedAtStepBoundary
 
     try:
         if command == "reproduce":
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "export":
             from .export import export_policy
 
-            print(export_policy(cfg.run.out, sub.stage, sub.to))
+            print(export_policy(cfg.run.out, sub.stage, sub.to, overwrite=sub.overwrite))
             return 0
         if command == "tiny-model":
             from .tiny_checkpoint import write_tiny_model
@@ -107,13 +111,22 @@ def main(argv: list[str] | None = None) -> int:
                 stages.ppo(ctx, ptx=sub.ptx)
             else:
                 getattr(stages, {"eval": "evaluate"}.get(command, command))(ctx)
-    except NonFiniteLossError as exc:
+    except DivergedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except (FileNotFoundError, ValueError) as exc:
+    except CheckpointWriteError as exc:
+        print(f"error: {exc.strerror}; nothing written before it was changed (the last complete checkpoint "
+              f"stays): make room, then rerun the same command with --run.resume true", file=sys.stderr)
+        return 4
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StoppedAtStepBoundary:
+        print("interrupted: the last finished step is saved; rerun the same command with --run.resume true",
+              file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("interrupted: progress saved; rerun the same command with --run.resume true", file=sys.stderr)
+        print("interrupted in the middle of a step: its partial update was not saved; rerun the same command "
+              "with --run.resume true to continue from the last checkpoint", file=sys.stderr)
         return 130
     return 0

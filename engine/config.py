@@ -14,6 +14,12 @@ def _require(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def _positive(cfg, section: str, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        _require(value >= 1, f"{section}.{name} must be >= 1, got {value}")
+
+
 @dataclass
 class RunConfig:
     out: str = "runs/instructgpt"      # every artefact of the run goes here
@@ -21,6 +27,7 @@ class RunConfig:
     device: str = "cpu"                # "cpu" or "cuda"
     threads: int = 2                   # torch CPU threads
     resume: bool = False               # continue from the checkpoints under `out`
+    overwrite: bool = False            # start a stage over, deleting what `out` holds of it
     progress: bool = True              # tqdm progress bars
     fused_lm_head: bool = True         # log-probs from hidden states (kernels.linear_token_logprobs); false =
                                        # LM head then kernels.token_logprobs, kept for comparison
@@ -34,6 +41,8 @@ class RunConfig:
         _require(self.attention in ("auto", "sdpa", "eager", "flash_attention_2"),
                  f"run.attention must be auto, sdpa, eager or flash_attention_2, got {self.attention!r}")
         _require(self.threads >= 1, f"run.threads must be >= 1, got {self.threads}")
+        _require(not (self.resume and self.overwrite), "run.resume and run.overwrite exclude each other: resume "
+                 "continues a stage, overwrite deletes it and starts over")
 
 
 @dataclass
@@ -57,9 +66,11 @@ class TaskConfig:
     def __post_init__(self):
         _require(2 <= self.k_min <= self.k_max, f"task.k_min/k_max must satisfy 2 <= k_min <= k_max, got "
                  f"{self.k_min}, {self.k_max}")
-        _require(self.n_eval_prompts >= 1, "task.n_eval_prompts must be >= 1")
+        _positive(self, "task", "n_corpus", "n_corpus_heldout", "n_demonstrations", "n_comparisons",
+                  "n_comparisons_heldout", "n_ppo_prompts", "n_eval_prompts", "n_labelers")
         _require(self.n_heldout_labelers >= 2, "task.n_heldout_labelers must be >= 2 (agreement needs two)")
         _require(self.label_noise >= 0, "task.label_noise must be >= 0")
+        _require(self.labeler_spread >= 0, "task.labeler_spread must be >= 0")
 
 
 @dataclass
@@ -72,6 +83,7 @@ class ModelConfig:
     max_positions: int = 64
 
     def __post_init__(self):
+        _positive(self, "model", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions")
         _require(self.hidden_size % self.num_heads == 0,
                  f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
 
@@ -93,6 +105,7 @@ class TrainedModelConfig:
 
     def __post_init__(self):
         _require(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
+        _require(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
         _require(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
@@ -137,9 +150,12 @@ class LMTrainConfig:
     checkpoint_every: int = 200
     log_every: int = 20
 
-    def __post_init__(self):
-        _require(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be >= 1")
-        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+    def check(self, section: str) -> None:
+        """Validated by Config with the section's name (the class serves both `pretrain` and `sft`)."""
+        _positive(self, section, "steps", "batch_size", "checkpoint_every", "log_every")
+        _require(self.lr > 0, f"{section}.lr must be > 0, got {self.lr}")
+        _require(self.warmup >= 0, f"{section}.warmup must be >= 0, got {self.warmup}")
+        _require(self.weight_decay >= 0, f"{section}.weight_decay must be >= 0, got {self.weight_decay}")
 
 
 @dataclass
@@ -153,7 +169,9 @@ class RewardConfig:
     log_every: int = 20
 
     def __post_init__(self):
-        _require(self.steps >= 1 and self.batch_size >= 1, "rm.steps and rm.batch_size must be >= 1")
+        _positive(self, "rm", "steps", "batch_size", "checkpoint_every", "log_every")
+        _require(self.lr > 0, f"rm.lr must be > 0, got {self.lr}")
+        _require(self.warmup >= 0, f"rm.warmup must be >= 0, got {self.warmup}")
 
 
 @dataclass
@@ -187,6 +205,12 @@ class PPOConfig:
     def __post_init__(self):
         _require(self.kl_estimator in ("k1", "k2", "k3"), f"ppo.kl_estimator must be k1, k2 or k3, got "
                  f"{self.kl_estimator!r}")
+        _positive(self, "ppo", "iterations", "rollout_batch", "minibatch", "epochs", "ptx_batch", "eval_prompts",
+                  "checkpoint_every", "kl_horizon")
+        for name in ("lr", "value_lr", "target_kl", "clip_eps", "value_clip_eps", "max_grad_norm"):
+            _require(getattr(self, name) > 0, f"ppo.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("kl_coef", "vf_coef", "ptx_coef", "eval_every"):
+            _require(getattr(self, name) >= 0, f"ppo.{name} must be >= 0, got {getattr(self, name)}")
         _require(self.minibatch >= 1 and self.rollout_batch % self.minibatch == 0,
                  f"ppo.rollout_batch ({self.rollout_batch}) must be a multiple of ppo.minibatch ({self.minibatch})")
         _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
@@ -211,12 +235,18 @@ class RolloutConfig:
         _require(self.backend in ("hf", "vllm", "auto"), f"rollout.backend must be hf, vllm or auto, got "
                  f"{self.backend!r}")
         _require(self.temperature > 0, "rollout.temperature must be > 0")
+        _require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        _require(self.top_k == -1 or self.top_k >= 1, f"rollout.top_k must be -1 (off) or >= 1, got {self.top_k}")
+        _require(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass
 class EvalConfig:
     temperature: float = 1.0            # both policies are sampled the same way
     seed: int = 1234
+
+    def __post_init__(self):
+        _require(self.temperature > 0, f"eval.temperature must be > 0, got {self.temperature}")
 
 
 @dataclass
@@ -235,6 +265,10 @@ class Config:
     reward: FrozenModelConfig = field(default_factory=FrozenModelConfig)
     value: TrainedModelConfig = field(default_factory=TrainedModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self):
+        self.pretrain.check("pretrain")
+        self.sft.check("sft")
 
     @property
     def local(self) -> bool:

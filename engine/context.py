@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import yaml
 
+from .checkpoint import remove_leftovers
 from .config import Config
 from .task.datasets import TaskData, make_task_data, save_task_data
 from .task.vocab import build_tokenizer, load_tokenizer
@@ -34,11 +35,21 @@ class RunContext:
         return self.out / stage
 
     def fresh_stage_dir(self, stage: str) -> Path:
-        """The stage's directory, emptied first unless the run resumes."""
+        """The stage's directory, ready to write: with --run.resume as it is (less the temporary folders an
+        interrupted write left); with --run.overwrite emptied first; otherwise it must be new or empty, so
+        that no earlier result or file of the user's is deleted without being asked."""
         path = self.stage_dir(stage)
-        if path.exists() and not self.cfg.run.resume:
+        run = self.cfg.run
+        if path.is_dir() and any(path.iterdir()) and not run.resume:
+            if not run.overwrite:
+                raise FileExistsError(
+                    f"{path} already holds a {stage} run ({_describe(path)}). Continue it with --run.resume true, "
+                    f"start it over with --run.overwrite true (deletes {path}), or pick another --out.")
+            log.warning("%s: --run.overwrite true: deleting %s", stage, path)
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(path)
+        remove_leftovers(path / "checkpoints")
         return path
 
     def final(self, stage: str, model: str) -> Path:
@@ -51,16 +62,34 @@ class RunContext:
         return path
 
 
+def _describe(path: Path) -> str:
+    if (path / "final").is_dir():
+        return "finished"
+    steps = sorted(p.name for p in (path / "checkpoints").glob("step-*"))
+    return f"checkpoints up to {steps[-1]}" if steps else "no checkpoint yet"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
+def check_device(run) -> None:
+    """--run.device and --run.attention against what this machine has, before any work starts."""
+    from .loading import resolve_attention
+
+    if run.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--run.device cuda: torch sees no CUDA GPU here (torch {torch.__version__}, "
+                         f"torch.cuda.is_available() is False); use --run.device cpu")
+    resolve_attention(run.attention, torch.device(run.device))
+
+
 def make_context(cfg: Config) -> RunContext:
     from .models import quiet_transformers
 
     quiet_transformers()
+    check_device(cfg.run)
     torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
     out = Path(cfg.run.out)

@@ -1,22 +1,70 @@
-"""What keeps a run from losing work: a NaN/inf loss stops it with the last good checkpoint named."""
+"""What keeps a run from saving a broken model: a non-finite loss stops it at once, and the weights are
+checked before every checkpoint, so the checkpoint the message names as the last good one is good.
+
+Divergence without a NaN is caught too: a weight larger than GROWTH times the largest weight magnitude
+at the start of the stage (or 1, whichever is larger) means the updates blew the model up (e.g. lr 1e6
+gives weights of ~4e6, a loss stuck at ln V and zero gradients, but no NaN).
+"""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import torch
+
 from .checkpoint import latest_checkpoint
 
-
-class NonFiniteLossError(RuntimeError):
-    pass
+GROWTH = 100.0
 
 
-def check_finite(value: float, *, what: str, stage: str, step: int, stage_dir: Path) -> None:
-    if math.isfinite(value):
-        return
+class DivergedError(RuntimeError):
+    """Training stopped because the loss or the weights stopped being usable; nothing after it was saved."""
+
+
+NonFiniteLossError = DivergedError  # the name before weights were checked too
+
+
+def _advice(stage: str, stage_dir: Path, lr: float | None) -> str:
     last = latest_checkpoint(stage_dir)
     where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-    raise NonFiniteLossError(
-        f"{stage}: {what} became {value} at step {step}; training stopped and nothing was saved after it "
-        f"({where}). Lower the learning rate or check the data, then rerun with --run.resume true."
-    )
+    flag = f"--{stage.replace('_ptx', '')}.lr"
+    now = f" (now {lr:g})" if lr is not None else ""
+    return (f"training stopped and nothing was saved after it ({where}). Lower the learning rate ({flag}{now}) "
+            f"or check the data, then rerun with --run.resume true (the new learning rate is used).")
+
+
+def check_finite(value: float, *, what: str, stage: str, step: int, stage_dir: Path, lr: float | None = None) -> None:
+    if math.isfinite(value):
+        return
+    raise DivergedError(f"{stage}: {what} became {value} at step {step}; {_advice(stage, stage_dir, lr)}")
+
+
+@torch.no_grad()
+def weight_scale(models: dict) -> float:
+    """The largest |weight| over the models' parameters (inf or nan when one is not finite)."""
+    worst = 0.0
+    for model in models.values():
+        for p in model.parameters():
+            if p.numel():
+                m = p.detach().abs().max().item()
+                if not m <= worst:  # also takes nan
+                    worst = m
+    return worst
+
+
+def check_weights(models: dict, start_scale: float, *, stage: str, step: int, stage_dir: Path,
+                  lr: float | None = None) -> None:
+    """Raise DivergedError when a weight is not finite or grew past GROWTH x max(start_scale, 1)."""
+    limit = GROWTH * max(start_scale, 1.0)
+    for name, model in models.items():
+        for pname, p in model.named_parameters():
+            if not p.numel():
+                continue
+            m = p.detach().abs().max().item()
+            if not math.isfinite(m):
+                raise DivergedError(f"{stage}: the {name} model's weight {pname} is not finite after step {step}; "
+                                    f"{_advice(stage, stage_dir, lr)}")
+            if m > limit:
+                raise DivergedError(
+                    f"{stage}: the {name} model's weights diverged by step {step} (|{pname}| reached {m:.3g}, over "
+                    f"{GROWTH:g}x the largest weight at the start, {start_scale:.3g}); {_advice(stage, stage_dir, lr)}")

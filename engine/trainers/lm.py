@@ -12,7 +12,7 @@ from ..batch import make_batch
 from ..checkpoint import is_done, latest_checkpoint, load_trainer_state, save_checkpoint, save_models
 from ..lora import plain
 from ..models import response_logprobs
-from .loop import adamw, run_steps, warmup_cosine
+from .loop import adamw, restore_optimizer, run_steps, warmup_cosine
 
 log = logging.getLogger("engine")
 
@@ -51,8 +51,7 @@ def train_lm(ctx, stage: str, examples: list[tuple[list[int], list[int]]], load_
     opt = adamw([p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        restore_optimizer(opt, state["optimizer"], cfg.lr, f"--{stage}.lr", sched, state["scheduler"])
 
     def step_fn(step: int, gen: torch.Generator) -> dict:
         idx = torch.randint(0, len(examples), (cfg.batch_size,), generator=gen).tolist()
@@ -70,7 +69,8 @@ def train_lm(ctx, stage: str, examples: list[tuple[list[int], list[int]]], load_
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
             ctx.tokenizer)
 
-    run_steps(stage=stage, stage_dir=stage_dir, seed=ctx.cfg.run.seed, start=start, total=cfg.steps, step_fn=step_fn, save_fn=save_fn,
-              log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=ctx.cfg.run.progress)
+    run_steps(stage=stage, stage_dir=stage_dir, seed=ctx.cfg.run.seed, start=start, total=cfg.steps, step_fn=step_fn,
+              save_fn=save_fn, models={"policy": model}, log_every=cfg.log_every,
+              checkpoint_every=cfg.checkpoint_every, progress=ctx.cfg.run.progress, lr=cfg.lr)
     save_models(stage_dir / "final", {"policy": plain(model)}, ctx.tokenizer)
     return final

@@ -1,8 +1,12 @@
-"""The step loop every trainer shares: progress bar, metrics, periodic checkpoints, NaN stop, Ctrl-C save."""
+"""The step loop every trainer shares: progress bar, metrics, periodic checkpoints, divergence stop,
+and Ctrl-C at step boundaries."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import threading
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -10,7 +14,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..guard import check_finite
+from ..guard import check_finite, check_weights, weight_scale
 from ..metrics import MetricsLogger
 
 log = logging.getLogger("engine")
@@ -30,41 +34,107 @@ def warmup_cosine(optimizer, warmup: int, total: int, floor: float = 0.1):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def restore_optimizer(opt, saved: dict, lr: float, flag: str, sched=None, sched_saved: dict | None = None) -> None:
+    """Load a checkpoint's optimizer (and scheduler) state, then use the configured peak learning rate
+    `lr`: a rate changed between runs is honoured, and the log says so."""
+    opt.load_state_dict(saved)
+    if sched is not None:
+        sched.load_state_dict(sched_saved)
+    before = sched.base_lrs[0] if sched is not None else opt.param_groups[0]["lr"]
+    if before == lr:
+        return
+    log.warning("resuming with %s %g (the checkpoint was trained with %g)", flag, lr, before)
+    if sched is None:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        return
+    sched.base_lrs = [lr for _ in sched.base_lrs]
+    for group, factor in zip(opt.param_groups, sched.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
 def step_seed(seed: int, stage: str, step: int) -> int:
     """The seed of one step's randomness: a function of (run seed, stage, step) only."""
     return (seed * 1000 + zlib.crc32(stage.encode()) % 1000) * 1_000_003 + step
 
 
+class StoppedAtStepBoundary(KeyboardInterrupt):
+    """Ctrl-C, honoured after the step it arrived in finished and was saved."""
+
+
+@contextlib.contextmanager
+def deferred_interrupt(stage: str):
+    """Yield a function telling whether Ctrl-C was pressed. The first Ctrl-C only sets that flag, so the step
+    in progress finishes (a half-applied update is never saved); a second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    pressed = []
+
+    def handler(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+        log.warning("%s: Ctrl-C: finishing this step, then saving it (Ctrl-C again to stop at once; the "
+                    "last checkpoint is kept)", stage)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
 def run_steps(*, stage: str, stage_dir: Path, seed: int, start: int, total: int,
-              step_fn: Callable[[int, torch.Generator], dict], save_fn: Callable[[int], Path], log_every: int,
-              checkpoint_every: int, progress: bool, loss_key: str = "loss") -> None:
+              step_fn: Callable[[int, torch.Generator], dict], save_fn: Callable[[int], Path], models: dict,
+              log_every: int, checkpoint_every: int, progress: bool, lr: float | None = None,
+              loss_key: str = "loss") -> None:
     """Run step_fn(step, gen) for step in [start, total), each returning a dict of metrics with `loss_key`.
 
     Each step's randomness (`gen` for data order, and torch's global RNG) is seeded from (seed, stage, step),
-    so a run resumed from any checkpoint, or after Ctrl-C in the middle of a step, draws exactly what an
-    uninterrupted run would. Checkpoints every `checkpoint_every` steps and at the end; a non-finite loss
-    raises NonFiniteLossError before anything else is saved; Ctrl-C saves the last completed step, then
-    re-raises.
+    so a run resumed from any checkpoint draws exactly what an uninterrupted run would. Checkpoints every
+    `checkpoint_every` steps and at the end, each only after the weights of `models` were checked (finite,
+    not exploded); a non-finite loss stops the run before anything else is saved. Ctrl-C takes effect at the
+    end of the step it arrived in, which is then saved; an interrupt that escapes in the middle of a step
+    saves nothing, so the last checkpoint stays the resume point. `lr` only goes into messages.
     """
-    metrics = MetricsLogger(stage_dir, stage)
-    done = start
+    metrics = MetricsLogger(stage_dir, stage, start=start)
+    start_scale = weight_scale(models)
+    saved = start
     bar = tqdm(total=total, initial=start, desc=stage, disable=not progress, dynamic_ncols=True, leave=False)
+
+    def save(done: int) -> Path:
+        nonlocal saved
+        check_weights(models, start_scale, stage=stage, step=done, stage_dir=stage_dir, lr=lr)
+        path = save_fn(done)
+        saved = done
+        return path
+
     try:
-        for step in range(start, total):
-            torch.manual_seed(step_seed(seed, stage, step))
-            m = step_fn(step, torch.Generator().manual_seed(step_seed(seed, stage, step) + 1))
-            check_finite(float(m[loss_key]), what=loss_key, stage=stage, step=step + 1, stage_dir=stage_dir)
-            done = step + 1
-            if done % log_every == 0 or done == total:
-                metrics.log(done, **m)
-            if done % checkpoint_every == 0 or done == total:
-                save_fn(done)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in m.items() if isinstance(v, float)}, refresh=False)
-    except KeyboardInterrupt:
-        if done > start:
-            path = save_fn(done)
-            log.warning("%s interrupted: saved step %d to %s; resume with --run.resume true", stage, done, path)
+        with deferred_interrupt(stage) as interrupted:
+            for step in range(start, total):
+                torch.manual_seed(step_seed(seed, stage, step))
+                m = step_fn(step, torch.Generator().manual_seed(step_seed(seed, stage, step) + 1))
+                check_finite(float(m[loss_key]), what=loss_key, stage=stage, step=step + 1, stage_dir=stage_dir,
+                             lr=lr)
+                done = step + 1
+                if done % log_every == 0 or done == total:
+                    metrics.log(done, **m)
+                if done % checkpoint_every == 0 or done == total:
+                    save(done)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in m.items() if isinstance(v, float)}, refresh=False)
+                if interrupted():
+                    path = save(done) if saved != done else stage_dir / "checkpoints" / f"step-{done:06d}"
+                    log.warning("%s interrupted: saved step %d to %s; resume with --run.resume true", stage, done,
+                                path)
+                    raise StoppedAtStepBoundary
+    except KeyboardInterrupt as exc:
+        if not isinstance(exc, StoppedAtStepBoundary):
+            log.warning("%s interrupted in the middle of a step: its partial update is not saved; the run resumes "
+                        "from step %d (--run.resume true)", stage, saved)
         raise
     finally:
         bar.close()

@@ -28,7 +28,7 @@ from ..models import load_policy, load_scalar_model, response_logprobs, sequence
 from ..rollout import make_rollout
 from ..task import encode_prompt, encode_text
 from .lm import lm_loss
-from .loop import adamw, run_steps, step_seed
+from .loop import adamw, restore_optimizer, run_steps, step_seed
 
 log = logging.getLogger("engine")
 
@@ -160,9 +160,12 @@ def train_ppo(ctx, setup: PPOSetup, *, ptx: bool) -> Path:
     kl_coef, start = cfg.kl_coef, 0
     if ckpt is not None:
         state = load_trainer_state(ckpt)
-        opt_p.load_state_dict(state["opt_policy"])
-        opt_v.load_state_dict(state["opt_value"])
+        restore_optimizer(opt_p, state["opt_policy"], cfg.lr, "--ppo.lr")
+        restore_optimizer(opt_v, state["opt_value"], cfg.value_lr, "--ppo.value_lr")
         kl_coef, start = state["kl_coef"], state["step"]
+        if not cfg.adaptive_kl and kl_coef != cfg.kl_coef:  # a fixed beta changed between runs is honoured
+            log.warning("resuming with --ppo.kl_coef %g (the checkpoint was trained with %g)", cfg.kl_coef, kl_coef)
+            kl_coef = cfg.kl_coef
     gpu = dict(gpu_memory_utilization=rcfg.gpu_memory_utilization, enable_sleep_mode=rcfg.sleep) \
         if dev.type == "cuda" else {}
     rollout = make_rollout(rcfg.backend, policy=policy, model_dir=setup.policy_dir, seed=run.seed, pad_token_id=pad,
@@ -235,7 +238,8 @@ def train_ppo(ctx, setup: PPOSetup, *, ptx: bool) -> Path:
             "kl_coef": kl_coef}, tok)
 
     run_steps(stage=stage, stage_dir=stage_dir, seed=ctx.cfg.run.seed, start=start, total=cfg.iterations, step_fn=step_fn,
-              save_fn=save_fn, log_every=1, checkpoint_every=cfg.checkpoint_every, progress=run.progress)
+              save_fn=save_fn, models={"policy": policy, "value": value}, log_every=1,
+              checkpoint_every=cfg.checkpoint_every, progress=run.progress, lr=cfg.lr)
     rollout.close()
     save_models(stage_dir / "final", {"policy": plain(policy), "value": plain(value)}, tok)
     (stage_dir / "summary.json").write_text(json.dumps({"ptx": ptx, "kl_coef_final": kl_coef}, indent=2))

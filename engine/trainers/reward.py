@@ -19,7 +19,7 @@ from ..checkpoint import is_done, latest_checkpoint, load_trainer_state, save_ch
 from ..lora import plain, unwrap
 from ..models import load_scalar_model, sequence_scores
 from ..task import encode_prompt, encode_response
-from .loop import adamw, run_steps, warmup_cosine
+from .loop import adamw, restore_optimizer, run_steps, warmup_cosine
 
 log = logging.getLogger("engine")
 
@@ -101,8 +101,7 @@ def train_reward(ctx, load_model, cfg, rows: list[dict], demos: tuple[list, list
     start = 0
     if ckpt is not None:
         state = load_trainer_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        restore_optimizer(opt, state["optimizer"], cfg.lr, "--rm.lr", sched, state["scheduler"])
         start = state["step"]
 
     def step_fn(step: int, gen: torch.Generator) -> dict:
@@ -120,8 +119,9 @@ def train_reward(ctx, load_model, cfg, rows: list[dict], demos: tuple[list, list
         return save_checkpoint(stage_dir, step, {"reward": model}, {
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tok)
 
-    run_steps(stage=stage, stage_dir=stage_dir, seed=ctx.cfg.run.seed, start=start, total=cfg.steps, step_fn=step_fn, save_fn=save_fn,
-              log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=ctx.cfg.run.progress)
+    run_steps(stage=stage, stage_dir=stage_dir, seed=ctx.cfg.run.seed, start=start, total=cfg.steps, step_fn=step_fn,
+              save_fn=save_fn, models={"reward": model}, log_every=cfg.log_every,
+              checkpoint_every=cfg.checkpoint_every, progress=ctx.cfg.run.progress, lr=cfg.lr)
 
     model = plain(model)
     result = {"rm_train_accuracy": pairwise_accuracy(model, rows[:500], pad)}

@@ -26,6 +26,25 @@ def tiny_args():
     return tuple(TINY)
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_args):
+    """A whole built-in pipeline run at the TINY sizes, shared read-only by the tests (copy before changing)."""
+    from engine.cli import main
+
+    out = tmp_path_factory.mktemp("pipeline")
+    assert main(["pipeline", "--out", str(out), *tiny_args]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{family: directory} of small random checkpoints of each real family (`tiny-model`), read-only."""
+    from engine.tiny_checkpoint import FAMILIES, write_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {f: write_tiny_model(f, root / f) for f in FAMILIES}
+
+
 @pytest.fixture
 def tiny():
     """The TINY flags as a fresh list a test may edit."""
