@@ -85,7 +85,7 @@ setup(
         "numpy>=1.24",
         "matplotlib>=3.7",
         "tensorboardX>=2.6",
-        "datasets>=3",  # users' data files (engine/data), read from local paths only
+        "pyarrow>=14",  # users' Parquet data files (engine/data/formats.py)
         "peft>=0.13",  # LoRA for the policy and value model (engine/lora.py)
     ],
     extras_require={

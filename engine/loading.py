@@ -3,8 +3,11 @@
 Nothing is fetched from a hub: every path must be a local directory written by `save_pretrained`. Weights
 load in bfloat16 on a GPU and float32 on the CPU (`run.dtype`), with SDPA attention, or FlashAttention 2 on
 a GPU where `flash-attn` is installed (`run.attention`). Every mismatch that would silently corrupt training
-is an error naming the flag and the fix: a tokenizer with more tokens than the model's embedding, a
-value model whose tokenizer differs from the policy's.
+is an error naming the flag and the fix: a tokenizer with more tokens than the model's embedding (or with
+no tokenizer files at all), a value model whose tokenizer differs from the policy's, weights missing from
+the checkpoint or shaped unlike its config, an encoder (which sees future tokens) where a causal LM is
+needed, a reward model whose score head would be freshly random. A damaged or missing weights file is one
+line naming the directory, not a traceback.
 """
 from __future__ import annotations
 
@@ -26,9 +29,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_attention(name: str, device: torch.device) -> str:
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if name == "flash_attention_2":
+        if device.type != "cuda":
+            raise ValueError("--run.attention flash_attention_2 needs a CUDA GPU (--run.device cuda); use sdpa "
+                             "on the CPU")
+        if not has_flash:
+            raise ValueError("--run.attention flash_attention_2: the flash-attn package is not installed; "
+                             "`pip install flash-attn --no-build-isolation`, or use --run.attention sdpa")
     if name != "auto":
         return name
-    has_flash = importlib.util.find_spec("flash_attn") is not None
     return "flash_attention_2" if device.type == "cuda" and has_flash else "sdpa"
 
 
@@ -66,6 +76,10 @@ def load_tokenizer(path, flag: str = "--policy.path"):
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(f"{flag} {path}: no usable tokenizer in this directory ({exc}); save the "
                                 f"model's tokenizer there with tokenizer.save_pretrained") from None
+    if len(tok) < 32:
+        raise FileNotFoundError(f"{flag} {path}: the tokenizer found there has {len(tok)} token(s): its files "
+                                f"(tokenizer.json, or vocab.json + merges.txt, or tokenizer.model) are missing. Save "
+                                f"the model's tokenizer there with tokenizer.save_pretrained")
     if tok.eos_token_id is None:
         raise ValueError(f"{flag} {path}: the tokenizer has no eos token, so generations could never end; "
                          f"set tokenizer.eos_token and save it again")
@@ -88,12 +102,65 @@ def check_vocab(tokenizer, model, flag: str, path) -> None:
             f"call model.resize_token_embeddings(len(tokenizer)) and save the model again.")
 
 
-def load_model(path, *, flag: str, scalar: bool, device, run, train=None, resume=None, tokenizer=None):
+def _from_pretrained(cls, p: Path, flag: str, *, head_required: bool, **kw):
+    """cls.from_pretrained(p) with every way a checkpoint can fail to be the model it claims turned into one
+    line naming `flag`: unreadable or missing weights, weights missing from it or shaped unlike its config,
+    and (head_required) a scalar head that would be freshly initialised."""
+    from safetensors import SafetensorError
+
+    try:
+        model, info = cls.from_pretrained(str(p), output_loading_info=True, ignore_mismatched_sizes=True, **kw)
+    except (OSError, SafetensorError, RuntimeError, ValueError, KeyError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ValueError(f"{flag} {p}: the model cannot be loaded ({reason}); is the checkpoint complete? Write it "
+                         f"again with save_pretrained") from None
+    if info.get("mismatched_keys"):
+        key, ckpt, want = sorted(info["mismatched_keys"])[0]
+        raise ValueError(f"{flag} {p}: {len(info['mismatched_keys'])} weights do not fit the shapes config.json "
+                         f"gives (e.g. {key}: {list(ckpt)} in the weights file, {list(want)} from the config); the "
+                         f"config and the weights come from different models")
+    head = {k for k in info.get("missing_keys", ()) if k.split(".")[0] == "score"}
+    missing = sorted(set(info.get("missing_keys", ())) - head)
+    if missing:
+        raise ValueError(f"{flag} {p}: {len(missing)} weights are missing from the checkpoint (e.g. {missing[0]}) and "
+                         f"would be random; is this a {model.config.model_type} checkpoint of the architecture "
+                         f"config.json names, written completely?")
+    if head and head_required:
+        raise ValueError(f"{flag} {p}: this checkpoint has no trained score head ({sorted(head)[0]} is not in it), so "
+                         f"its rewards would come from a random head. Give a reward model (`python -m engine rm` "
+                         f"writes OUT/rm/final/reward)")
+    return model
+
+
+@torch.no_grad()
+def check_causal(model, flag: str, path) -> None:
+    """A policy, reference, value or reward model here reads each position from the tokens before it only.
+    An encoder (BERT) would see the future: changing the last token must leave earlier positions unchanged."""
+    from .models import body_hidden
+
+    training = model.training
+    model.eval()
+    vocab = model.get_input_embeddings().num_embeddings
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, 8), generator=g).to(next(model.parameters()).device)
+    other = ids.clone()
+    other[0, -1] = (ids[0, -1] + 1) % vocab
+    a, b = body_hidden(model, ids)[0, :-1].float(), body_hidden(model, other)[0, :-1].float()
+    model.train(training)
+    if (a - b).abs().max() > 1e-3 * (1 + a.abs().max()):
+        raise ValueError(f"{flag} {path}: this {type(model).__name__} sees future tokens (changing the last token "
+                         f"changed the earlier positions), so it is not a causal LM; RLHF here needs a decoder-only "
+                         f"model (Llama, Qwen2, Mistral, GPT-2, ...), not an encoder such as BERT")
+
+
+def load_model(path, *, flag: str, scalar: bool, device, run, train=None, resume=None, tokenizer=None,
+               head_required: bool = False):
     """A causal LM (scalar=False) or the same body with a one-output scalar head (scalar=True).
 
     run: RunConfig (dtype, attention). train: TrainedModelConfig of a trained role (gradient checkpointing,
     LoRA) or None for a frozen one. resume: a checkpoint's model directory: full weights replace `path`;
     saved LoRA adapters go on top of `path`. tokenizer: checked against the model's embedding size.
+    head_required: a scalar model must bring its trained score head (the reward model PPO scores with).
     """
     adapters = None
     if resume is not None:
@@ -114,10 +181,16 @@ def load_model(path, *, flag: str, scalar: bool, device, run, train=None, resume
         # 1/256 of itself, i.e. most of PPO's. The passes still compute in `dtype` (see `compute_precision`).
         dtype = torch.float32
     kw = dict(dtype=dtype, attn_implementation=resolve_attention(run.attention, device))
+    if resume is not None:  # a run directory holds safetensors only; never unpickle a file found there
+        kw["use_safetensors"] = True
     if scalar:
-        model = AutoModelForSequenceClassification.from_pretrained(str(p), num_labels=1, **kw)
+        model = _from_pretrained(AutoModelForSequenceClassification, p, flag, head_required=head_required,
+                                 num_labels=1, **kw)
+        if not isinstance(getattr(model, "score", None), torch.nn.Linear):
+            raise ValueError(f"{flag} {path}: {type(model).__name__} has no linear `score` head, which reward and "
+                             f"value models here read; use a decoder-only model (Llama, Qwen2, Mistral, GPT-2, ...)")
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(p), **kw)
+        model = _from_pretrained(AutoModelForCausalLM, p, flag, head_required=False, **kw)
     if tokenizer is not None:
         check_vocab(tokenizer, model, flag, path)
         if model.config.pad_token_id is None:
@@ -130,4 +203,6 @@ def load_model(path, *, flag: str, scalar: bool, device, run, train=None, resume
         model = add_lora(model, train, scalar=scalar)
     if train is None:
         model.requires_grad_(False).eval()
-    return model.to(device)
+    model = model.to(device)
+    check_causal(model, flag, path)
+    return model

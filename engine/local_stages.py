@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from .batch import make_batch
-from .data.encode import make_encoder
+from .data.encode import make_encoder, special_texts
 from .data.formats import load
 from .loading import load_model, load_tokenizer, resolve_dtype, same_vocabulary
 from .models import sequence_scores
@@ -48,20 +48,29 @@ def _same_tokenizer(tokenizer, path, flag: str, why: str):
                          f"{Path(tokenizer.name_or_path)}); {why}")
 
 
+def _encoder(tokenizer, cfg, path, flag, reserve: int = 1):
+    """The encoder of texts for the model at `path`: the length rule bounded by its positions."""
+    return make_encoder(tokenizer, cfg.data, _context_length(path), reserve, flag)
+
+
+def _load(path, kind: str, enc) -> list:
+    return load(path, kind, special_texts(enc.tokenizer))
+
+
 def _encode_demonstrations(enc, path) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) of a demonstrations file; prompts the length rule drops are left out."""
     out = []
-    for d in load(path, "demonstrations"):
+    for d in _load(path, "demonstrations", enc):
         p = enc.prompt(d.prompt)
         if p is not None:
-            out.append((p, enc.response(d.prompt, d.completion)))
+            out.append((p, enc.response(d.prompt, d.completion, len(p))))
     return out
 
 
 def sft(ctx) -> Path:
     cfg = ctx.cfg
     path = _need(cfg.data.demonstrations, "--data.demonstrations FILE", "sft", "the demonstrations to imitate")
-    enc = make_encoder(ctx.tokenizer, cfg.data)
+    enc = _encoder(ctx.tokenizer, cfg, cfg.policy.path, "--policy.path")
     examples = _encode_demonstrations(enc, path)
     log.info("sft: %s: %s", path, enc.counts.summary())
     load_fn = _loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=ctx.tokenizer)
@@ -71,14 +80,15 @@ def sft(ctx) -> Path:
 def _encode_comparisons(enc, path) -> list[dict]:
     """{prompt, responses, ranks} token-id rows (ranks: 0 = best) of a comparisons file."""
     rows = []
-    for c in load(path, "comparisons"):
+    for c in _load(path, "comparisons", enc):
         p = enc.prompt(c.prompt)
         if p is None:
             continue
         ranks = [0] * len(c.ranking)
         for place, i in enumerate(c.ranking):  # ranking: indices best first -> rank of each response
             ranks[i] = place
-        rows.append({"prompt": p, "responses": [enc.response(c.prompt, r) for r in c.responses], "ranks": ranks})
+        rows.append({"prompt": p, "responses": [enc.response(c.prompt, r, len(p)) for r in c.responses],
+                     "ranks": ranks})
     return rows
 
 
@@ -89,7 +99,7 @@ def rm(ctx) -> Path:
     init, flag = (cfg.reward.path, "--reward.path") if cfg.reward.path else (cfg.policy.path, "--policy.path")
     tok = load_tokenizer(init, flag) if cfg.reward.path else ctx.tokenizer
     ctx = dataclasses.replace(ctx, tokenizer=tok)
-    enc = make_encoder(tok, cfg.data)
+    enc = _encoder(tok, cfg, init, flag)
     rows = _encode_comparisons(enc, path)
     log.info("rm: %s: %s", path, enc.counts.summary())
     demos = None
@@ -98,7 +108,7 @@ def rm(ctx) -> Path:
         demos = ([p for p, _ in pairs], [r for _, r in pairs])
     evaluate = None
     if cfg.data.eval_comparisons:
-        heldout = _encode_comparisons(make_encoder(tok, cfg.data), cfg.data.eval_comparisons)
+        heldout = _encode_comparisons(_encoder(tok, cfg, init, flag), cfg.data.eval_comparisons)
 
         def evaluate(model) -> dict:
             return {"rm_heldout_accuracy": pairwise_accuracy(model, heldout, tok.pad_token_id)}
@@ -107,20 +117,21 @@ def rm(ctx) -> Path:
                         demos, evaluate)
 
 
-def _reward_scorer(ctx, reward, rm_tok, prompts, enc):
+def _reward_scorer(ctx, reward, rm_tok, rm_path, prompts, enc):
     """score(batch, prompt indices, results): RM scores, re-tokenizing text when the RM has its own tokenizer."""
     if same_vocabulary(ctx.tokenizer, rm_tok):
         return lambda batch, idx, results: sequence_scores(reward, batch)
     log.warning("ppo: the reward model's tokenizer differs from the policy's: each answer is decoded to text "
                 "and re-tokenized for the reward model")
-    rm_enc = make_encoder(rm_tok, dataclasses.replace(ctx.cfg.data, long_prompts="truncate"))
+    rm_enc = make_encoder(rm_tok, dataclasses.replace(ctx.cfg.data, long_prompts="truncate"),
+                          _context_length(rm_path), 1, "--reward.path")
 
     def score(batch, idx, results):
         rm_prompts, rm_responses = [], []
         for i, r in zip(idx, results):
             text = enc.text_of(r.token_ids)
             rm_prompts.append(rm_enc.prompt(prompts[i]))
-            ids = rm_enc.response(prompts[i], text)
+            ids = rm_enc.response(prompts[i], text, len(rm_prompts[-1]))
             if r.finish_reason != "stop":  # an unfinished answer is scored without an end
                 ids = [t for t in ids if t != rm_tok.eos_token_id] or ids
             rm_responses.append(ids)
@@ -129,10 +140,11 @@ def _reward_scorer(ctx, reward, rm_tok, prompts, enc):
 
 
 def _pretrain_examples(tok, path, max_tokens: int) -> list:
-    """Pretraining text as (prompt, response): bos (or the first token) then the text and eos."""
+    """Pretraining text as (prompt, response): bos (or the first token) then the text and eos, in at most
+    `max_tokens` tokens."""
     out = []
-    for text in load(path, "texts"):
-        ids = list(tok(text, add_special_tokens=False).input_ids)[:max_tokens] + [tok.eos_token_id]
+    for text in load(path, "texts", special_texts(tok)):
+        ids = list(tok(text, add_special_tokens=False).input_ids)[:max_tokens - 1] + [tok.eos_token_id]
         out.append(([tok.bos_token_id], ids) if tok.bos_token_id is not None else (ids[:1], ids[1:]))
     return out
 
@@ -150,7 +162,8 @@ def ppo(ctx, ptx: bool = False) -> Path:
                     "the reward model to score answers (`python -m engine rm` writes OUT/rm/final/reward)")
     tok, dev = ctx.tokenizer, ctx.device
     rm_tok = load_tokenizer(rm_path, "--reward.path")
-    reward = load_model(rm_path, flag="--reward.path", scalar=True, device=dev, run=cfg.run, tokenizer=rm_tok)
+    reward = load_model(rm_path, flag="--reward.path", scalar=True, device=dev, run=cfg.run, tokenizer=rm_tok,
+                        head_required=True)
     value_path, value_flag = (cfg.value.path, "--value.path") if cfg.value.path else (rm_path, "--reward.path")
     _same_tokenizer(tok, value_path, value_flag,
                     "the value model scores every policy token, so it needs the policy's tokenizer"
@@ -166,9 +179,9 @@ def ppo(ctx, ptx: bool = False) -> Path:
     else:
         reference = load_model(cfg.policy.path, flag="--policy.path", scalar=False, device=dev, run=cfg.run,
                                tokenizer=tok)
-    enc = make_encoder(tok, cfg.data)
+    enc = _encoder(tok, cfg, cfg.policy.path, "--policy.path", reserve=cfg.rollout.max_new_tokens)
     records, prompts = [], []
-    for rec in load(path, "prompts"):
+    for rec in _load(path, "prompts", enc):
         ids = enc.prompt(rec.prompt)
         if ids is not None:
             records.append(rec.prompt)
@@ -178,12 +191,12 @@ def ppo(ctx, ptx: bool = False) -> Path:
     if ptx:
         ptx_examples = _pretrain_examples(tok, _need(cfg.data.pretrain, "--data.pretrain FILE", "ppo --ptx true",
                                                      "pretraining text ({\"text\": ...} records)"),
-                                          cfg.data.max_response_tokens)
+                                          min(cfg.data.max_response_tokens, _context_length(cfg.policy.path) - 1))
     setup = PPOSetup(
         load_policy=_loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=tok),
         load_value=_loader(ctx, value_path, value_flag, scalar=True, train=cfg.value, tokenizer=tok),
         reference=reference,
-        score=_reward_scorer(ctx, reward, rm_tok, records, enc),
+        score=_reward_scorer(ctx, reward, rm_tok, rm_path, records, enc),
         policy_dir=Path(cfg.policy.path),
         prompts=prompts,
         ptx_examples=ptx_examples,

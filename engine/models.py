@@ -44,7 +44,7 @@ def load_policy(path: str | Path, device="cpu"):
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True).to(device)
 
 
 def load_scalar_model(path: str | Path, device="cpu"):
@@ -52,7 +52,8 @@ def load_scalar_model(path: str | Path, device="cpu"):
     from transformers import AutoModelForSequenceClassification
 
     quiet_transformers()
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32,
+                                                               use_safetensors=True)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = 0
     return model.to(device)
@@ -63,10 +64,14 @@ def _body(model):
     return getattr(model, model.base_model_prefix)
 
 
-def _hidden(model, batch: SequenceBatch) -> torch.Tensor:
-    out = _body(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids)
+def body_hidden(model, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+    """The last hidden states of the model's body (no LM or score head), [B, T, H]."""
+    out = _body(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     return out.last_hidden_state
+
+
+def _hidden(model, batch: SequenceBatch) -> torch.Tensor:
+    return body_hidden(model, batch.input_ids, batch.attention_mask, batch.position_ids)
 
 
 def response_logprobs(policy, batch: SequenceBatch, *, temperature: float = 1.0, return_entropy=False,

@@ -8,6 +8,9 @@ eos; without a template, the text followed by eos. Every response ends with eos 
 Length rule (stated, and counted in the log): a prompt longer than `max_prompt_tokens` keeps its last
 `max_prompt_tokens` tokens (long_prompts="truncate", the end holds the question and the generation prompt)
 or is dropped (long_prompts="drop"); a response longer than `max_response_tokens` is cut to that length.
+The model's context (`context`, its position count) bounds both: a prompt keeps room for `reserve` tokens
+after it (1 for SFT and the RM; rollout.max_new_tokens for PPO), and prompt + response never exceed it, so
+a model with learned positions (GPT-2) is never asked for a position it does not have.
 """
 from __future__ import annotations
 
@@ -33,7 +36,15 @@ class Encoder:
     max_prompt_tokens: int = 512
     max_response_tokens: int = 512
     long_prompts: str = "truncate"
+    context: int | None = None               # the model's positions; None: unbounded
+    reserve: int = 1                         # tokens a prompt leaves room for within `context`
     counts: LengthCounts = field(default_factory=LengthCounts)
+
+    @property
+    def prompt_limit(self) -> int:
+        if self.context is None:
+            return self.max_prompt_tokens
+        return min(self.max_prompt_tokens, self.context - self.reserve)
 
     @property
     def chat(self) -> bool:
@@ -56,16 +67,17 @@ class Encoder:
         """Token ids of a prompt (str or chat messages), or None when the length rule drops it."""
         ids = self.raw_prompt(prompt)
         self.counts.prompts += 1
-        if len(ids) > self.max_prompt_tokens:
+        if len(ids) > self.prompt_limit:
             if self.long_prompts == "drop":
                 self.counts.prompts_dropped += 1
                 return None
             self.counts.prompts_truncated += 1
-            ids = ids[-self.max_prompt_tokens:]
+            ids = ids[-self.prompt_limit:]
         return ids
 
-    def response(self, prompt, text: str) -> list[int]:
-        """Token ids of `text` answering `prompt`, ending with eos (unless cut by max_response_tokens)."""
+    def response(self, prompt, text: str, prompt_len: int = 0) -> list[int]:
+        """Token ids of `text` answering `prompt` (of `prompt_len` tokens), ending with eos unless cut by
+        max_response_tokens or the model's context."""
         eos = self.tokenizer.eos_token_id
         ids = None
         if self.chat:
@@ -78,9 +90,11 @@ class Encoder:
         if ids is None:  # no template, or one that renders the prompt differently once answered
             ids = list(self.tokenizer(text, add_special_tokens=False).input_ids) + [eos]
         self.counts.responses += 1
-        if len(ids) > self.max_response_tokens:
+        limit = self.max_response_tokens if self.context is None else \
+            min(self.max_response_tokens, self.context - prompt_len)
+        if len(ids) > limit:
             self.counts.responses_cut += 1
-            ids = ids[:self.max_response_tokens]
+            ids = ids[:limit]
         return ids
 
     def text_of(self, response_ids: list[int]) -> str:
@@ -91,6 +105,21 @@ class Encoder:
         return self.tokenizer.decode(response_ids, skip_special_tokens=True)
 
 
-def make_encoder(tokenizer, data_cfg) -> Encoder:
-    """data_cfg: engine.config.DataConfig."""
-    return Encoder(tokenizer, data_cfg.max_prompt_tokens, data_cfg.max_response_tokens, data_cfg.long_prompts)
+def make_encoder(tokenizer, data_cfg, context: int | None = None, reserve: int = 1, flag: str = "") -> Encoder:
+    """data_cfg: engine.config.DataConfig. context: the model's positions (None: unbounded); reserve: the
+    tokens each prompt must leave room for (a ValueError naming `flag` when the context has no room)."""
+    if context is not None and context - reserve < 1:
+        raise ValueError(f"the model ({flag}) has {context} positions, which leaves no room for a prompt before "
+                         f"{reserve} new tokens: lower --rollout.max_new_tokens")
+    return Encoder(tokenizer, data_cfg.max_prompt_tokens, data_cfg.max_response_tokens, data_cfg.long_prompts,
+                   context, reserve)
+
+
+def special_texts(tokenizer) -> tuple[str, ...]:
+    """The texts of the tokenizer's special tokens (eos, end-of-turn, role markers, ...), which user data
+    must not contain: the tokenizer would read them as those tokens."""
+    texts = set(getattr(tokenizer, "all_special_tokens", ()))
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(token, "special", False):
+            texts.add(str(token))
+    return tuple(sorted(t for t in texts if t))

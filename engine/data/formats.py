@@ -1,21 +1,28 @@
 """Users' own data: prompts, demonstrations and comparisons from local JSONL, JSON or Parquet files.
 
-Loaded with the `datasets` library from local paths (nothing is fetched). Every record is checked; a bad
-one raises DataError naming the file, the line (JSONL) or record number (JSON, Parquet) and the field.
+JSON is parsed record by record with the standard library (types stay as written: an integer ranking on
+one line is not turned into floats because another line has a float), Parquet with pyarrow. Every record
+is checked; a bad one raises DataError naming the file, the line (JSONL, JSON) or row (Parquet) and the
+field. Nothing is fetched and nothing in a file is executed.
 
-Formats (one JSON object per line in JSONL):
+Formats (one JSON object per line in JSONL; lines end at "\\n" only, so U+2028 inside a string is text):
   prompts         {"prompt": str}                      or {"messages": [{"role", "content"}, ...]}
   demonstrations  {"prompt": str, "completion": str}   or {"messages": [..., {"role": "assistant", ...}]}
   comparisons     {"prompt": str, "chosen": str, "rejected": str}                (pairwise, as in Anthropic HH)
                   {"prompt": str, "responses": [str, ...], "ranking": [int, ...]} (InstructGPT's K-way; ranking
                   lists response indices best first, a permutation of 0..K-1)
   texts           {"text": str}                        (PPO-ptx's pretraining data)
+
+`special_tokens`: texts of the tokenizer's special tokens (`engine.data.encode.special_texts`). A record
+whose text contains one is refused: the tokenizer would read it as that token, so an end-of-turn marker
+inside a completion would cut it there, and one inside a prompt would forge a chat turn.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 KINDS = ("prompts", "demonstrations", "comparisons", "texts")
 
@@ -42,132 +49,193 @@ class Comparison:
     ranking: list[int]                       # indices into responses, best first
 
 
-def load(path: str | Path, kind: str) -> list:
+def load(path: str | Path, kind: str, special_tokens: tuple[str, ...] = ()) -> list:
     """Records of `kind` ("prompts" | "demonstrations" | "comparisons" | "texts") from a local file."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    rows, where = _read(path)
     parse = {"prompts": _prompt, "demonstrations": _demonstration, "comparisons": _comparison,
-             "texts": lambda row, err: _text(row, "text", err)}[kind]
+             "texts": lambda r: r.text("text")}[kind]
     out = []
-    for row, loc in zip(rows, where):
+    for row, loc in _read(path):
         if not isinstance(row, dict):
-            raise DataError(f"{path}:{loc}: expected a JSON object, got {type(row).__name__}")
-        out.append(parse(row, lambda msg, loc=loc: DataError(f"{path}:{loc}: {msg}")))
+            raise DataError(f"{path}:{loc}: expected a JSON object, got {_kind(row)}")
+        out.append(parse(_Record(row, lambda msg, loc=loc: DataError(f"{path}:{loc}: {msg}"), special_tokens)))
     if not out:
         raise DataError(f"{path}: no records")
     return out
 
 
-def _read(path: Path) -> tuple[list, list[str]]:
-    """(rows, location of each row). JSONL is checked line by line first so a syntax error names its line."""
-    import datasets
+def _kind(value) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
-    datasets.disable_progress_bars()
+
+def _no_duplicates(pairs: list) -> dict:
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r} in one object")
+        seen[key] = value
+    return seen
+
+
+def _json(text: str):
+    return json.loads(text, object_pairs_hook=_no_duplicates)
+
+
+def _decode(data: bytes, path: Path, loc: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}:{loc}: not UTF-8 text (byte 0x{data[exc.start]:02x} at byte {exc.start + 1} of the "
+                        f"line); save the file as UTF-8") from None
+
+
+def _read(path: Path):
+    """Yield (row, location) pairs; a syntax or encoding error names its line."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        lines = []
-        for n, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not text.strip():
+        data = path.read_bytes()
+        if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+            data = data[3:]
+        for n, raw in enumerate(data.split(b"\n"), 1):
+            text = _decode(raw, path, f"line {n}").strip()
+            if not text:
                 continue
             try:
-                json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:line {n}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            lines.append(n)
-        rows = _rows(datasets.load_dataset("json", data_files=str(path), split="train")) if lines else []
-        return rows, [f"line {n}" for n in lines]
+                yield _json(text), f"line {n}"
+            except ValueError as exc:  # JSONDecodeError, duplicate keys
+                what = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+                raise DataError(f"{path}:line {n}: malformed JSON ({what})") from None
+        return
     if suffix == ".json":
+        data = path.read_bytes()
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = data[:exc.start].count(b"\n") + 1
+            raise DataError(f"{path}:line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as "
+                            f"UTF-8") from None
+        try:
+            doc = _json(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:line {exc.lineno}: malformed JSON ({exc.msg})") from None
-        if not isinstance(data, list):
+        except ValueError as exc:
+            raise DataError(f"{path}: malformed JSON ({exc})") from None
+        if not isinstance(doc, list):
             raise DataError(f"{path}: a .json file must hold a list of records (use .jsonl for one per line)")
-        rows = _rows(datasets.load_dataset("json", data_files=str(path), split="train")) if data else []
-        return rows, [f"record {i + 1}" for i in range(len(rows))]
+        yield from ((row, f"record {i + 1}") for i, row in enumerate(doc))
+        return
     if suffix == ".parquet":
-        rows = _rows(datasets.load_dataset("parquet", data_files=str(path), split="train"))
-        return rows, [f"row {i + 1}" for i in range(len(rows))]
+        import pyarrow
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pyarrow.ArrowException, OSError, ValueError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise DataError(f"{path}: not a readable Parquet file ({reason})") from None
+        # Parquet columns exist in every row: a field a record does not have is null there, so drop nulls to
+        # report it as missing.
+        yield from (({k: v for k, v in r.items() if v is not None}, f"row {i + 1}") for i, r in enumerate(rows))
+        return
     raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json or .parquet")
 
 
-def _rows(ds) -> list[dict]:
-    # datasets unifies columns across records (a field missing from a record becomes None): drop those Nones
-    # again so a missing field is reported as missing.
-    return [{k: v for k, v in r.items() if v is not None} for r in ds]
+@dataclass
+class _Record:
+    """One row being parsed: typed field access whose errors carry the row's file and line."""
+    row: dict
+    err: Callable[[str], DataError]
+    special_tokens: tuple[str, ...]
+
+    def has(self, field: str) -> bool:
+        return field in self.row
+
+    def checked(self, value: str, field: str, *, allow_empty=False) -> str:
+        if not isinstance(value, str):
+            raise self.err(f"field {field} must be a string, got {_kind(value)}")
+        if not allow_empty and not value.strip():
+            raise self.err(f"field {field} is empty")
+        for token in self.special_tokens:
+            if token in value:
+                raise self.err(f"field {field} contains {token!r}, a special token of the tokenizer: it would be "
+                               f"read as that token (ending or cutting the text there, or forging a chat turn). "
+                               f"Remove it from the data")
+        return value
+
+    def text(self, field: str) -> str:
+        if field not in self.row:
+            raise self.err(f"missing field {field!r}")
+        return self.checked(self.row[field], repr(field))
+
+    def messages(self) -> list[dict]:
+        msgs = self.row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise self.err("field 'messages' must be a non-empty list of {role, content}")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise self.err(f"field 'messages'[{i}] must be an object with string 'role' and 'content'")
+            if m["role"] not in ("system", "user", "assistant"):
+                raise self.err(f"field 'messages'[{i}].role must be system, user or assistant, got {m['role']!r}")
+            self.checked(m["content"], f"'messages'[{i}].content", allow_empty=True)
+        return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
-def _text(row, field, err, *, allow_empty=False) -> str:
-    if field not in row:
-        raise err(f"missing field {field!r}")
-    value = row[field]
-    if not isinstance(value, str):
-        raise err(f"field {field!r} must be a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise err(f"field {field!r} is empty")
-    return value
-
-
-def _messages(row, err) -> list[dict]:
-    msgs = row["messages"]
-    if not isinstance(msgs, list) or not msgs:
-        raise err("field 'messages' must be a non-empty list of {role, content}")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise err(f"field 'messages'[{i}] must be an object with string 'role' and 'content'")
-        if m["role"] not in ("system", "user", "assistant"):
-            raise err(f"field 'messages'[{i}].role must be system, user or assistant, got {m['role']!r}")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
-
-
-def _prompt(row, err) -> Prompt:
-    if "messages" in row:
-        msgs = _messages(row, err)
+def _prompt(r: _Record) -> Prompt:
+    if r.has("messages"):
+        msgs = r.messages()
         if msgs[-1]["role"] != "user":
-            raise err("field 'messages' of a prompt must end with a user turn")
+            raise r.err("field 'messages' of a prompt must end with a user turn")
         return Prompt(msgs)
-    if "prompt" not in row:
-        raise err("missing field 'prompt' (or 'messages')")
-    return Prompt(_text(row, "prompt", err))
+    if not r.has("prompt"):
+        raise r.err("missing field 'prompt' (or 'messages')")
+    return Prompt(r.text("prompt"))
 
 
-def _demonstration(row, err) -> Demonstration:
-    if "messages" in row:
-        msgs = _messages(row, err)
+def _demonstration(r: _Record) -> Demonstration:
+    if r.has("messages"):
+        msgs = r.messages()
         if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
-            raise err("field 'messages' of a demonstration must end with an assistant turn after a user turn")
+            raise r.err("field 'messages' of a demonstration must end with an assistant turn after a user turn")
         if not msgs[-1]["content"].strip():
-            raise err("field 'messages': the assistant's answer is empty")
+            raise r.err(f"field 'messages'[{len(msgs) - 1}].content: the assistant's answer is empty")
         return Demonstration(msgs[:-1], msgs[-1]["content"])
-    if "prompt" not in row:
-        raise err("missing field 'prompt' (or 'messages')")
-    return Demonstration(_text(row, "prompt", err), _text(row, "completion", err))
+    if not r.has("prompt"):
+        raise r.err("missing field 'prompt' (or 'messages')")
+    return Demonstration(r.text("prompt"), r.text("completion"))
 
 
-def _comparison(row, err) -> Comparison:
-    prompt = _messages(row, err) if "messages" in row else (
-        _text(row, "prompt", err) if "prompt" in row else None)
-    if prompt is None:
-        raise err("missing field 'prompt'")
-    if "responses" in row or "ranking" in row:
-        responses = row.get("responses")
+def _ranking(r: _Record, k: int) -> list[int]:
+    ranking = r.row["ranking"]
+    want = f"a permutation of 0..{k - 1} (response indices, best first; no ties)"
+    if not isinstance(ranking, list):
+        raise r.err(f"field 'ranking' must be {want}, got {_kind(ranking)}")
+    for i, x in enumerate(ranking):
+        if not isinstance(x, int) or isinstance(x, bool):
+            raise r.err(f"field 'ranking'[{i}] must be an integer index, got {_kind(x)} {x!r}; 'ranking' must be {want}")
+    if sorted(ranking) != list(range(k)):
+        raise r.err(f"field 'ranking' must be {want}, got {ranking!r}")
+    return list(ranking)
+
+
+def _comparison(r: _Record) -> Comparison:
+    if r.has("messages"):
+        prompt = r.messages()
+    elif r.has("prompt"):
+        prompt = r.text("prompt")
+    else:
+        raise r.err("missing field 'prompt'")
+    if r.has("responses") or r.has("ranking"):
+        responses = r.row.get("responses")
         if not isinstance(responses, list) or len(responses) < 2:
-            raise err("field 'responses' must be a list of at least 2 strings")
-        for i, r in enumerate(responses):
-            if not isinstance(r, str):
-                raise err(f"field 'responses'[{i}] must be a string, got {type(r).__name__}")
-            if not r.strip():
-                raise err(f"field 'responses'[{i}] is empty")
-        if "ranking" not in row:
-            raise err("missing field 'ranking' (response indices, best first)")
-        ranking = row["ranking"]
-        if not isinstance(ranking, list) or sorted(ranking) != list(range(len(responses))) or \
-                not all(isinstance(x, int) for x in ranking):
-            raise err(f"field 'ranking' must be a permutation of 0..{len(responses) - 1} (best first), got {ranking!r}")
-        return Comparison(prompt, list(responses), list(ranking))
-    chosen, rejected = _text(row, "chosen", err), _text(row, "rejected", err)
-    return Comparison(prompt, [chosen, rejected], [0, 1])
+            raise r.err("field 'responses' must be a list of at least 2 strings")
+        for i, text in enumerate(responses):
+            r.checked(text, f"'responses'[{i}]")
+        if not r.has("ranking"):
+            raise r.err("missing field 'ranking' (response indices, best first)")
+        return Comparison(prompt, list(responses), _ranking(r, len(responses)))
+    return Comparison(prompt, [r.text("chosen"), r.text("rejected")], [0, 1])

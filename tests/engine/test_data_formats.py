@@ -29,8 +29,9 @@ def test_json_and_parquet(tmp_path, suffix):
     if suffix == ".json":
         path.write_text(json.dumps(rows))
     else:
-        import pandas as pd
-        pd.DataFrame(rows).to_parquet(path)
+        import pyarrow
+        import pyarrow.parquet as pq
+        pq.write_table(pyarrow.Table.from_pylist(rows), path)
     got = load(path, "comparisons")
     assert [c.ranking for c in got] == [[2, 0, 1], [1, 0]]
 

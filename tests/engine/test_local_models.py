@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.cli import main
-from engine.tiny_checkpoint import FAMILIES, write_tiny_model
+from engine.tiny_checkpoint import FAMILIES
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FEW = ["--run.progress", "false",
@@ -23,10 +23,15 @@ DATA = ["--data.demonstrations", str(EXAMPLES / "demonstrations.jsonl"),
         "--data.prompts", str(EXAMPLES / "prompts.jsonl")]
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_models")
-    return {f: write_tiny_model(f, root / f) for f in FAMILIES}
+@pytest.fixture(scope="module")
+def gpt2_rm(tiny_models, tmp_path_factory):
+    """A reward model with another tokenizer than Qwen2's: tiny GPT-2 with a (random but saved) score head."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("gpt2_rm")
+    AutoModelForSequenceClassification.from_pretrained(tiny_models["gpt2"], num_labels=1).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_models["gpt2"]).save_pretrained(path)
+    return path
 
 
 def rows(path):
@@ -143,7 +148,7 @@ def test_lora_ppo_ctrl_c_and_resume_match_an_uninterrupted_run(qwen_run, tmp_pat
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
-def test_reward_model_with_another_tokenizer_is_rescored_on_text(qwen_run, tiny_models, tmp_path, caplog):
+def test_reward_model_with_another_tokenizer_is_rescored_on_text(qwen_run, tiny_models, gpt2_rm, tmp_path, caplog):
     from engine.batch import make_batch
     from engine.config import Config, DataConfig, RunConfig
     from engine.context import RunContext
@@ -156,15 +161,15 @@ def test_reward_model_with_another_tokenizer_is_rescored_on_text(qwen_run, tiny_
     policy_tok = load_tokenizer(tiny_models["qwen2"])
     rm_tok = load_tokenizer(tiny_models["gpt2"])
     assert policy_tok.get_vocab() != rm_tok.get_vocab()
-    reward = load_model(tiny_models["gpt2"], flag="--reward.path", scalar=True, device="cpu", run=RunConfig(),
-                        tokenizer=rm_tok)
+    reward = load_model(gpt2_rm, flag="--reward.path", scalar=True, device="cpu", run=RunConfig(),
+                        tokenizer=rm_tok, head_required=True)
     ctx = RunContext(Config(), tmp_path, policy_tok, None)
     enc = make_encoder(policy_tok, DataConfig())
     prompts = ["What is 17 times 3?", [{"role": "user", "content": "Name three primary colors."}]]
     answers = ["17 times 3 is 51.", "Red, yellow and"]
     results = [RolloutResult(0, enc.response(prompts[0], answers[0]), [], "stop"),
                RolloutResult(1, policy_tok(answers[1], add_special_tokens=False).input_ids, [], "length")]
-    score = _reward_scorer(ctx, reward, rm_tok, prompts, enc)
+    score = _reward_scorer(ctx, reward, rm_tok, gpt2_rm, prompts, enc)
     got = score(None, [0, 1], results)
     # what the RM gives the same texts tokenized its own way (GPT-2 has no template: prompt text, answer, eos)
     want = sequence_scores(reward, make_batch(
@@ -174,7 +179,7 @@ def test_reward_model_with_another_tokenizer_is_rescored_on_text(qwen_run, tiny_
 
     # Through the CLI: the value model cannot start from an RM with another tokenizer...
     args = ["ppo", "--policy.path", str(qwen_run / "sft" / "final" / "policy"), "--reward.path",
-            str(tiny_models["gpt2"]), "--out", str(tmp_path / "x"), *DATA, *FEW]
+            str(gpt2_rm), "--out", str(tmp_path / "x"), *DATA, *FEW]
     assert main(args) == 2
     # ...so with the value model from the SFT policy, PPO runs on the re-tokenized scores.
     assert main(args + ["--value.path", str(qwen_run / "sft" / "final" / "policy")]) == 0
@@ -225,7 +230,7 @@ def _error(capsys, args) -> str:
     return capsys.readouterr().err
 
 
-def test_bad_inputs_name_what_where_and_how_to_fix(tiny_models, qwen_run, tmp_path, capsys):
+def test_bad_inputs_name_what_where_and_how_to_fix(tiny_models, qwen_run, gpt2_rm, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from engine.tiny_checkpoint import build_config, build_tokenizer
@@ -259,8 +264,11 @@ def test_bad_inputs_name_what_where_and_how_to_fix(tiny_models, qwen_run, tmp_pa
     err = _error(capsys, ["ppo", "--policy.path", sft_dir, "--reward.path", str(qwen_run / "rm" / "final" / "reward"),
                           "--reference.path", str(tiny_models["llama"]), *DATA, *out])
     assert "--reference.path" in err and "tokenizer differs from the policy's" in err
-    # the value model defaults to the RM: with another tokenizer, say so and say what to do
+    # a plain causal LM is no reward model: its score head would be random
     err = _error(capsys, ["ppo", "--policy.path", sft_dir, "--reward.path", str(tiny_models["gpt2"]), *DATA, *out])
+    assert f"--reward.path {tiny_models['gpt2']}: this checkpoint has no trained score head" in err
+    # the value model defaults to the RM: with another tokenizer, say so and say what to do
+    err = _error(capsys, ["ppo", "--policy.path", sft_dir, "--reward.path", str(gpt2_rm), *DATA, *out])
     assert "the value model scores every policy token" in err and "give --value.path" in err
     # malformed data through the CLI: file and line
     bad = tmp_path / "bad.jsonl"
