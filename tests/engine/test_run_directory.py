@@ -63,6 +63,9 @@ def interrupt_after_update(monkeypatch, module, n: int, how: str):
                 if count[0] == n:
                     if how == "signal":
                         os.kill(os.getpid(), signal.SIGINT)
+                    elif how == "two signals":  # the second Ctrl-C interrupts at once, inside the step
+                        os.kill(os.getpid(), signal.SIGINT)
+                        os.kill(os.getpid(), signal.SIGINT)
                     else:
                         raise KeyboardInterrupt
             opt.register_step_post_hook(after_step)
@@ -97,13 +100,13 @@ def test_ctrl_c_after_an_update_finishes_the_step_saves_it_and_resume_is_exact(
     assert_same(final_weights(straight[stage], stage), final_weights(out, stage))
 
 
-@pytest.mark.parametrize("stage", list(STAGE))
+@pytest.mark.parametrize("stage,how", [(stage, "raise") for stage in STAGE] + [("sft", "two signals")])
 def test_interrupt_inside_a_step_saves_nothing_of_it_and_resume_is_exact(
-        tiny_run, straight, tmp_path, tiny, monkeypatch, stage):
+        tiny_run, straight, tmp_path, tiny, monkeypatch, stage, how):
     out = copy_before(tiny_run, tmp_path / "run", stage)
     args = [stage, "--out", str(out), *tiny, f"--{stage}.checkpoint_every", "1"]
     with monkeypatch.context() as m:
-        interrupt_after_update(m, STAGE[stage][0], UPDATE[stage], "raise")
+        interrupt_after_update(m, STAGE[stage][0], UPDATE[stage], how)
         assert main(args) == 130
     # the half-done step is not saved: the run goes on from the checkpoint before it
     assert (out / stage / "checkpoints" / "latest").read_text() == f"step-{STEP[stage] - 1:06d}"
