@@ -1,0 +1,1 @@
+"""The trainers: SFT/pretraining (`lm`), the reward model (`reward`), PPO (`ppo`), and the step loop they share."""
