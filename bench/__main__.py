@@ -1,5 +1,6 @@
 """`python -m bench`: every kernel against its naive path and peers, as one table, saved under
-bench/results/<device>/kernels.{md,json}. `--quick` uses small sizes (a smoke run, not for the record)."""
+bench/results/<device>/kernels.{md,json}. `--quick` uses small sizes (a smoke run, not for the record);
+`python -m bench.bench_gae` (and _token_logprobs, _rewards, _linear_logprobs) prints one kernel's rows."""
 from __future__ import annotations
 
 import argparse
@@ -12,29 +13,33 @@ from . import bench_gae, bench_linear_logprobs, bench_rewards, bench_token_logpr
 from .harness import copy_bandwidth_gbps, provenance, save, table
 
 
+SIZES = {  # per kernel: (token log-probs N, V, dtype), (GAE B, T), (rewards B, T), (fused head N, H, V, dtype)
+    "quick": dict(lp=(64, 1001, torch.float32), gae=(8, 64), rew=(8, 64), lin=(64, 32, 1001, torch.float32)),
+    "cuda": dict(lp=(16384, 151936, torch.bfloat16), gae=(256, 2048), rew=(1024, 8192),
+                 lin=(16384, 3584, 151936, torch.bfloat16)),
+    "cpu": dict(lp=(2048, 32000, torch.float32), gae=(256, 2048), rew=(1024, 8192),
+                lin=(4096, 512, 32000, torch.float32)),
+}
+KERNELS = {"lp": bench_token_logprobs, "gae": bench_gae, "rew": bench_rewards, "lin": bench_linear_logprobs}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small sizes; results are not saved")
+    ap.add_argument("--only", choices=sorted(KERNELS), help="one kernel's rows, printed and not saved (what "
+                    "`python -m bench.bench_<kernel>` runs)")
     args = ap.parse_args(argv)
     dev = args.device
     copy_bw = copy_bandwidth_gbps(dev)
-    if args.quick:
-        sizes = dict(lp=(64, 1001, torch.float32), gae=(8, 64), rew=(8, 64), lin=(64, 32, 1001, torch.float32))
-    elif dev == "cuda":
-        sizes = dict(lp=(16384, 151936, torch.bfloat16), gae=(256, 2048), rew=(1024, 8192),
-                     lin=(16384, 3584, 151936, torch.bfloat16))
-    else:
-        sizes = dict(lp=(2048, 32000, torch.float32), gae=(256, 2048), rew=(1024, 8192),
-                     lin=(4096, 512, 32000, torch.float32))
+    sizes = SIZES["quick" if args.quick else dev]
     results = []
-    results += bench_token_logprobs.run(dev, copy_bw, *sizes["lp"])
-    results += bench_gae.run(dev, copy_bw, *sizes["gae"])
-    results += bench_rewards.run(dev, copy_bw, *sizes["rew"])
-    results += bench_linear_logprobs.run(dev, copy_bw, *sizes["lin"])
+    for key, module in KERNELS.items():
+        if args.only in (None, key):
+            results += module.run(dev, copy_bw, *sizes[key])
     print(f"measured copy bandwidth: {copy_bw:.1f} GB/s (bytes read + written)\n")
     print(table(results))
-    if not args.quick:
+    if not args.quick and not args.only:
         meta = provenance("python -m bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])), dev)
         meta["copy_bandwidth_gbps"] = copy_bw
         notes = [f"Copy bandwidth measured in the same run: {copy_bw:.1f} GB/s (a {256} MiB float32 copy, "
@@ -44,6 +49,11 @@ def main(argv=None) -> int:
                  "(CPU) or torch.cuda.max_memory_allocated above the baseline (CUDA)."]
         print("\nsaved", save("kernels", results, meta, notes))
     return 0
+
+
+def main_only(key: str) -> int:
+    """The `python -m bench.bench_<kernel>` entry point: that kernel's rows at the same sizes."""
+    return main(["--only", key, *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -39,3 +39,11 @@ def run(device: str, copy_bw: float, b: int, t: int) -> list:
     out.append(measure("gae", "per-timestep Python loop (TRL-style)", lambda: python_loop_gae(r, v, 1.0, 0.95),
                        device=device, shape=f"{b}x{t}", dtype="float32", nbytes=nbytes, copy_bw=copy_bw))
     return out
+
+
+if __name__ == "__main__":  # python -m bench.bench_gae [--quick] [--device cuda]
+    import sys
+
+    from .__main__ import main_only
+
+    sys.exit(main_only("gae"))

@@ -62,3 +62,11 @@ def run(device: str, copy_bw: float, n: int, h: int, v: int, dtype: torch.dtype)
                        matmul_peak_tflops=round(peak, 3))
         out.append(r)
     return out
+
+
+if __name__ == "__main__":  # python -m bench.bench_linear_logprobs [--quick] [--device cuda]
+    import sys
+
+    from .__main__ import main_only
+
+    sys.exit(main_only("lin"))

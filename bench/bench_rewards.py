@@ -25,3 +25,11 @@ def run(device: str, copy_bw: float, b: int, t: int) -> list:
                                                                backend=be),
                            device=device, shape=f"{b}x{t}", dtype="float32", nbytes=nbytes, copy_bw=copy_bw))
     return out
+
+
+if __name__ == "__main__":  # python -m bench.bench_rewards [--quick] [--device cuda]
+    import sys
+
+    from .__main__ import main_only
+
+    sys.exit(main_only("rew"))

@@ -52,3 +52,11 @@ def run(device: str, copy_bw: float, n: int, vocab: int, dtype: torch.dtype) -> 
         out.append(measure("token_logprobs fwd+bwd", name, fwd_bwd(f), device=device, shape=shape, dtype=dt,
                            nbytes=fwd_bytes + bwd_bytes, copy_bw=copy_bw))
     return out
+
+
+if __name__ == "__main__":  # python -m bench.bench_token_logprobs [--quick] [--device cuda]
+    import sys
+
+    from .__main__ import main_only
+
+    sys.exit(main_only("lp"))

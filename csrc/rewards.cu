@@ -1,5 +1,8 @@
 // KL-shaped rewards on CUDA: one block per row; a block-wide max finds the last valid token, then the
-// row is streamed once more (from L2) writing kl and rewards. Mirrors rewards_cpu.cpp and the Triton kernel.
+// row is streamed once more (from L2) writing kl and rewards. Mirrors rewards_cpu.cpp and the Triton kernel:
+// the math and the outputs are float32 (float64 for float64 inputs) whatever the log-probs' dtype, and the
+// RM score stays in that type too (it was once rounded to the log-probs' bfloat16).
+#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cub/block/block_reduce.cuh>
@@ -16,17 +19,18 @@ struct MaxOp {  // cub::Max is gone in CCCL 3 (CUDA 13); this works with every v
   __device__ __forceinline__ int64_t operator()(int64_t a, int64_t b) const { return a > b ? a : b; }
 };
 
-template <typename T>
-__device__ __forceinline__ float estimate(float r, int est) {
+template <typename A>
+__device__ __forceinline__ A estimate(A r, int est) {
   if (est == 1) return r;
-  if (est == 2) return 0.5f * r * r;
-  return expm1f(-r) + r;
+  if (est == 2) return A(0.5) * r * r;
+  return ::expm1(-r) + r;
 }
 
-template <typename T>
-__global__ void shape_kernel(const T* __restrict__ s, const T* __restrict__ lp, const T* __restrict__ ref,
-                             const uint8_t* __restrict__ m, float* __restrict__ rew, float* __restrict__ kl,
-                             int64_t len, float coef, int est) {
+// T: the log-probs' dtype; A: the math and output type (float, or double for double inputs).
+template <typename T, typename A>
+__global__ void shape_kernel(const A* __restrict__ s, const T* __restrict__ lp, const T* __restrict__ ref,
+                             const uint8_t* __restrict__ m, A* __restrict__ rew, A* __restrict__ kl,
+                             int64_t len, A coef, int est) {
   using Reduce = cub::BlockReduce<int64_t, THREADS>;
   __shared__ typename Reduce::TempStorage tmp;
   __shared__ int64_t last_shared;
@@ -39,11 +43,11 @@ __global__ void shape_kernel(const T* __restrict__ s, const T* __restrict__ lp, 
   if (threadIdx.x == 0) last_shared = last;
   __syncthreads();
   last = last_shared;
-  const float score = float(s[blockIdx.x]);
+  const A score = s[blockIdx.x];
   for (int64_t t = threadIdx.x; t < len; t += THREADS) {
-    const float k = m[o + t] ? estimate<T>(float(lp[o + t]) - float(ref[o + t]), est) : 0.f;
+    const A k = m[o + t] ? estimate<A>(A(lp[o + t]) - A(ref[o + t]), est) : A(0);
     kl[o + t] = k;
-    rew[o + t] = -coef * k + (t == last ? score : 0.f);
+    rew[o + t] = -coef * k + (t == last ? score : A(0));
   }
 }
 
@@ -54,16 +58,18 @@ std::tuple<at::Tensor, at::Tensor> shape_rewards_cuda(const at::Tensor& scores, 
                                                       double kl_coef, int64_t estimator) {
   check_shape_rewards_inputs(scores, logprobs, ref_logprobs, mask, estimator);
   const c10::cuda::CUDAGuard guard(logprobs.device());
+  const auto acc = logprobs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto lp = logprobs.contiguous(), ref = ref_logprobs.to(logprobs.scalar_type()).contiguous();
-  auto s = scores.to(logprobs.scalar_type()).contiguous();
+  auto s = scores.to(acc).contiguous();
   auto m = (mask.scalar_type() == at::kBool ? mask.view(at::kByte) : mask.ne(0).view(at::kByte)).contiguous();
-  auto rew = at::empty(lp.sizes(), lp.options().dtype(at::kFloat)), kl = at::empty_like(rew);
+  auto rew = at::empty(lp.sizes(), lp.options().dtype(acc)), kl = at::empty_like(rew);
   if (lp.numel() == 0) return {rew, kl};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, lp.scalar_type(), "shape_rewards_cuda", [&] {
-    shape_kernel<scalar_t><<<lp.size(0), THREADS, 0, stream>>>(
-        s.data_ptr<scalar_t>(), lp.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(), m.data_ptr<uint8_t>(),
-        rew.data_ptr<float>(), kl.data_ptr<float>(), lp.size(1), float(kl_coef), int(estimator));
+    using acc_t = at::opmath_type<scalar_t>;
+    shape_kernel<scalar_t, acc_t><<<lp.size(0), THREADS, 0, stream>>>(
+        s.data_ptr<acc_t>(), lp.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(), m.data_ptr<uint8_t>(),
+        rew.data_ptr<acc_t>(), kl.data_ptr<acc_t>(), lp.size(1), acc_t(kl_coef), int(estimator));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {rew, kl};

@@ -71,7 +71,7 @@ def reproduce(cfg: Config, sizes: list[int], record: bool = True) -> dict:
         "what": "win rate against the largest SFT model, judged by held-out labelers (ties count half)",
         "n_eval_prompts": len(insts), "sizes": table,
         "smallest_ppo_beats_largest_sft": table[sizes[0]]["ppo"] > 0.5,
-        **provenance(time.time() - started),
+        **provenance(time.time() - started, cfg.run.device),
     }
     result["command"] = "python -m engine reproduce --sizes " + json.dumps(sizes).replace(" ", "")
     out = Path(cfg.run.out)
@@ -79,7 +79,7 @@ def reproduce(cfg: Config, sizes: list[int], record: bool = True) -> dict:
     draw_figure1(out / "figure1.png", table)
     write_text_atomic(out / "figure1.md", render(result))
     log.info("figure 1 -> %s", out / "figure1.png")
-    results = _bench_results_dir() if record else None
+    results = _bench_results_dir(cfg.run.device) if record else None
     if results is not None:  # a source checkout: keep the record beside the other benchmarks
         results.mkdir(parents=True, exist_ok=True)
         for name in ("figure1.json", "figure1.png", "figure1.md"):
@@ -88,18 +88,28 @@ def reproduce(cfg: Config, sizes: list[int], record: bool = True) -> dict:
     return result
 
 
-def _bench_results_dir() -> Path | None:
+def _bench_results_dir(device: str) -> Path | None:
+    """bench/results/<device> of a source checkout (None for an installed package), keyed by the device the
+    run used, as bench/harness.py keys it: the GPU's name, or cpu-<cores>core."""
     bench = Path(__file__).resolve().parent.parent / "bench"
     if not bench.is_dir():
         return None
     import torch
 
-    device = torch.cuda.get_device_name().replace(" ", "-").lower() if torch.cuda.is_available() else \
-        f"cpu-{os.cpu_count()}core"
-    return bench / "results" / device
+    key = torch.cuda.get_device_name().replace(" ", "-").lower() if device == "cuda" else f"cpu-{os.cpu_count()}core"
+    return bench / "results" / key
 
 
-def provenance(seconds: float) -> dict:
+def describe_device(device: str) -> str:
+    """What ran the run: the GPU's name for --run.device cuda, else the CPU and its threads."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def provenance(seconds: float, device: str) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip() or None
@@ -108,7 +118,7 @@ def provenance(seconds: float) -> dict:
     import torch
 
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit, "seconds": round(seconds),
-            "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "device": describe_device(device),
             "torch": torch.__version__}
 
 

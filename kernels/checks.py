@@ -57,8 +57,9 @@ def check_token_logprobs_args(logits, tokens, temperature) -> None:
             f"{tuple(logits.shape[:-1])}"
         )
     check_same_device("tokens", tokens, "logits", logits)
-    # Range check costs a device sync, so only on the CPU (on a GPU an out-of-range id is caught by the
-    # kernel's own bounds mask and yields NaN rather than reading out of bounds).
+    # The range check costs a device sync, so it runs on the CPU only. On a GPU the Triton kernels mask the
+    # target read and give NaN for an out-of-range id (never a read out of bounds); the torch path's gather
+    # raises a device-side assert.
     if tokens.device.type == "cpu" and tokens.numel() > 0:
         lo, hi = int(tokens.min()), int(tokens.max())
         vocab = logits.shape[-1]
@@ -137,6 +138,27 @@ def check_gae_args(rewards, values, mask, gamma, lam) -> None:
     for name, v in (("gamma", gamma), ("lam", lam)):
         if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
             raise ValueError(f"`{name}` must be a float in [0, 1], got {v!r}")
+
+
+def check_masked(name: str, x, mask) -> None:
+    """x and its 0/1 mask: tensors of one shape on one device (no silent broadcasting)."""
+    check_tensor(name, x, floating=True)
+    check_tensor("mask", mask)
+    check_same_shape("mask", mask, name, x)
+    check_same_device("mask", mask, name, x)
+
+
+def check_loss_args(mask, eps_name: str, eps: float, **tensors) -> None:
+    """Per-token loss inputs: every tensor shaped like the first, and like `mask`; a positive clip range."""
+    (first, ref), *rest = tensors.items()
+    check_masked(first, ref, mask)
+    for name, x in rest:
+        if x is None:
+            continue
+        check_tensor(name, x, floating=True)
+        check_same_shape(name, x, first, ref)
+        check_same_device(name, x, first, ref)
+    check_positive(eps_name, eps)
 
 
 def _names(dtypes) -> str:

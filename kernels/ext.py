@@ -67,5 +67,5 @@ def _gae_fake(rewards, values, mask, gamma, lam):
 
 @torch.library.register_fake("rlhf_engine::shape_rewards")
 def _shape_rewards_fake(scores, logprobs, ref_logprobs, mask, kl_coef, estimator):
-    out = torch.empty(logprobs.shape, dtype=torch.float32, device=logprobs.device)
+    out = torch.empty(logprobs.shape, dtype=compute_dtype(logprobs), device=logprobs.device)
     return out, torch.empty_like(out)

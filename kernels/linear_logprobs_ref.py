@@ -95,7 +95,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         dev = hidden.device
         m = torch.full((n,), _NEG_BIG, dtype=acc, device=dev)
-        s, t, z_tok = (torch.zeros(n, dtype=acc, device=dev) for _ in range(3))
+        s, t = (torch.zeros(n, dtype=acc, device=dev) for _ in range(2))
+        z_tok = torch.full((n,), float("nan"), dtype=acc, device=dev)  # stays NaN for an id outside [0, V)
         inv_t = 1.0 / temperature
         c = chunk_size(n, vocab, chunk)
         for v0 in range(0, vocab, c):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .checks import check_loss_args
 from .stats import masked_mean
 
 
@@ -16,6 +17,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float = 0.2,
     each token's loss: the truncated importance-sampling correction for rollouts whose log-probs came
     from another engine.
     """
+    check_loss_args(mask, "clip_eps", clip_eps, logprobs=logprobs, old_logprobs=old_logprobs,
+                    advantages=advantages, is_weights=is_weights)
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
@@ -36,6 +39,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float = 0.2,
 def value_loss(values, old_values, returns, mask, clip_eps: float = 0.2):
     """Clipped value loss, all [B, T]: 0.5 * mean over valid tokens of max((v - R)^2, (v_clipped - R)^2),
     where v_clipped = old_v + clip(v - old_v, -eps, eps). Returns (loss, stats)."""
+    check_loss_args(mask, "clip_eps", clip_eps, values=values, old_values=old_values, returns=returns)
     v_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     err = (values - returns) ** 2
     err_clipped = (v_clipped - returns) ** 2

@@ -1,16 +1,24 @@
-"""Masked statistics over valid tokens: mean, variance and whitening (PPO normalises advantages)."""
+"""Masked statistics over valid tokens: mean, variance and whitening (PPO normalises advantages).
+
+`x` and `mask` must have the same shape (a ValueError naming the argument otherwise): a mask that merely
+broadcasts would silently average over the wrong positions.
+"""
 from __future__ import annotations
 
 import torch
 
+from .checks import check_masked
+
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    check_masked("x", x, mask)
     m = mask.to(x.dtype)
     return (x * m).sum() if dim is None else (x * m).sum(dim)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     """Mean of x over positions where mask is 1 (x, mask same shape). 0 if the mask is empty."""
+    check_masked("x", x, mask)
     m = mask.to(x.dtype)
     count = m.sum() if dim is None else m.sum(dim)
     return masked_sum(x, mask, dim) / count.clamp(min=1)

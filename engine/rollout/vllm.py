@@ -51,6 +51,8 @@ class VLLMRollout:
 
     model_dir: a transformers checkpoint directory (the engine starts from these weights).
     dtype: "auto" | "float32" | "bfloat16" | ...; seed: the engine's sampling seed.
+    bucket_bytes: the most weight bytes one collective_rpc call carries (not a bound on the memory the
+    sync holds: see `update_weights`).
     engine_kwargs: passed to `vllm.LLM` (e.g. gpu_memory_utilization, enable_sleep_mode, enforce_eager).
     Log-probs are returned as the sampler saw them (temperature applied: logprobs_mode="processed_logprobs"),
     the same quantity the trainer recomputes, so their mismatch measures the engines' numerical difference.
@@ -113,9 +115,14 @@ class VLLMRollout:
                 for seq, out in zip(token_ids, outs)]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Push (name, tensor) pairs (transformers naming) into the running engine in place: sent to the
-        worker in buckets of at most `bucket_bytes` through collective_rpc, applied there in one in-place
-        reload, then the prefix cache is dropped so no KV computed with the old weights is reused."""
+        """Push (name, tensor) pairs (transformers naming) into the running engine in place, then drop the
+        prefix cache so no KV computed with the old weights is reused.
+
+        The pairs travel to the worker in collective_rpc calls of at most `bucket_bytes` each, but the worker
+        keeps every bucket until the one in-place reload at the end (vLLM's layer-wise reload needs all the
+        weights in one pass), so the buckets bound each message, not the memory: in this process the held
+        tensors are the trainer's own (no copy); an engine in another process holds a full copy until the
+        reload."""
         for bucket in buckets(((n, t.detach()) for n, t in named_tensors), self.bucket_bytes):
             self.llm.collective_rpc("rlhf_engine_receive_weights", args=(bucket,))
         self.llm.collective_rpc("rlhf_engine_apply_weights")

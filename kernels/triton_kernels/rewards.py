@@ -96,6 +96,9 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
 
 @register("shape_rewards", "triton")
 def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, estimator: str = "k1"):
+    if logprobs.dtype == torch.float64:  # float64 in, float64 out, as on every backend: the torch path is exact
+        from ..reference import shape_rewards as exact
+        return exact(scores, logprobs, ref_logprobs, mask, kl_coef, estimator)
     lp, ref = rows(logprobs), rows(ref_logprobs)
     m = rows(mask)
     b, t = lp.shape

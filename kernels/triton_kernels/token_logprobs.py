@@ -37,7 +37,8 @@ def _fwd_kernel(logits_ptr, tokens_ptr, logp_ptr, lse_ptr, ent_ptr, n_inner, str
         z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_t
         m, s, t = online_lse_step(z, m, s, t, ENTROPY)
     tok = tl.load(tokens_ptr + row)
-    z_tok = tl.load(base + tok).to(tl.float32) * inv_t
+    # an id outside [0, V) reads nothing and gives NaN (the range check on the host is CPU-only)
+    z_tok = tl.load(base + tok, mask=(tok >= 0) & (tok < V), other=float("nan")).to(tl.float32) * inv_t
     log_s = tl.log(s)
     tl.store(logp_ptr + row, z_tok - m - log_s)
     tl.store(lse_ptr + row, m + log_s)

@@ -80,3 +80,17 @@ def test_missing_previous_stage_says_what_to_run(tmp_path, capsys):
 def test_python_dash_m_engine_runs():
     done = subprocess.run([sys.executable, "-m", "engine", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "pipeline" in done.stdout
+
+
+def test_reproduce_records_the_device_it_ran_on(monkeypatch):
+    """Figure 1's provenance names the run's device (it once said "cpu" on a GPU). No GPU here: the CUDA name
+    comes from torch.cuda.get_device_name, replaced for this test."""
+    import torch
+
+    from engine.reproduce import _bench_results_dir, provenance
+
+    assert provenance(1.0, "cpu")["device"].startswith("cpu (")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert provenance(1.0, "cuda")["device"] == "NVIDIA H100 80GB HBM3"
+    assert _bench_results_dir("cuda").name == "nvidia-h100-80gb-hbm3"
+    assert _bench_results_dir("cpu").name.startswith("cpu-")

@@ -89,3 +89,18 @@ def test_linear_token_logprobs_cuda(backend, n, h, v):
     ours = run(lambda a, b, c: kernels.linear_token_logprobs(a, b, c, backend=backend), "cuda", torch.bfloat16)
     for k, name in enumerate(("logp", "grad hidden", "grad weight")):
         assert (ours[k] - exact[k]).abs().max() <= 2 * (plain[k] - exact[k]).abs().max() + 1e-6, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_shape_rewards_keep_the_score_and_output_type_on_every_gpu_backend(dtype):
+    """The RM score is added in float32 (float64 for float64 inputs) on every backend: the CUDA op once rounded
+    it to the log-probs' bfloat16, so a score of 1.001 became 1.0."""
+    lp = torch.zeros(2, 5, dtype=dtype)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    scores = torch.tensor([1.001, -3.14159], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    want = torch.float64 if dtype == torch.float64 else torch.float32
+    for backend in backends("shape_rewards"):
+        rew, kl = kernels.shape_rewards(scores.cuda(), lp.cuda(), lp.cuda(), mask.cuda(), kl_coef=0.1,
+                                        backend=backend)
+        assert rew.dtype == want and kl.dtype == want, backend
+        assert rew[:, -1].cpu().tolist() == scores.to(want).tolist(), backend

@@ -75,3 +75,22 @@ def test_ranking_loss_matches_brute_force(rng):
 def test_ranking_loss_shape_error():
     with pytest.raises(ValueError, match="shape \\[B, K\\]"):
         ranking_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: whiten(torch.zeros(2, 3), torch.ones(3)), r"`mask` has shape \(3,\) but `x` has shape \(2, 3\)"),
+    (lambda: masked_mean(torch.zeros(2, 3), torch.ones(2, 1)), r"`mask` has shape \(2, 1\)"),
+    (lambda: masked_var(torch.zeros(4), torch.ones(2, 4)), r"`mask` has shape \(2, 4\)"),
+    (lambda: policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3)),
+     r"`advantages` has shape \(3,\) but `logprobs` has shape \(2, 3\)"),
+    (lambda: policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), 0.2,
+                         is_weights=torch.ones(2, 1)), r"`is_weights` has shape \(2, 1\)"),
+    (lambda: policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), -0.2),
+     r"`clip_eps` must be a positive number"),
+    (lambda: value_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(3)),
+     r"`mask` has shape \(3,\) but `values` has shape \(2, 3\)"),
+])
+def test_shapes_that_would_broadcast_are_refused(call, match):
+    """A mask or advantage that merely broadcasts would average over the wrong positions without a word."""
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -168,3 +168,17 @@ def test_gae_whiten_option(backend, rng):
     a = adv[mask].double()
     torch.testing.assert_close(valid, (a - a.mean()) / a.std(unbiased=True), atol=1e-4, rtol=1e-4)
     assert (wadv[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "triton", "cpu") if dispatch.available("shape_rewards", b)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_shape_rewards_keep_the_score_exact_whatever_the_logprobs_dtype(backend, dtype):
+    """The RM score is added in float32 (float64 for float64 inputs), never rounded to bfloat16 logprobs'
+    precision (the CUDA twin of this test is in test_cuda.py)."""
+    lp = torch.zeros(2, 5, dtype=dtype)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    scores = torch.tensor([1.001, -3.14159], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    want = torch.float64 if dtype == torch.float64 else torch.float32
+    rew, kl = kernels.shape_rewards(scores, lp, lp, mask, kl_coef=0.1, backend=backend)
+    assert rew.dtype == want and kl.dtype == want
+    assert rew[:, -1].tolist() == scores.to(want).tolist()

@@ -163,3 +163,29 @@ def test_real_vocab_sizes_forward_backward(backend, vocab, dtype, rng):
     else:  # rounding to bfloat16 once: within half an ulp of the float64 gradient, plus float32 noise
         err = (x.grad.double() - x64.grad).abs()
         assert (err <= x64.grad.abs() * 2 ** -8 + 1e-7).all()
+
+
+@pytest.mark.parametrize("op", ["token_logprobs", "linear_token_logprobs"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_out_of_range_ids_past_the_host_check_give_nan_not_a_read(op, backend, rng):
+    """What checks.py promises for GPUs, where the range check is skipped: the kernels mask the target read,
+    so an id outside [0, V) gives NaN in its row and leaves the other rows exact. (The torch token path's
+    gather raises instead, so it is not listed for token_logprobs.)"""
+    if op == "token_logprobs" and backend == "torch":
+        pytest.skip("the torch token path's gather raises on an out-of-range id")
+    if not dispatch.available(op, backend):
+        pytest.skip(f"no {backend} backend")
+    _, impl = dispatch.resolve(op, backend, "cpu")  # the implementation itself: no host-side range check
+    vocab = 37
+    tokens = torch.tensor([3, vocab, -1, 36])
+    if op == "token_logprobs":
+        logits = torch.randn(4, vocab, generator=rng)
+        got = impl(logits, tokens)
+    else:
+        hidden, weight = torch.randn(4, 8, generator=rng), torch.randn(vocab, 8, generator=rng)
+        logits = hidden @ weight.T
+        got = impl(hidden, weight, tokens)
+    ok = torch.tensor([True, False, False, True])
+    assert torch.isnan(got[~ok]).all()
+    want = torch.log_softmax(logits.double(), -1)[torch.arange(4)[ok], tokens[ok]]
+    torch.testing.assert_close(got[ok].double(), want, atol=2e-5, rtol=1e-5)
