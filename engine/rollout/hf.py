@@ -5,7 +5,35 @@ from typing import Iterable
 
 import torch
 
+import kernels
+
 from .base import RolloutResult
+
+
+class SampledLogprobs:
+    """A logits processor that records the log-prob of each sampled token under softmax(logits / T) (top-p and
+    top-k ignored: the trainer's view), one decoding step at a time with `kernels.token_logprobs`, so only one
+    step's [N, V] logits are ever alive (not every step's, kept until the end, as output_logits would).
+
+    generate() calls it with the raw logits before sampling step k; at call k + 1 the last column of input_ids
+    is the token sampled at step k. `finish(last_tokens)` scores the final step -> [N, steps] float32.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.prev: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:
+            self.steps.append(kernels.token_logprobs(self.prev, input_ids[:, -1], temperature=self.temperature))
+        self.prev = scores
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        self.steps.append(kernels.token_logprobs(self.prev, last_tokens, temperature=self.temperature))
+        self.prev = None
+        return torch.stack(self.steps, dim=1)
 
 
 class HFRollout:
@@ -18,9 +46,9 @@ class HFRollout:
     def __init__(self, model_or_dir, *, device="cpu", seed: int = 0, pad_token_id: int | None = None,
                  eos_token_id: int | None = None):
         if isinstance(model_or_dir, (str, bytes)) or hasattr(model_or_dir, "__fspath__"):
-            from ..models import load_policy
+            from ..loading import load_model
 
-            model_or_dir = load_policy(model_or_dir, device)
+            model_or_dir = load_model(model_or_dir, flag="HFRollout", scalar=False, device=device)
         self.model = model_or_dir
         cfg = self.model.config
         self.pad_id = pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)
@@ -49,28 +77,23 @@ class HFRollout:
         torch.manual_seed(seed)
         was_training = self.model.training
         self.model.eval()
-        out = self.model.generate(
+        recorder = SampledLogprobs(temperature)
+        sequences = self.model.generate(
             input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True, temperature=temperature,
             top_p=top_p, top_k=top_k if top_k > 0 else 0, max_new_tokens=max_tokens,
-            eos_token_id=sorted(stops), pad_token_id=self.pad_id, output_logits=True,
-            return_dict_in_generate=True,
+            eos_token_id=sorted(stops), pad_token_id=self.pad_id, logits_processor=[recorder],
         )
         self.model.train(was_training)
-        new = out.sequences[:, p_len:].cpu()
-        # The sampled distribution's log-probs (temperature applied, top-p/top-k ignored: the trainer's view).
-        logits = torch.stack(out.logits, dim=1).float().cpu() / temperature  # [N, steps, V]
-        logp = torch.log_softmax(logits, -1).gather(-1, new[..., None]).squeeze(-1)
+        new = sequences[:, p_len:]
+        logp = recorder.finish(new[:, -1]).cpu()    # [N, steps]
+        new = new.cpu()
+        # each answer ends at its first stop token (generate pads the finished ones with pad_token_id)
+        is_stop = torch.isin(new, torch.tensor(sorted(stops), dtype=new.dtype))
+        first = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, torch.full((len(new),), new.shape[1]))
         results = []
-        for i in range(len(prompts)):
-            toks, lps, reason = [], [], "length"
-            for t in range(new.shape[1]):
-                tok = int(new[i, t])
-                toks.append(tok)
-                lps.append(float(logp[i, t]))
-                if tok in stops:
-                    reason = "stop"
-                    break
-            results.append(RolloutResult(i // n, toks, lps, reason))
+        for i, (row, lp, length) in enumerate(zip(new.tolist(), logp, first.tolist())):
+            reason = "stop" if is_stop[i].any() else "length"
+            results.append(RolloutResult(i // n, row[:length], lp[:length].tolist(), reason))
         return results
 
     @torch.no_grad()
