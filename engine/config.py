@@ -147,6 +147,7 @@ class LMTrainConfig:
     lr: float = 3e-3
     warmup: int = 30
     weight_decay: float = 0.0
+    max_grad_norm: float = 1.0          # gradients clipped to this norm before each step
     checkpoint_every: int = 200
     log_every: int = 20
 
@@ -156,6 +157,7 @@ class LMTrainConfig:
         _require(self.lr > 0, f"{section}.lr must be > 0, got {self.lr}")
         _require(self.warmup >= 0, f"{section}.warmup must be >= 0, got {self.warmup}")
         _require(self.weight_decay >= 0, f"{section}.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.max_grad_norm > 0, f"{section}.max_grad_norm must be > 0, got {self.max_grad_norm}")
 
 
 @dataclass
@@ -165,13 +167,16 @@ class RewardConfig:
     batch_size: int = 16                # prompts per batch; each brings its K responses and C(K,2) pairs
     lr: float = 1e-3
     warmup: int = 20
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
     checkpoint_every: int = 100
     log_every: int = 20
 
     def __post_init__(self):
         _positive(self, "rm", "steps", "batch_size", "checkpoint_every", "log_every")
-        _require(self.lr > 0, f"rm.lr must be > 0, got {self.lr}")
-        _require(self.warmup >= 0, f"rm.warmup must be >= 0, got {self.warmup}")
+        for name in ("lr", "max_grad_norm"):
+            _require(getattr(self, name) > 0, f"rm.{name} must be > 0, got {getattr(self, name)}")
+        _require(self.warmup >= 0 and self.weight_decay >= 0, "rm.warmup and rm.weight_decay must be >= 0")
 
 
 @dataclass
@@ -182,6 +187,7 @@ class PPOConfig:
     epochs: int = 2
     lr: float = 1e-4
     value_lr: float = 1e-3
+    weight_decay: float = 0.0
     kl_coef: float = 0.1                # beta
     adaptive_kl: bool = False           # Ziegler et al.'s proportional controller
     target_kl: float = 6.0              # per sequence, for the adaptive controller
@@ -209,7 +215,7 @@ class PPOConfig:
                   "checkpoint_every", "kl_horizon")
         for name in ("lr", "value_lr", "target_kl", "clip_eps", "value_clip_eps", "max_grad_norm"):
             _require(getattr(self, name) > 0, f"ppo.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("kl_coef", "vf_coef", "ptx_coef", "eval_every"):
+        for name in ("kl_coef", "vf_coef", "ptx_coef", "eval_every", "weight_decay"):
             _require(getattr(self, name) >= 0, f"ppo.{name} must be >= 0, got {getattr(self, name)}")
         _require(self.minibatch >= 1 and self.rollout_batch % self.minibatch == 0,
                  f"ppo.rollout_batch ({self.rollout_batch}) must be a multiple of ppo.minibatch ({self.minibatch})")

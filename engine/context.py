@@ -1,4 +1,5 @@
-"""What every stage of a run shares: the config, the output directory, the tokenizer and the task data."""
+"""What every stage of a run shares: the config, the output directory, the tokenizer, and the built-in task
+when the run is on it (the task then fills in the data files a user would give)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,7 @@ import yaml
 
 from .checkpoint import remove_leftovers
 from .config import Config
-from .task.datasets import TaskData, make_task_data, save_task_data
-from .task.vocab import build_tokenizer, load_tokenizer
+from .loading import load_tokenizer
 
 log = logging.getLogger("engine")
 
@@ -24,8 +24,16 @@ log = logging.getLogger("engine")
 class RunContext:
     cfg: Config
     out: Path
-    tokenizer: object
-    data: TaskData | None     # the built-in task's data; None when training the user's checkpoint
+    tokenizer: object         # the policy's (the built-in task's before pretraining)
+    task: object | None       # engine.task.builtin.BuiltinTask, or None when training the user's checkpoint
+
+    def using(self, **paths) -> "RunContext":
+        """This context with other checkpoints in roles (policy=DIR, reward=DIR, ...); a new policy brings
+        its tokenizer."""
+        cfg = dataclasses.replace(self.cfg, **{role: dataclasses.replace(getattr(self.cfg, role), path=str(p))
+                                               for role, p in paths.items()})
+        tokenizer = load_tokenizer(paths["policy"], "--policy.path") if "policy" in paths else self.tokenizer
+        return dataclasses.replace(self, cfg=cfg, tokenizer=tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -95,17 +103,12 @@ def make_context(cfg: Config) -> RunContext:
     out = Path(cfg.run.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    if cfg.local:  # the user's checkpoint brings its tokenizer; data come from --data.* files per stage
-        from .loading import load_tokenizer as load_checkpoint_tokenizer
+    task = None
+    if not cfg.local:  # the built-in task makes what a user would bring
+        from .task.builtin import BuiltinTask
 
-        return RunContext(cfg, out, load_checkpoint_tokenizer(cfg.policy.path, "--policy.path"), None)
-    tok_dir = out / "tokenizer"
-    if tok_dir.is_dir():
-        tokenizer = load_tokenizer(tok_dir)
-    else:
-        tokenizer = build_tokenizer()
-        tokenizer.save_pretrained(str(tok_dir))
-    data = make_task_data(cfg.task)
-    if not (out / "data" / "eval_prompts.jsonl").exists():
-        save_task_data(data, out / "data")
-    return RunContext(cfg, out, tokenizer, data)
+        task = BuiltinTask.open(cfg.task, out)
+        cfg = dataclasses.replace(cfg, data=task.data_config(cfg.data))
+    tokenizer = load_tokenizer(cfg.policy.path, "--policy.path") if cfg.local else \
+        load_tokenizer(task.tokenizer_dir, "the built-in task's tokenizer", model=False)
+    return RunContext(cfg, out, tokenizer, task)

@@ -66,11 +66,12 @@ def checkpoint_dir(path, flag: str) -> Path:
     return p
 
 
-def load_tokenizer(path, flag: str = "--policy.path"):
-    """The tokenizer saved beside the model. A missing pad token becomes the eos token (GPT-2 has none)."""
+def load_tokenizer(path, flag: str = "--policy.path", model: bool = True):
+    """The tokenizer saved beside the model (model=False: a directory holding only a tokenizer). A missing pad
+    token becomes the eos token (GPT-2 has none)."""
     from transformers import AutoTokenizer
 
-    p = checkpoint_dir(path, flag)
+    p = checkpoint_dir(path, flag) if model else Path(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(p))
     except (OSError, ValueError) as exc:
@@ -153,11 +154,11 @@ def check_causal(model, flag: str, path) -> None:
                          f"model (Llama, Qwen2, Mistral, GPT-2, ...), not an encoder such as BERT")
 
 
-def load_model(path, *, flag: str, scalar: bool, device, run, train=None, resume=None, tokenizer=None,
+def load_model(path, *, flag: str, scalar: bool, device="cpu", run=None, train=None, resume=None, tokenizer=None,
                head_required: bool = False):
     """A causal LM (scalar=False) or the same body with a one-output scalar head (scalar=True).
 
-    run: RunConfig (dtype, attention). train: TrainedModelConfig of a trained role (gradient checkpointing,
+    run: RunConfig (dtype, attention; None: the defaults). train: TrainedModelConfig of a trained role (gradient checkpointing,
     LoRA) or None for a frozen one. resume: a checkpoint's model directory: full weights replace `path`;
     saved LoRA adapters go on top of `path`. tokenizer: checked against the model's embedding size.
     head_required: a scalar model must bring its trained score head (the reward model PPO scores with).
@@ -174,6 +175,10 @@ def load_model(path, *, flag: str, scalar: bool, device, run, train=None, resume
 
     quiet_transformers()
     p = checkpoint_dir(path, flag)
+    if run is None:
+        from .config import RunConfig
+
+        run = RunConfig()
     device = torch.device(device)
     dtype = resolve_dtype(run.dtype, device)
     if train is not None and train.lora_rank == 0:

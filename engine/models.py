@@ -1,16 +1,22 @@
-"""Models: the tiny Llama built from config, loading saved ones, and the forward passes every stage uses.
+"""The models as the trainers call them: small modules around a transformers model, each called through its
+own forward (so that hooks on a wrapping root module run, as FSDP2's do), each returning what RLHF needs and
+never the [tokens x vocab] logits:
 
-The policy is a `LlamaForCausalLM` (any transformers causal LM works the same way); the reward and value
-models are `AutoModelForSequenceClassification` with one label: the same body with a scalar head, as TRL
-and OpenRLHF build them. The RM's normalising offset (so demonstrations score 0 on average) is stored in its
-config as `score_offset`.
+    PolicyLogprobs(lm)(batch)      log-prob of each response token [B, R] (and its entropy)
+    TokenValues(scalar)(batch)     the value model's estimate at each response token [B, R]
+    SequenceScores(scalar)(batch)  the reward model's score of each whole sequence [B], minus `score_offset`
+
+`lm` is any transformers causal LM, `scalar` the same body with a one-output `score` head
+(`AutoModelForSequenceClassification`, num_labels=1), as TRL and OpenRLHF build reward and value models;
+either may be wrapped by peft (LoRA), whose adapted layers run inside the body. The RM's normalising offset
+(demonstrations score 0 on average) lives in its config as `score_offset`.
 """
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
+from torch import nn
 
 import kernels
 
@@ -26,95 +32,73 @@ def quiet_transformers() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def build_policy(cfg, tokenizer):
-    """A randomly initialised LlamaForCausalLM sized by `cfg` (engine.config.ModelConfig)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=cfg.max_positions, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config)
-
-
-def load_policy(path: str | Path, device="cpu"):
-    from transformers import AutoModelForCausalLM
-
-    quiet_transformers()
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True).to(device)
-
-
-def load_scalar_model(path: str | Path, device="cpu"):
-    """A reward/value model; from a causal-LM directory the body loads and a fresh scalar head is added."""
-    from transformers import AutoModelForSequenceClassification
-
-    quiet_transformers()
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32,
-                                                               use_safetensors=True)
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = 0
-    return model.to(device)
-
-
-def _body(model):
-    model = unwrap(model)  # peft: the LoRA layers sit inside the base model, so its body runs them
-    return getattr(model, model.base_model_prefix)
-
-
 def body_hidden(model, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
-    """The last hidden states of the model's body (no LM or score head), [B, T, H]."""
-    out = _body(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-    return out.last_hidden_state
+    """The body's last hidden states [B, T, H] (no LM or score head; peft's LoRA layers sit inside the body,
+    so they run)."""
+    base = unwrap(model)
+    body = getattr(base, base.base_model_prefix)
+    return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
 
 
 def _hidden(model, batch: SequenceBatch) -> torch.Tensor:
     return body_hidden(model, batch.input_ids, batch.attention_mask, batch.position_ids)
 
 
-def response_logprobs(policy, batch: SequenceBatch, *, temperature: float = 1.0, return_entropy=False,
-                      backend: str = "auto", fused: bool = True):
-    """Log-prob of each response token, [B, R] float32 (and entropies), 0 where response_mask is 0.
+class PolicyLogprobs(nn.Module):
+    """A causal LM as the trainer calls it: forward(batch) -> log-prob of each response token, [B, R] float32,
+    0 where batch.response_mask is 0 (with return_entropy, also the entropies).
 
-    fused=True: the body's hidden states at the scored positions go through
-    `kernels.linear_token_logprobs` with the LM head's weight, so no [tokens x vocab] logits exist.
-    fused=False (for comparison): the LM head runs on every response position, then
-    `kernels.token_logprobs` (still without a float32 copy of the logits).
+    fused=True: the hidden states at the scored positions go through `kernels.linear_token_logprobs` with the
+    LM head's weight, so no logits exist. fused=False (kept for comparison): the LM head on every response
+    position, then `kernels.token_logprobs` (still no float32 copy of the logits). `backend` picks the kernels'.
     """
-    p = batch.prompt_len
-    h = _hidden(policy, batch)[:, p - 1:-1]            # state before each response token, [B, R, H]
-    head = unwrap(policy).get_output_embeddings()
-    if not fused or not isinstance(head, torch.nn.Linear):
-        logits = head(h)                                 # [B, R, V]
-        return kernels.token_logprobs(logits, batch.response_ids, temperature=temperature,
-                                      return_entropy=return_entropy, backend=backend)
-    mask = batch.response_mask
-    weight, bias = head.weight, head.bias
-    if weight.dtype != h.dtype:  # float32 master weights under bf16 autocast: the GEMMs run in h's dtype
-        weight, bias = weight.to(h.dtype), (None if bias is None else bias.to(h.dtype))
-    out = kernels.linear_token_logprobs(h[mask], weight, batch.response_ids[mask], bias=bias,
-                                        temperature=temperature, return_entropy=return_entropy, backend=backend)
-    outs = out if return_entropy else (out,)
-    full = []
-    for x in outs:  # scatter the scored tokens back into [B, R]
-        y = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
-        full.append(y.masked_scatter(mask, x))
-    return tuple(full) if return_entropy else full[0]
+
+    def __init__(self, lm, *, backend: str = "auto", fused: bool = True):
+        super().__init__()
+        self.lm, self.backend, self.fused = lm, backend, fused
+
+    def forward(self, batch: SequenceBatch, temperature: float = 1.0, return_entropy: bool = False):
+        p = batch.prompt_len
+        h = _hidden(self.lm, batch)[:, p - 1:-1]          # the state before each response token, [B, R, H]
+        head = unwrap(self.lm).get_output_embeddings()
+        if not self.fused or not isinstance(head, nn.Linear):
+            return kernels.token_logprobs(head(h), batch.response_ids, temperature=temperature,
+                                          return_entropy=return_entropy, backend=self.backend)
+        mask = batch.response_mask
+        weight, bias = head.weight, head.bias
+        if weight.dtype != h.dtype:  # float32 master weights under bf16 autocast: the GEMMs run in h's dtype
+            weight, bias = weight.to(h.dtype), (None if bias is None else bias.to(h.dtype))
+        out = kernels.linear_token_logprobs(h[mask], weight, batch.response_ids[mask], bias=bias,
+                                            temperature=temperature, return_entropy=return_entropy,
+                                            backend=self.backend)
+        full = [torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_scatter(mask, x)  # back to [B, R]
+                for x in (out if return_entropy else (out,))]
+        return tuple(full) if return_entropy else full[0]
 
 
-def token_values(value_model, batch: SequenceBatch) -> torch.Tensor:
-    """Value estimate at each response token's decision point, [B, R]."""
-    p = batch.prompt_len
-    h = _hidden(value_model, batch)[:, p - 1:-1]
-    return unwrap(value_model).score(h).squeeze(-1).float()
+class TokenValues(nn.Module):
+    """A value model: forward(batch) -> its estimate at each response token's decision point, [B, R] float32."""
+
+    def __init__(self, scalar):
+        super().__init__()
+        self.scalar = scalar
+
+    def forward(self, batch: SequenceBatch) -> torch.Tensor:
+        h = _hidden(self.scalar, batch)[:, batch.prompt_len - 1:-1]
+        return unwrap(self.scalar).score(h).squeeze(-1).float()
 
 
-def sequence_scores(reward_model, batch: SequenceBatch) -> torch.Tensor:
-    """Reward-model score of each whole sequence, read at its last real token, [B], minus `score_offset`."""
-    h = _hidden(reward_model, batch)
-    idx, _ = kernels.reference.last_valid_index(batch.attention_mask)
-    last = h[torch.arange(h.shape[0]), idx]
-    offset = float(getattr(reward_model.config, "score_offset", 0.0))
-    return unwrap(reward_model).score(last).squeeze(-1).float() - offset
+class SequenceScores(nn.Module):
+    """A reward model: forward(batch) -> the score of each whole sequence, read at its last real token, minus
+    the config's `score_offset`, [B] float32."""
+
+    def __init__(self, scalar):
+        super().__init__()
+        self.scalar = scalar
+
+    def forward(self, batch: SequenceBatch) -> torch.Tensor:
+        h = _hidden(self.scalar, batch)
+        idx, _ = kernels.reference.last_valid_index(batch.attention_mask)
+        last = h[torch.arange(h.shape[0], device=h.device), idx]
+        offset = float(getattr(unwrap(self.scalar).config, "score_offset", 0.0))
+        return unwrap(self.scalar).score(last).squeeze(-1).float() - offset

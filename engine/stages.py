@@ -1,54 +1,263 @@
-"""The InstructGPT stages as functions of a RunContext; the CLI and the pipeline only call these."""
+"""The stages, once each, for the built-in task and a user's checkpoint and data alike.
+
+    sft  --policy.path BASE --data.demonstrations F                 -> OUT/sft/final/policy
+    rm   --policy.path SFT  --data.comparisons F [--data.demonstrations F] [--reward.path INIT]
+                                                                    -> OUT/rm/final/reward
+    ppo  --policy.path SFT  --reward.path RM --data.prompts F [--ptx true --data.pretrain F]
+                                                                    -> OUT/ppo[_ptx]/final/policy
+    pipeline: sft -> rm -> ppo (-> ppo-ptx), each starting from the one before.
+
+On the built-in task (no --policy.path) the task gives the data files, `pretrain` builds and trains the
+tiny model, each stage starts from the run's previous one, PPO also reports the held-out labelers' win
+rate against SFT, and `eval` writes the report. The reference model is the policy's starting weights
+(`--reference.path` to choose another); the value model starts from the reward model (`--value.path`).
+Under LoRA (`--policy.lora_rank`) the reference is the policy with its adapters disabled.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
-from .models import build_policy, load_policy
-from .task import encode_prompt, encode_response, encode_text
+from .batch import make_batch
+from .config import TrainedModelConfig
+from .data.encode import make_encoder, special_texts, text_examples
+from .data.formats import load
+from .loading import load_model, load_tokenizer, resolve_dtype, same_vocabulary
+from .models import SequenceScores
 from .trainers.lm import train_lm
-from .trainers.ppo import builtin_ppo
-from .trainers.reward import builtin_reward
+from .trainers.ppo import PPOSetup, train_ppo
+from .trainers.reward import pairwise_accuracy, train_reward
 
 log = logging.getLogger("engine")
 
 
-def pretrain(ctx) -> Path:
-    examples = [encode_text(ctx.tokenizer, t) for t in ctx.data.corpus]
-    def load(resume):
-        return load_policy(resume, ctx.device) if resume else build_policy(ctx.cfg.model, ctx.tokenizer)
-    return train_lm(ctx, "pretrain", examples, load, ctx.cfg.pretrain)
+def _need(value, flag: str, stage: str, what: str):
+    if value is None:
+        raise ValueError(f"{stage} with --policy.path needs {flag}: {what}")
+    return value
+
+
+def _from_run(ctx, **roles):
+    """On the built-in task, checkpoints a user would name come from the run's earlier stages: role=(stage,
+    model) for each role not given on the command line."""
+    if ctx.task is None:
+        return ctx
+    paths = {role: ctx.final(*where) for role, where in roles.items() if getattr(ctx.cfg, role).path is None}
+    return ctx.using(**paths) if paths else ctx
+
+
+def _loader(ctx, path, flag, *, scalar, train, tokenizer):
+    cfg = ctx.cfg
+    return lambda resume: load_model(path, flag=flag, scalar=scalar, device=ctx.device, run=cfg.run, train=train,
+                                     resume=resume, tokenizer=tokenizer)
+
+
+def _context_length(path) -> int:
+    from transformers import AutoConfig
+
+    return int(getattr(AutoConfig.from_pretrained(str(path)), "max_position_embeddings", 1 << 20))
+
+
+def _encoder(tokenizer, cfg, path, flag, reserve: int = 1):
+    """The encoder of texts for the model at `path`: the length rule bounded by its positions."""
+    return make_encoder(tokenizer, cfg.data, _context_length(path), reserve, flag)
+
+
+def _load(path, kind: str, enc) -> list:
+    return load(path, kind, special_texts(enc.tokenizer))
+
+
+def _same_tokenizer(tokenizer, path, flag: str, why: str):
+    other = load_tokenizer(path, flag)
+    if not same_vocabulary(tokenizer, other):
+        raise ValueError(f"{flag} {path}: its tokenizer differs from the policy's (--policy.path "
+                         f"{Path(tokenizer.name_or_path)}); {why}")
+
+
+def _encode_demonstrations(enc, path) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) of a demonstrations file; prompts the length rule drops are left out."""
+    out = []
+    for d in _load(path, "demonstrations", enc):
+        p = enc.prompt(d.prompt)
+        if p is not None:
+            out.append((p, enc.response(d.prompt, d.completion, len(p))))
+    return out
+
+
+def _encode_comparisons(enc, path) -> list[dict]:
+    """{prompt, responses, ranks} token-id rows (ranks: 0 = best) of a comparisons file. A response marked
+    unfinished (cut off while being sampled) has no end-of-turn token."""
+    rows = []
+    for c in _load(path, "comparisons", enc):
+        p = enc.prompt(c.prompt)
+        if p is None:
+            continue
+        ranks = [0] * len(c.ranking)
+        for place, i in enumerate(c.ranking):  # ranking: indices best first -> rank of each response
+            ranks[i] = place
+        finished = c.finished or [True] * len(c.responses)
+        rows.append({"prompt": p, "ranks": ranks,
+                     "responses": [enc.response(c.prompt, r, len(p), finished=f) for r, f in zip(c.responses, finished)]})
+    return rows
 
 
 def sft(ctx) -> Path:
-    tok = ctx.tokenizer
-    examples = [(encode_prompt(tok, d["prompt"]), encode_response(tok, d["response"])) for d in ctx.data.demonstrations]
-    init = ctx.final("pretrain", "policy")
-    return train_lm(ctx, "sft", examples, lambda resume: load_policy(resume or init, ctx.device), ctx.cfg.sft)
+    ctx = _from_run(ctx, policy=("pretrain", "policy"))
+    cfg = ctx.cfg
+    path = _need(cfg.data.demonstrations, "--data.demonstrations FILE", "sft", "the demonstrations to imitate")
+    enc = _encoder(ctx.tokenizer, cfg, cfg.policy.path, "--policy.path")
+    examples = _encode_demonstrations(enc, path)
+    log.info("sft: %s: %s", path, enc.counts.summary())
+    load_fn = _loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=ctx.tokenizer)
+    return train_lm(ctx, "sft", examples, load_fn, cfg.sft)
 
 
 def rm(ctx) -> Path:
-    return builtin_reward(ctx, ctx.final("sft", "policy"), ctx.cfg.rm)
+    """The RM starts from --reward.path when given (with its own tokenizer), else from the SFT policy."""
+    ctx = _from_run(ctx, policy=("sft", "policy"))
+    cfg = ctx.cfg
+    path = _need(cfg.data.comparisons, "--data.comparisons FILE", "rm", "labelers' comparisons to learn from")
+    init, flag = (cfg.reward.path, "--reward.path") if cfg.reward.path else (cfg.policy.path, "--policy.path")
+    tok = load_tokenizer(init, flag) if cfg.reward.path else ctx.tokenizer
+    ctx = dataclasses.replace(ctx, tokenizer=tok)
+    enc = _encoder(tok, cfg, init, flag)
+    rows = _encode_comparisons(enc, path)
+    log.info("rm: %s: %s", path, enc.counts.summary())
+    demos = None
+    if cfg.data.demonstrations:
+        pairs = _encode_demonstrations(enc, cfg.data.demonstrations)
+        demos = ([p for p, _ in pairs], [r for _, r in pairs])
+    evaluate = None
+    if cfg.data.eval_comparisons:
+        heldout = _encode_comparisons(_encoder(tok, cfg, init, flag), cfg.data.eval_comparisons)
+
+        def evaluate(model) -> dict:
+            return {"rm_heldout_accuracy": pairwise_accuracy(model, heldout, tok.pad_token_id)}
+    # The `value` section's LoRA and checkpointing settings apply to every scalar-head model being trained.
+    return train_reward(ctx, _loader(ctx, init, flag, scalar=True, train=cfg.value, tokenizer=tok), cfg.rm, rows,
+                        demos, evaluate)
+
+
+def _reward_scorer(ctx, reward, rm_tok, rm_path, prompts, enc):
+    """score(batch, prompt indices, results): RM scores, re-tokenizing text when the RM has its own tokenizer."""
+    if same_vocabulary(ctx.tokenizer, rm_tok):
+        return lambda batch, idx, results: reward(batch)
+    log.warning("ppo: the reward model's tokenizer differs from the policy's: each answer is decoded to text "
+                "and re-tokenized for the reward model")
+    rm_enc = make_encoder(rm_tok, dataclasses.replace(ctx.cfg.data, long_prompts="truncate"),
+                          _context_length(rm_path), 1, "--reward.path")
+
+    def score(batch, idx, results):
+        rm_prompts, rm_responses = [], []
+        for i, r in zip(idx, results):
+            rm_prompts.append(rm_enc.prompt(prompts[i]))
+            rm_responses.append(rm_enc.response(prompts[i], enc.text_of(r.token_ids), len(rm_prompts[-1]),
+                                                finished=r.finish_reason == "stop"))
+        return reward(make_batch(rm_prompts, rm_responses, rm_tok.pad_token_id).to(ctx.device))
+    return score
 
 
 def ppo(ctx, ptx: bool = False) -> Path:
-    return builtin_ppo(ctx, ctx.final("sft", "policy"), ctx.final("rm", "reward"), ptx=ptx)
+    ctx = _from_run(ctx, policy=("sft", "policy"), reward=("rm", "reward"))
+    cfg = ctx.cfg
+    path = _need(cfg.data.prompts, "--data.prompts FILE", "ppo", "the prompts to sample answers for")
+    rm_path = _need(cfg.reward.path, "--reward.path DIR", "ppo",
+                    "the reward model to score answers (`python -m engine rm` writes OUT/rm/final/reward)")
+    tok, dev = ctx.tokenizer, ctx.device
+    rm_tok = load_tokenizer(rm_path, "--reward.path")
+    reward = SequenceScores(load_model(rm_path, flag="--reward.path", scalar=True, device=dev, run=cfg.run,
+                                       tokenizer=rm_tok, head_required=True))
+    value_path, value_flag = (cfg.value.path, "--value.path") if cfg.value.path else (rm_path, "--reward.path")
+    _same_tokenizer(tok, value_path, value_flag,
+                    "the value model scores every policy token, so it needs the policy's tokenizer"
+                    + ("" if cfg.value.path else " (it starts from the reward model unless --value.path is given: "
+                       "give --value.path, e.g. the SFT policy)"))
+    if cfg.reference.path:
+        _same_tokenizer(tok, cfg.reference.path, "--reference.path",
+                        "the KL penalty compares the two models token by token")
+        reference = load_model(cfg.reference.path, flag="--reference.path", scalar=False, device=dev, run=cfg.run,
+                               tokenizer=tok)
+    elif cfg.policy.lora_rank > 0:
+        reference = None  # the policy with its adapters disabled: the base weights once in memory
+    else:
+        reference = load_model(cfg.policy.path, flag="--policy.path", scalar=False, device=dev, run=cfg.run,
+                               tokenizer=tok)
+    context = _context_length(cfg.policy.path)
+    enc = _encoder(tok, cfg, cfg.policy.path, "--policy.path", reserve=cfg.rollout.max_new_tokens)
+    records, prompts = [], []
+    for rec in _load(path, "prompts", enc):
+        ids = enc.prompt(rec.prompt)
+        if ids is not None:
+            records.append(rec.prompt)
+            prompts.append(ids)
+    log.info("ppo: %s: %s", path, enc.counts.summary())
+    ptx_examples = None
+    if ptx:
+        texts = _need(cfg.data.pretrain, "--data.pretrain FILE", "ppo --ptx true",
+                      "pretraining text ({\"text\": ...} records)")
+        ptx_examples = text_examples(tok, load(texts, "texts", special_texts(tok)),
+                                     min(cfg.data.max_response_tokens, context - 1))
+    evaluate = None
+    if ctx.task is not None and cfg.ppo.eval_every:
+        sft_policy = reference if reference is not None else load_model(
+            cfg.policy.path, flag="--policy.path", scalar=False, device=dev, run=cfg.run, tokenizer=tok)
+        evaluate = ctx.task.ppo_evaluator(ctx, sft_policy)
+    setup = PPOSetup(
+        load_policy=_loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=tok),
+        load_value=_loader(ctx, value_path, value_flag, scalar=True, train=cfg.value, tokenizer=tok),
+        reference=reference,
+        score=_reward_scorer(ctx, reward, rm_tok, rm_path, records, enc),
+        policy_dir=Path(cfg.policy.path),
+        prompts=prompts,
+        ptx_examples=ptx_examples,
+        evaluate=evaluate,
+        engine_dtype=str(resolve_dtype(cfg.run.dtype, dev)).split(".")[-1],
+        max_model_len=min(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, context),
+    )
+    return train_ppo(ctx, setup, ptx=ptx)
+
+
+def pretrain(ctx) -> Path:
+    """The built-in task's tiny Llama, built from --model.* and trained on its corpus."""
+    if ctx.task is None:
+        raise ValueError("pretrain builds the built-in tiny model; with --policy.path start from your checkpoint "
+                         "with `sft`")
+    cfg, tok = ctx.cfg, ctx.tokenizer
+    examples = text_examples(tok, load(cfg.data.pretrain, "texts"), cfg.model.max_positions - 1)
+
+    def load_fn(resume):
+        if resume is None:
+            return ctx.task.build_policy(cfg.model, tok)
+        return load_model(resume, flag="the pretrain checkpoint", scalar=False, device=ctx.device, run=cfg.run,
+                          train=TrainedModelConfig(), tokenizer=tok)
+    return train_lm(ctx, "pretrain", examples, load_fn, cfg.pretrain)
 
 
 def evaluate(ctx) -> dict:
-    from .report import build_report
-
-    report = build_report(ctx)
+    if ctx.task is None:
+        raise ValueError("eval judges with the built-in task's held-out labelers, which your data does not have; "
+                         "export the policy (`python -m engine export`) and judge its answers with your own "
+                         "labelers")
+    report = ctx.task.report(ctx)
     log.info("report: %s", json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}))
     return report
 
 
 def pipeline(ctx) -> dict:
-    """pretrain -> sft -> rm -> ppo -> ppo-ptx -> eval. With --run.resume, finished stages are skipped."""
-    pretrain(ctx)
-    sft(ctx)
-    rm(ctx)
-    ppo(ctx, ptx=False)
-    ppo(ctx, ptx=True)
-    return evaluate(ctx)
+    """(pretrain ->) sft -> rm -> ppo (-> ppo-ptx when there is pretraining text) (-> eval): each from the
+    one before. With --run.resume, finished stages are skipped."""
+    out = {}
+    if ctx.task is not None:
+        out["pretrain"] = str(pretrain(ctx))
+        ctx = ctx.using(policy=out["pretrain"])
+    sft_dir = sft(ctx)
+    rm_dir = rm(ctx.using(policy=sft_dir))
+    ctx = ctx.using(policy=sft_dir, reward=rm_dir)
+    out.update(sft=str(sft_dir), rm=str(rm_dir), ppo=str(ppo(ctx)))
+    if ctx.cfg.data.pretrain:
+        out["ppo_ptx"] = str(ppo(ctx, ptx=True))
+    if ctx.task is not None:
+        evaluate(ctx)
+    return out

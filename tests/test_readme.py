@@ -37,10 +37,11 @@ def test_readme_real_model_commands_run(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     model = tmp_path / "models" / "tiny-qwen2"
     assert main(["tiny-model", "--family", "qwen2", "--to", str(model)]) == 0
-    few = ["--run.progress", "false", "--sft.steps", "2", "--sft.batch_size", "2", "--rm.steps", "2",
-           "--rm.batch_size", "2", "--ppo.iterations", "1", "--ppo.rollout_batch", "2", "--ppo.minibatch", "2",
-           "--rollout.max_new_tokens", "4"]
+    few = {"sft": ["--sft.steps", "2", "--sft.batch_size", "2"], "rm": ["--rm.steps", "2", "--rm.batch_size", "2"],
+           "ppo": ["--ppo.iterations", "1", "--ppo.rollout_batch", "2", "--ppo.minibatch", "2",
+                   "--rollout.max_new_tokens", "4"]}
     for argv in commands:
         argv = [str(tmp_path / a) if a.startswith(("models/", "runs/", "exported/")) else a for a in argv[3:]]
-        assert main(argv + (few if argv[0] != "export" else [])) == 0, argv
+        extra = ["--run.progress", "false", *few[argv[0]]] if argv[0] in few else []
+        assert main(argv + extra) == 0, argv
     assert (tmp_path / "exported" / "mine-ppo" / "model.safetensors").is_file()

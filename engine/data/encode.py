@@ -75,9 +75,10 @@ class Encoder:
             ids = ids[-self.prompt_limit:]
         return ids
 
-    def response(self, prompt, text: str, prompt_len: int = 0) -> list[int]:
+    def response(self, prompt, text: str, prompt_len: int = 0, finished: bool = True) -> list[int]:
         """Token ids of `text` answering `prompt` (of `prompt_len` tokens), ending with eos unless cut by
-        max_response_tokens or the model's context."""
+        max_response_tokens or the model's context, or unless `finished` is False (an answer cut off while it
+        was sampled: it is scored as it was, without an end)."""
         eos = self.tokenizer.eos_token_id
         ids = None
         if self.chat:
@@ -89,6 +90,8 @@ class Encoder:
                 ids = ids[:ids.index(eos) + 1] if eos in ids else ids + [eos]
         if ids is None:  # no template, or one that renders the prompt differently once answered
             ids = list(self.tokenizer(text, add_special_tokens=False).input_ids) + [eos]
+        if not finished:
+            ids = ids[:ids.index(eos)] if eos in ids else ids
         self.counts.responses += 1
         limit = self.max_response_tokens if self.context is None else \
             min(self.max_response_tokens, self.context - prompt_len)
@@ -113,6 +116,17 @@ def make_encoder(tokenizer, data_cfg, context: int | None = None, reserve: int =
                          f"{reserve} new tokens: lower --rollout.max_new_tokens")
     return Encoder(tokenizer, data_cfg.max_prompt_tokens, data_cfg.max_response_tokens, data_cfg.long_prompts,
                    context, reserve)
+
+
+def text_examples(tokenizer, texts: list[str], max_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """Pretraining text as (prompt, response) pairs for the LM loss: bos (or, without one, the text's first
+    token) as the prompt, then the text and eos, in at most `max_tokens` tokens after the prompt."""
+    out = []
+    for text in texts:
+        ids = list(tokenizer(text, add_special_tokens=False).input_ids)[:max_tokens - 1] + [tokenizer.eos_token_id]
+        bos = tokenizer.bos_token_id
+        out.append(([bos], ids) if bos is not None else (ids[:1], ids[1:]))
+    return out
 
 
 def special_texts(tokenizer) -> tuple[str, ...]:

@@ -10,7 +10,8 @@ Formats (one JSON object per line in JSONL; lines end at "\\n" only, so U+2028 i
   demonstrations  {"prompt": str, "completion": str}   or {"messages": [..., {"role": "assistant", ...}]}
   comparisons     {"prompt": str, "chosen": str, "rejected": str}                (pairwise, as in Anthropic HH)
                   {"prompt": str, "responses": [str, ...], "ranking": [int, ...]} (InstructGPT's K-way; ranking
-                  lists response indices best first, a permutation of 0..K-1)
+                  lists response indices best first, a permutation of 0..K-1; optional "finished": [bool, ...],
+                  false for a response that was cut off before its end: it is scored without an end token)
   texts           {"text": str}                        (PPO-ptx's pretraining data)
 
 `special_tokens`: texts of the tokenizer's special tokens (`engine.data.encode.special_texts`). A record
@@ -47,6 +48,7 @@ class Comparison:
     prompt: str | list[dict]
     responses: list[str]                     # K >= 2
     ranking: list[int]                       # indices into responses, best first
+    finished: list[bool] | None = None       # per response; None: all finished (each ends with end-of-turn)
 
 
 def load(path: str | Path, kind: str, special_tokens: tuple[str, ...] = ()) -> list:
@@ -222,6 +224,15 @@ def _ranking(r: _Record, k: int) -> list[int]:
     return list(ranking)
 
 
+def _finished(r: _Record, k: int) -> list[bool] | None:
+    if not r.has("finished"):
+        return None
+    flags = r.row["finished"]
+    if not isinstance(flags, list) or len(flags) != k or not all(isinstance(f, bool) for f in flags):
+        raise r.err(f"field 'finished' must be a list of {k} booleans (one per response), got {flags!r}")
+    return list(flags)
+
+
 def _comparison(r: _Record) -> Comparison:
     if r.has("messages"):
         prompt = r.messages()
@@ -237,5 +248,5 @@ def _comparison(r: _Record) -> Comparison:
             r.checked(text, f"'responses'[{i}]")
         if not r.has("ranking"):
             raise r.err("missing field 'ranking' (response indices, best first)")
-        return Comparison(prompt, list(responses), _ranking(r, len(responses)))
+        return Comparison(prompt, list(responses), _ranking(r, len(responses)), _finished(r, len(responses)))
     return Comparison(prompt, [r.text("chosen"), r.text("rejected")], [0, 1])

@@ -100,11 +100,33 @@ def write_jsonl(path: Path, rows) -> None:
     tmp.replace(path)
 
 
+def ranking_of(ranks: list[int]) -> list[int]:
+    """Response indices best first (the users' comparisons format) from each response's rank (0 = best)."""
+    return sorted(range(len(ranks)), key=lambda i: ranks[i])
+
+
+def _comparison_record(c: dict) -> dict:
+    out = {"prompt": c["prompt"], "responses": c["responses"], "ranking": ranking_of(c["ranks"]),
+           "finished": c["finished"], "family": c["family"], "target": c["target"], "labeler": c["labeler"]}
+    if "ranks_second" in c:
+        out["ranking_second"] = ranking_of(c["ranks_second"])
+    return out
+
+
+# What each file holds, in the formats users bring (engine/data/formats.py); extra fields (family, target,
+# labeler, ranking_second) are for reading and for the built-in report.
+FILES = {"corpus": "corpus.jsonl", "corpus_heldout": "corpus_heldout.jsonl", "demonstrations": "demonstrations.jsonl",
+         "comparisons": "comparisons.jsonl", "comparisons_heldout": "comparisons_heldout.jsonl",
+         "ppo_prompts": "ppo_prompts.jsonl", "eval_prompts": "eval_prompts.jsonl"}
+
+
 def save_task_data(data: TaskData, out: Path) -> None:
-    write_jsonl(out / "corpus.jsonl", ({"text": t} for t in data.corpus))
-    write_jsonl(out / "corpus_heldout.jsonl", ({"text": t} for t in data.corpus_heldout))
-    write_jsonl(out / "demonstrations.jsonl", data.demonstrations)
-    write_jsonl(out / "comparisons.jsonl", data.comparisons)
-    write_jsonl(out / "comparisons_heldout.jsonl", data.comparisons_heldout)
-    write_jsonl(out / "ppo_prompts.jsonl", (_row(i) for i in data.ppo_prompts))
-    write_jsonl(out / "eval_prompts.jsonl", (_row(i) for i in data.eval_prompts))
+    write_jsonl(out / FILES["corpus"], ({"text": t} for t in data.corpus))
+    write_jsonl(out / FILES["corpus_heldout"], ({"text": t} for t in data.corpus_heldout))
+    write_jsonl(out / FILES["demonstrations"], ({"prompt": d["prompt"], "completion": d["response"],
+                                                 "family": d["family"], "target": d["target"]}
+                                                for d in data.demonstrations))
+    write_jsonl(out / FILES["comparisons"], (_comparison_record(c) for c in data.comparisons))
+    write_jsonl(out / FILES["comparisons_heldout"], (_comparison_record(c) for c in data.comparisons_heldout))
+    write_jsonl(out / FILES["ppo_prompts"], (_row(i) for i in data.ppo_prompts))
+    write_jsonl(out / FILES["eval_prompts"], (_row(i) for i in data.eval_prompts))

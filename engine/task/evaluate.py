@@ -6,15 +6,15 @@ import random
 
 import torch
 
-from .task import decode_response, encode_prompt, encode_text
-from .task.instructions import FEATURES, Instruction, features
+from . import decode_response, encode_prompt, encode_text
+from .instructions import FEATURES, Instruction, features
 
 
 @torch.no_grad()
 def sample_answers(policy, tokenizer, insts: list[Instruction], *, temperature: float, max_tokens: int,
                    seed: int, chunk: int = 128) -> list[tuple[str, bool]]:
     """One sampled answer per prompt -> [(words, finished)]."""
-    from .rollout import HFRollout
+    from ..rollout import HFRollout
 
     rollout = HFRollout(policy, seed=seed, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     out = []
@@ -47,15 +47,17 @@ def answer_quality(insts, answers) -> dict:
 @torch.no_grad()
 def corpus_loss(policy, tokenizer, texts: list[str], chunk: int = 256) -> float:
     """Mean NLL (nats per token) of held-out pretraining text: the alignment-tax measure."""
-    from .trainers.lm import lm_loss
+    from ..models import PolicyLogprobs
+    from ..trainers.lm import lm_loss
 
-    was = policy.training
-    policy.eval()
+    lp = PolicyLogprobs(policy)
+    was = lp.training
+    lp.eval()
     total = count = 0.0
     for i in range(0, len(texts), chunk):
         pairs = [encode_text(tokenizer, t) for t in texts[i:i + chunk]]
         n = sum(len(r) for _, r in pairs)
-        total += lm_loss(policy, [p for p, _ in pairs], [r for _, r in pairs], tokenizer.pad_token_id).item() * n
+        total += lm_loss(lp, [p for p, _ in pairs], [r for _, r in pairs], tokenizer.pad_token_id).item() * n
         count += n
-    policy.train(was)
+    lp.train(was)
     return total / count

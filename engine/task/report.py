@@ -6,27 +6,30 @@ import json
 import random
 from pathlib import Path
 
-from .checkpoint import write_text_atomic
+from ..checkpoint import write_text_atomic
+from ..loading import load_model
+from ..metrics import read_metrics
+from . import encode_prompt, encode_response
 from .evaluate import answer_quality, corpus_loss, sample_answers, win_rate
-from .metrics import read_metrics
-from .models import load_policy
-from .task.people import write_response
+from .people import write_response
 
 POLICIES = (("pretrain", "Pretrained LM"), ("sft", "SFT"), ("ppo", "PPO"), ("ppo_ptx", "PPO-ptx"))
 
 
 def build_report(ctx) -> dict:
-    tok, insts, labelers = ctx.tokenizer, ctx.data.eval_prompts, ctx.data.heldout_labelers
+    """ctx: a RunContext of the built-in task (ctx.task)."""
+    data = ctx.task.data
+    tok, insts, labelers = ctx.tokenizer, data.eval_prompts, data.heldout_labelers
     seed, max_tokens = ctx.cfg.eval.seed, ctx.cfg.rollout.max_new_tokens
     answers, losses, available = {}, {}, []
     for stage, _ in POLICIES:
         path = ctx.stage_dir(stage) / "final" / "policy"
         if not path.is_dir():
             continue
-        policy = load_policy(path, ctx.device).eval()
+        policy = load_model(path, flag=f"the {stage} policy", scalar=False, device=ctx.device, run=ctx.cfg.run)
         answers[stage] = sample_answers(policy, tok, insts, temperature=ctx.cfg.eval.temperature,
                                         max_tokens=max_tokens, seed=seed)
-        losses[stage] = corpus_loss(policy, tok, ctx.data.corpus_heldout)
+        losses[stage] = corpus_loss(policy, tok, data.corpus_heldout)
         available.append(stage)
     if "sft" not in answers:
         raise FileNotFoundError(f"no SFT policy under {ctx.out}: run `python -m engine sft` first")
@@ -41,12 +44,13 @@ def build_report(ctx) -> dict:
             "corpus_loss": losses.get(stage),
         }
     rm_eval = json.loads((ctx.stage_dir("rm") / "eval.json").read_text()) if (ctx.stage_dir("rm") / "eval.json").exists() else {}
+    rm_eval.update(_second_labeler(ctx))
     report = {
         "n_eval_prompts": len(insts),
         "ppo_vs_sft_win_rate": rows.get("ppo", {}).get("vs_sft", {}).get("win_rate"),
         "ptx_vs_sft_win_rate": rows.get("ppo_ptx", {}).get("vs_sft", {}).get("win_rate"),
         "rm_heldout_accuracy": rm_eval.get("rm_heldout_accuracy"),
-        "labeler_agreement": rm_eval.get("labeler_agreement", ctx.data.labeler_agreement()),
+        "labeler_agreement": data.labeler_agreement(),
         "alignment_tax_ppo": _tax(losses, "ppo"),
         "alignment_tax_ptx": _tax(losses, "ppo_ptx"),
         "corpus_loss": losses,
@@ -60,6 +64,23 @@ def build_report(ctx) -> dict:
     samples = [{"prompt": insts[j].prompt, **{s: answers[s][j][0] for s in answers}} for j in range(min(20, len(insts)))]
     write_text_atomic(out / "samples.json", json.dumps(samples, indent=2))
     return report
+
+
+def _second_labeler(ctx) -> dict:
+    """The RM's held-out accuracy against a second held-out labeler's rankings of the same samples: beside
+    the labelers' agreement with each other, the ceiling it can approach."""
+    path = ctx.stage_dir("rm") / "final" / "reward"
+    if not path.is_dir():
+        return {}
+    from ..models import SequenceScores
+    from ..trainers.reward import pairwise_accuracy
+
+    tok = ctx.tokenizer
+    rm = SequenceScores(load_model(path, flag="the reward model", scalar=True, device=ctx.device, run=ctx.cfg.run))
+    rows = [{"prompt": encode_prompt(tok, c["prompt"]), "ranks": c["ranks_second"],
+             "responses": [encode_response(tok, r, f) for r, f in zip(c["responses"], c["finished"])]}
+            for c in ctx.task.data.comparisons_heldout]
+    return {"rm_heldout_accuracy_second_labeler": pairwise_accuracy(rm, rows, tok.pad_token_id)}
 
 
 def _tax(losses: dict, stage: str):

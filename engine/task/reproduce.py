@@ -19,8 +19,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .checkpoint import write_text_atomic
-from .config import Config
+from ..checkpoint import write_text_atomic
+from ..config import Config
 from .evaluate import sample_answers, win_rate
 
 log = logging.getLogger("engine")
@@ -36,9 +36,9 @@ def size_config(cfg: Config, hidden: int) -> Config:
 
 
 def reproduce(cfg: Config, sizes: list[int], record: bool = True) -> dict:
-    from . import stages
-    from .context import make_context
-    from .models import load_policy
+    from .. import stages
+    from ..context import make_context
+    from ..loading import load_model
 
     if not sizes:
         raise ValueError("--sizes must name at least one hidden size, e.g. --sizes [64,128,256]")
@@ -52,17 +52,21 @@ def reproduce(cfg: Config, sizes: list[int], record: bool = True) -> dict:
         log.info("size h%d done in %.0f s", hidden, seconds[hidden])
 
     largest = ctxs[sizes[-1]]
-    insts, labelers, seed = largest.data.eval_prompts, largest.data.heldout_labelers, cfg.eval.seed
+    data = largest.task.data
+    insts, labelers, seed = data.eval_prompts, data.heldout_labelers, cfg.eval.seed
     sample = dict(temperature=cfg.eval.temperature, max_tokens=cfg.rollout.max_new_tokens, seed=seed)
 
+    def policy(ctx, stage):
+        return load_model(ctx.final(stage, "policy"), flag=f"the {stage} policy", scalar=False, device=ctx.device,
+                          run=ctx.cfg.run)
+
     def answers(ctx, stage):
-        policy = load_policy(ctx.final(stage, "policy"), ctx.device).eval()
-        return sample_answers(policy, ctx.tokenizer, insts, **sample)
+        return sample_answers(policy(ctx, stage), ctx.tokenizer, insts, **sample)
 
     baseline = answers(largest, "sft")
     table = {}
     for hidden, ctx in ctxs.items():
-        params = sum(p.numel() for p in load_policy(ctx.final("sft", "policy"), ctx.device).parameters())
+        params = sum(p.numel() for p in policy(ctx, "sft").parameters())
         row = {"params": params, "seconds": round(seconds[hidden], 1)}
         for stage, _ in STAGES:
             row[stage] = win_rate(insts, answers(ctx, stage), baseline, labelers, seed)["win_rate"]
@@ -91,7 +95,7 @@ def reproduce(cfg: Config, sizes: list[int], record: bool = True) -> dict:
 def _bench_results_dir(device: str) -> Path | None:
     """bench/results/<device> of a source checkout (None for an installed package), keyed by the device the
     run used, as bench/harness.py keys it: the GPU's name, or cpu-<cores>core."""
-    bench = Path(__file__).resolve().parent.parent / "bench"
+    bench = Path(__file__).resolve().parents[2] / "bench"
     if not bench.is_dir():
         return None
     import torch

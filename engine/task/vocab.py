@@ -1,8 +1,6 @@
 """The built-in task's word-level vocabulary and a tokenizer built locally with `tokenizers`."""
 from __future__ import annotations
 
-import os
-
 NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 NOUNS = ["apple", "cat", "dog", "sun", "tree", "fish", "bird", "car", "book", "star", "moon", "cup"]
 COLORS = ["red", "blue", "green", "yellow", "black", "white"]
@@ -28,8 +26,15 @@ def words() -> list[str]:
     return out
 
 
+# The chat template that renders the task's layout, so the task's data go through the same encoder as a
+# user's (engine/data/encode.py): "<bos> prompt words <sep>" then "answer words <eos>".
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %} {{ m['content'] }} "
+                 "{{ eos_token }}{% else %} {{ m['content'] }} {{ sep_token }}{% endif %}{% endfor %}")
+
+
 def build_tokenizer():
-    """A word-level `PreTrainedTokenizerFast` (saved with the model so transformers and vLLM load it)."""
+    """A word-level `PreTrainedTokenizerFast` with the task's chat template (saved with the model so
+    transformers and vLLM load it)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,12 +43,8 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD, sep_token=SEP,
+        chat_template=CHAT_TEMPLATE,
     )
     fast.padding_side = "left"  # prompts are left-padded for batched generation
     return fast
 
-
-def load_tokenizer(path: str | os.PathLike):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import signal
 import threading
 import zlib
@@ -16,43 +15,9 @@ from tqdm.auto import tqdm
 
 from ..guard import check_finite, check_weights, weight_scale
 from ..metrics import MetricsLogger
+from .state import TrainState
 
 log = logging.getLogger("engine")
-
-
-def adamw(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-
-
-def warmup_cosine(optimizer, warmup: int, total: int, floor: float = 0.1):
-    """Linear warm-up for `warmup` steps, then cosine decay to `floor` of the peak rate."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def restore_optimizer(opt, saved: dict, lr: float, flag: str, sched=None, sched_saved: dict | None = None) -> None:
-    """Load a checkpoint's optimizer (and scheduler) state, then use the configured peak learning rate
-    `lr`: a rate changed between runs is honoured, and the log says so."""
-    opt.load_state_dict(saved)
-    if sched is not None:
-        sched.load_state_dict(sched_saved)
-    before = sched.base_lrs[0] if sched is not None else opt.param_groups[0]["lr"]
-    if before == lr:
-        return
-    log.warning("resuming with %s %g (the checkpoint was trained with %g)", flag, lr, before)
-    if sched is None:
-        for group in opt.param_groups:
-            group["lr"] = lr
-        return
-    sched.base_lrs = [lr for _ in sched.base_lrs]
-    for group, factor in zip(opt.param_groups, sched.lr_lambdas):
-        group["initial_lr"] = lr
-        group["lr"] = lr * factor(sched.last_epoch)
-    sched._last_lr = [g["lr"] for g in opt.param_groups]
 
 
 def step_seed(seed: int, stage: str, step: int) -> int:
@@ -87,19 +52,19 @@ def deferred_interrupt(stage: str):
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
-def run_steps(*, stage: str, stage_dir: Path, seed: int, start: int, total: int,
-              step_fn: Callable[[int, torch.Generator], dict], save_fn: Callable[[int], Path], models: dict,
-              log_every: int, checkpoint_every: int, progress: bool, lr: float | None = None,
+def run_steps(*, stage: str, seed: int, start: int, total: int, step_fn: Callable[[int, torch.Generator], dict],
+              state: TrainState, log_every: int, checkpoint_every: int, progress: bool, lr: float | None = None,
               loss_key: str = "loss") -> None:
     """Run step_fn(step, gen) for step in [start, total), each returning a dict of metrics with `loss_key`.
 
     Each step's randomness (`gen` for data order, and torch's global RNG) is seeded from (seed, stage, step),
-    so a run resumed from any checkpoint draws exactly what an uninterrupted run would. Checkpoints every
-    `checkpoint_every` steps and at the end, each only after the weights of `models` were checked (finite,
+    so a run resumed from any checkpoint draws exactly what an uninterrupted run would. `state` is saved every
+    `checkpoint_every` steps and at the end, each time only after its models' weights were checked (finite,
     not exploded); a non-finite loss stops the run before anything else is saved. Ctrl-C takes effect at the
     end of the step it arrived in, which is then saved; an interrupt that escapes in the middle of a step
     saves nothing, so the last checkpoint stays the resume point. `lr` only goes into messages.
     """
+    stage_dir, models = state.stage_dir, state.models
     metrics = MetricsLogger(stage_dir, stage, start=start)
     start_scale = weight_scale(models)
     saved = start
@@ -108,7 +73,7 @@ def run_steps(*, stage: str, stage_dir: Path, seed: int, start: int, total: int,
     def save(done: int) -> Path:
         nonlocal saved
         check_weights(models, start_scale, stage=stage, step=done, stage_dir=stage_dir, lr=lr)
-        path = save_fn(done)
+        path = state.save(done)
         saved = done
         return path
 

@@ -1,13 +1,15 @@
 """PPO against the reward model (InstructGPT section 3.5), and PPO-ptx.
 
-Each iteration: sample prompts; generate one answer each with the current policy; score with the RM;
-per-token log-probs of the policy (old), the SFT reference, and values; shaped rewards
-(`kernels.shape_rewards`: RM score at the last token minus beta * KL to the SFT model); advantages
-(`kernels.gae`), whitened; then several epochs of minibatches with the clipped policy and value losses,
-plus gamma times the pretraining LM loss for PPO-ptx. The value model starts as the RM.
+One iteration (`ppo_iteration`, read it top to bottom): sample prompts; generate one answer each with the
+current policy; score them with the RM; per-token log-probs of the policy (old) and of the SFT reference,
+and values; shaped rewards (`kernels.shape_rewards`: RM score at the last token minus beta * KL to the SFT
+model); advantages (`kernels.gae`), whitened; several epochs of minibatches with the clipped policy and
+value losses, plus gamma times the pretraining LM loss for PPO-ptx; the new weights into the rollout
+engine; beta adapts (`KLController`). The value model starts as the RM.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -20,15 +22,15 @@ import kernels
 from kernels import masked_mean, policy_loss, value_loss
 
 from ..batch import SequenceBatch, make_batch
-from ..checkpoint import is_done, latest_checkpoint, load_trainer_state, save_checkpoint, save_models
-from ..evaluate import sample_answers, win_rate
-from ..kl_control import adaptive_kl_coef
+from ..checkpoint import save_models
+from ..kl_control import KLController
 from ..lora import is_peft, merged_named_weights, plain
-from ..models import load_policy, load_scalar_model, response_logprobs, sequence_scores, token_values
+from ..models import PolicyLogprobs, TokenValues
 from ..rollout import make_rollout
-from ..task import encode_prompt, encode_text
 from .lm import lm_loss
-from .loop import adamw, restore_optimizer, run_steps, step_seed
+from .loop import run_steps, step_seed
+from .optim import Optim
+from .state import TrainState, open_stage
 
 log = logging.getLogger("engine")
 
@@ -49,39 +51,41 @@ class Experience:
 
 
 @torch.no_grad()
-def make_experience(policy, ref, value, reward, batch: SequenceBatch, *, kl_coef, cfg, temperature, fused=True):
+def make_experience(policy: PolicyLogprobs, ref: PolicyLogprobs | None, value: TokenValues, score: Callable,
+                    batch: SequenceBatch, *, kl_coef: float, cfg, temperature: float) -> Experience:
     """Score one batch of rollouts and compute rewards and advantages. cfg: PPOConfig.
 
     ref: the frozen SFT policy, or None for the policy with its LoRA adapters disabled (one base in memory).
-    reward: the reward model, or a function batch -> scores [B] (e.g. one that re-tokenizes for an RM with
-    its own tokenizer).
+    score(batch) -> RM scores [B] (a SequenceScores model, or a function that re-tokenizes for an RM with its
+    own tokenizer).
     """
-    for m in (policy, value):
-        m.eval()
+    was = policy.training, value.training
+    policy.eval()
+    value.eval()
     mask = batch.response_mask
-    old_lp = response_logprobs(policy, batch, temperature=temperature, backend=cfg.backend, fused=fused)
+    old_lp = policy(batch, temperature)
     if ref is None:
-        with policy.disable_adapter():
-            ref_lp = response_logprobs(policy, batch, temperature=temperature, backend=cfg.backend, fused=fused)
+        with policy.lm.disable_adapter():
+            ref_lp = policy(batch, temperature)
     else:
-        ref_lp = response_logprobs(ref, batch, temperature=temperature, backend=cfg.backend, fused=fused)
-    values = token_values(value, batch) * mask
-    scores = sequence_scores(reward, batch) if isinstance(reward, torch.nn.Module) else reward(batch)
-    rewards, kl = kernels.shape_rewards(scores, old_lp, ref_lp, mask, kl_coef=kl_coef,
-                                        estimator=cfg.kl_estimator, backend=cfg.backend)
+        ref_lp = ref(batch, temperature)
+    values = value(batch) * mask
+    scores = score(batch)
+    rewards, kl = kernels.shape_rewards(scores, old_lp, ref_lp, mask, kl_coef=kl_coef, estimator=cfg.kl_estimator,
+                                        backend=cfg.backend)
     adv, ret = kernels.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam, backend=cfg.backend,
                            whiten=cfg.whiten_advantages)
-    for m in (policy, value):
-        m.train()
+    policy.train(was[0])
+    value.train(was[1])
     return Experience(batch, old_lp, ref_lp, values, scores, rewards, kl, adv, ret)
 
 
-def ppo_minibatch_loss(policy, value, exp: Experience, idx, cfg, temperature, ptx=None, fused=True):
+def ppo_minibatch_loss(policy: PolicyLogprobs, value: TokenValues, exp: Experience, idx, cfg, temperature: float,
+                       ptx: Callable[[], torch.Tensor] | None = None):
     """Loss of one minibatch: clipped policy loss + vf_coef * clipped value loss (+ ptx_coef * LM loss)."""
     mb = exp.batch.select(idx)
     mask = mb.response_mask
-    lp, ent = response_logprobs(policy, mb, temperature=temperature, return_entropy=True, backend=cfg.backend,
-                                fused=fused)
+    lp, ent = policy(mb, temperature, return_entropy=True)
     is_weights = None
     if cfg.tis_cap > 0 and exp.engine_logprobs is not None:
         # Truncated importance sampling: the samples came from the engine's distribution, not the
@@ -89,8 +93,7 @@ def ppo_minibatch_loss(policy, value, exp: Experience, idx, cfg, temperature, pt
         is_weights = torch.exp(exp.old_logprobs[idx] - exp.engine_logprobs[idx]).clamp(max=cfg.tis_cap) * mask
     pg, pg_stats = policy_loss(lp, exp.old_logprobs[idx], exp.advantages[idx], mask, cfg.clip_eps,
                                is_weights=is_weights)
-    v = token_values(value, mb)
-    vf, vf_stats = value_loss(v, exp.old_values[idx], exp.returns[idx], mask, cfg.value_clip_eps)
+    vf, vf_stats = value_loss(value(mb), exp.old_values[idx], exp.returns[idx], mask, cfg.value_clip_eps)
     loss = pg + cfg.vf_coef * vf
     stats = {"pg_loss": pg.item(), "vf_loss": vf.item(), "entropy": masked_mean(ent, mask).item(),
              **pg_stats, **vf_stats}
@@ -103,14 +106,14 @@ def ppo_minibatch_loss(policy, value, exp: Experience, idx, cfg, temperature, pt
 
 def engine_logprobs(results, like: torch.Tensor) -> torch.Tensor:
     """The rollout engine's log-probs of the sampled tokens as a [B, R] tensor shaped like `like`."""
-    eng = torch.zeros_like(like)
+    eng = torch.zeros(like.shape, dtype=like.dtype)
     for i, r in enumerate(results):
         lps = r.logprobs[: like.shape[1]]
-        eng[i, :len(lps)] = torch.tensor(lps, dtype=like.dtype)
-    return eng
+        eng[i, :len(lps)] = torch.as_tensor(lps, dtype=like.dtype)
+    return eng.to(like.device)
 
 
-def _engine_mismatch(eng, old_lp, mask) -> dict:
+def engine_mismatch(eng, old_lp, mask) -> dict:
     """|logp_engine - logp_trainer| over sampled tokens, and the share of ratios outside [0.9, 1.1]."""
     diff = (eng - old_lp).abs()[mask]
     ratio = torch.exp(old_lp - eng)[mask]
@@ -120,7 +123,7 @@ def _engine_mismatch(eng, old_lp, mask) -> dict:
 
 @dataclass
 class PPOSetup:
-    """What a PPO run trains and on what, built by a stage (the built-in task's or the user's checkpoints).
+    """What a PPO run trains and on what, built by the `ppo` stage (engine/stages.py).
 
     load_policy/load_value(resume): the model, from a checkpoint's model directory (full weights or LoRA
     adapters) or, with None, from where PPO starts (the SFT policy; the RM for the value model).
@@ -137,138 +140,148 @@ class PPOSetup:
     engine_dtype: str | None = None        # the rollout engine's weights; None: the policy's
 
 
+@dataclass
+class PPORun:
+    """Everything an iteration uses, built once by train_ppo. cfg: PPOConfig; rollout_cfg: RolloutConfig."""
+    stage: str
+    seed: int
+    cfg: object
+    rollout_cfg: object
+    setup: PPOSetup
+    policy: PolicyLogprobs
+    ref: PolicyLogprobs | None
+    value: TokenValues
+    optims: dict[str, Optim]               # "policy", "value"
+    kl: KLController
+    engine: object                         # the rollout backend (engine.rollout)
+    pad_id: int
+    device: torch.device
+    ptx: bool
+    engine_sleeps: bool = False            # vLLM colocated on a GPU frees its memory during the trainer's passes
+
+
+def ppo_iteration(run: PPORun, step: int, gen: torch.Generator) -> dict:
+    """One PPO iteration; returns its metrics."""
+    cfg, rcfg, setup = run.cfg, run.rollout_cfg, run.setup
+    idx = torch.randint(0, len(setup.prompts), (cfg.rollout_batch,), generator=gen).tolist()
+    prompts = [setup.prompts[i] for i in idx]
+    results = run.engine.generate(prompts, max_tokens=rcfg.max_new_tokens, temperature=rcfg.temperature,
+                                  top_p=rcfg.top_p, top_k=rcfg.top_k, seed=step_seed(run.seed, run.stage, step) + 2)
+    with engine_asleep(run):
+        batch = make_batch(prompts, [r.token_ids for r in results], run.pad_id).to(run.device)
+        exp = make_experience(run.policy, run.ref, run.value, lambda b: setup.score(b, idx, results), batch,
+                              kl_coef=run.kl.coef, cfg=cfg, temperature=rcfg.temperature)
+        exp.engine_logprobs = engine_logprobs(results, exp.old_logprobs)
+        stats = ppo_update(run, exp, gen)
+    sync_weights(run)
+    metrics = iteration_metrics(exp, results, stats, run.kl.coef)
+    run.kl.update(metrics["kl"], cfg.rollout_batch)
+    if setup.evaluate is not None and ((step + 1) % cfg.eval_every == 0 or step == 0):
+        metrics["win_rate_vs_sft"] = setup.evaluate(run.policy.lm)
+    return metrics
+
+
+def ppo_update(run: PPORun, exp: Experience, gen: torch.Generator) -> dict[str, list]:
+    """cfg.epochs passes over the rollouts in minibatches; each minibatch one step of both optimizers."""
+    cfg = run.cfg
+    ptx = (lambda: ptx_loss(run, gen)) if run.ptx else None
+    stats: dict[str, list] = {}
+    for _ in range(cfg.epochs):
+        for mb in torch.randperm(cfg.rollout_batch, generator=gen).split(cfg.minibatch):
+            loss, s = ppo_minibatch_loss(run.policy, run.value, exp, mb, cfg, run.rollout_cfg.temperature, ptx)
+            for optim in run.optims.values():
+                optim.zero_grad()
+            loss.backward()
+            for optim in run.optims.values():
+                optim.step()
+            s["loss"] = loss.item()
+            for k, v in s.items():
+                stats.setdefault(k, []).append(v)
+    return stats
+
+
+def ptx_loss(run: PPORun, gen: torch.Generator) -> torch.Tensor:
+    """PPO-ptx: the LM loss on a batch of pretraining text."""
+    corpus = run.setup.ptx_examples
+    idx = torch.randint(0, len(corpus), (run.cfg.ptx_batch,), generator=gen).tolist()
+    return lm_loss(run.policy, [corpus[i][0] for i in idx], [corpus[i][1] for i in idx], run.pad_id)
+
+
+@contextlib.contextmanager
+def engine_asleep(run: PPORun):
+    """vLLM colocated on a GPU with sleep mode: its weights and KV cache leave the GPU while the trainer runs."""
+    if run.engine_sleeps:
+        run.engine.sleep(level=1)
+    try:
+        yield
+    finally:
+        if run.engine_sleeps:
+            run.engine.wake_up()
+
+
+def sync_weights(run: PPORun) -> None:
+    """The HF backend samples from the policy object itself; an engine gets the merged weights."""
+    if getattr(run.engine, "model", None) is not run.policy.lm:
+        run.engine.update_weights(merged_named_weights(run.policy.lm))
+
+
+def iteration_metrics(exp: Experience, results, stats: dict[str, list], kl_coef: float) -> dict:
+    mask = exp.batch.response_mask
+    m = {k: sum(v) / len(v) for k, v in stats.items()}
+    m.update(score=exp.scores.mean().item(), kl=(exp.kl * mask).sum(1).mean().item(), kl_coef=kl_coef,
+             reward=(exp.rewards * mask).sum(1).mean().item(), response_len=mask.sum(1).float().mean().item(),
+             finished=sum(r.finish_reason == "stop" for r in results) / len(results),
+             **engine_mismatch(exp.engine_logprobs, exp.old_logprobs, mask))
+    return m
+
+
 def train_ppo(ctx, setup: PPOSetup, *, ptx: bool) -> Path:
     """Run PPO (or PPO-ptx) from the SFT policy and the RM; returns the final policy directory."""
-    cfg, rcfg, run = ctx.cfg.ppo, ctx.cfg.rollout, ctx.cfg.run
+    cfg, rcfg, run_cfg = ctx.cfg.ppo, ctx.cfg.rollout, ctx.cfg.run
     stage = "ppo_ptx" if ptx else "ppo"
-    stage_dir = ctx.fresh_stage_dir(stage)
-    final = stage_dir / "final" / "policy"
-    if is_done(stage_dir):
+    stage_dir, final, ckpt = open_stage(ctx, stage, "policy")
+    if final.is_dir():
         return final
     if ptx and not setup.ptx_examples:
         raise ValueError("ppo --ptx true needs pretraining text: give --data.pretrain FILE ({\"text\": ...} "
                          "records)")
     if not setup.prompts:
         raise ValueError("ppo: no prompts (every one was dropped by the length rule?)")
-    tok, pad, dev = ctx.tokenizer, ctx.tokenizer.pad_token_id, ctx.device
-    ckpt = latest_checkpoint(stage_dir) if run.resume else None
-    policy = setup.load_policy(ckpt / "policy" if ckpt else None).train()
-    value = setup.load_value(ckpt / "value" if ckpt else None).train()
-    ref = setup.reference
-    trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731 - LoRA trains a few
-    opt_p, opt_v = adamw(trainable(policy), cfg.lr), adamw(trainable(value), cfg.value_lr)
-    kl_coef, start = cfg.kl_coef, 0
+    tok, dev = ctx.tokenizer, ctx.device
+    policy_model = setup.load_policy(ckpt / "policy" if ckpt else None).to(dev).train()
+    value_model = setup.load_value(ckpt / "value" if ckpt else None).to(dev).train()
+    heads = dict(backend=cfg.backend, fused=run_cfg.fused_lm_head)
+    optim = dict(weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
+    optims = {"policy": Optim.adamw(policy_model, lr=cfg.lr, flag="--ppo.lr", **optim),
+              "value": Optim.adamw(value_model, lr=cfg.value_lr, flag="--ppo.value_lr", **optim)}
+    kl = KLController.from_config(cfg)
+    state = TrainState(stage_dir, {"policy": policy_model, "value": value_model}, optims, tok,
+                       extra=lambda: {"kl_coef": kl.coef})
+    start = 0
     if ckpt is not None:
-        state = load_trainer_state(ckpt)
-        restore_optimizer(opt_p, state["opt_policy"], cfg.lr, "--ppo.lr")
-        restore_optimizer(opt_v, state["opt_value"], cfg.value_lr, "--ppo.value_lr")
-        kl_coef, start = state["kl_coef"], state["step"]
-        if not cfg.adaptive_kl and kl_coef != cfg.kl_coef:  # a fixed beta changed between runs is honoured
-            log.warning("resuming with --ppo.kl_coef %g (the checkpoint was trained with %g)", cfg.kl_coef, kl_coef)
-            kl_coef = cfg.kl_coef
+        saved = state.restore(ckpt)
+        start = saved["step"]
+        if cfg.adaptive_kl or saved["kl_coef"] == cfg.kl_coef:
+            kl.coef = saved["kl_coef"]
+        else:  # a fixed beta changed between runs is honoured
+            log.warning("resuming with --ppo.kl_coef %g (the checkpoint was trained with %g)", cfg.kl_coef,
+                        saved["kl_coef"])
     gpu = dict(gpu_memory_utilization=rcfg.gpu_memory_utilization, enable_sleep_mode=rcfg.sleep) \
         if dev.type == "cuda" else {}
-    rollout = make_rollout(rcfg.backend, policy=policy, model_dir=setup.policy_dir, seed=run.seed, pad_token_id=pad,
-                           eos_token_id=tok.eos_token_id,
-                           dtype=setup.engine_dtype or str(next(policy.parameters()).dtype).split(".")[-1],
-                           max_model_len=setup.max_model_len, **gpu)
-    sleeps = bool(gpu.get("enable_sleep_mode")) and hasattr(rollout, "sleep")
-
-    def sync():  # the HF backend samples from the policy object itself; an engine gets the merged weights
-        if getattr(rollout, "model", None) is not policy:
-            rollout.update_weights(merged_named_weights(policy))
-
-    if ckpt is not None or is_peft(policy):
-        sync()  # the engine started from the SFT weights
-    prompts, corpus = setup.prompts, setup.ptx_examples
-    sft_win = setup.evaluate if cfg.eval_every else None
-
-    def ptx_loss(gen):
-        idx = torch.randint(0, len(corpus), (cfg.ptx_batch,), generator=gen).tolist()
-        return lm_loss(policy, [corpus[i][0] for i in idx], [corpus[i][1] for i in idx], pad, cfg.backend,
-                       fused=run.fused_lm_head)
-
-    def step_fn(step: int, gen: torch.Generator) -> dict:
-        nonlocal kl_coef
-        idx = torch.randint(0, len(prompts), (cfg.rollout_batch,), generator=gen).tolist()
-        batch_prompts = [prompts[i] for i in idx]
-        results = rollout.generate(batch_prompts, max_tokens=rcfg.max_new_tokens, temperature=rcfg.temperature,
-                                   top_p=rcfg.top_p, top_k=rcfg.top_k, seed=step_seed(run.seed, stage, step) + 2)
-        if sleeps:  # free the engine's GPU memory for the trainer's passes
-            rollout.sleep(level=1)
-        batch = make_batch(batch_prompts, [r.token_ids for r in results], pad).to(dev)
-        exp = make_experience(policy, ref, value, lambda b: setup.score(b, idx, results), batch, kl_coef=kl_coef,
-                              cfg=cfg, temperature=rcfg.temperature, fused=run.fused_lm_head)
-        exp.engine_logprobs = engine_logprobs(results, exp.old_logprobs)
-        stats: dict[str, list] = {}
-        for _ in range(cfg.epochs):
-            perm = torch.randperm(cfg.rollout_batch, generator=gen)
-            for mb in perm.split(cfg.minibatch):
-                loss, s = ppo_minibatch_loss(policy, value, exp, mb, cfg, rcfg.temperature,
-                                             (lambda: ptx_loss(gen)) if ptx else None, fused=run.fused_lm_head)
-                opt_p.zero_grad(set_to_none=True)
-                opt_v.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable(policy), cfg.max_grad_norm)
-                torch.nn.utils.clip_grad_norm_(trainable(value), cfg.max_grad_norm)
-                opt_p.step()
-                opt_v.step()
-                s["loss"] = loss.item()
-                for k, v in s.items():
-                    stats.setdefault(k, []).append(v)
-        if sleeps:
-            rollout.wake_up()
-        sync()
-        mask = exp.batch.response_mask
-        seq_kl = (exp.kl * mask).sum(1).mean().item()
-        m = {k: sum(v) / len(v) for k, v in stats.items()}
-        m.update(score=exp.scores.mean().item(), kl=seq_kl, kl_coef=kl_coef,
-                 reward=(exp.rewards * mask).sum(1).mean().item(), response_len=mask.sum(1).float().mean().item(),
-                 finished=sum(r.finish_reason == "stop" for r in results) / len(results),
-                 **_engine_mismatch(exp.engine_logprobs, exp.old_logprobs, mask))
-        if cfg.adaptive_kl:
-            kl_coef = adaptive_kl_coef(kl_coef, seq_kl, cfg.target_kl, cfg.rollout_batch, cfg.kl_horizon)
-        if sft_win is not None and ((step + 1) % cfg.eval_every == 0 or step == 0):
-            m["win_rate_vs_sft"] = sft_win(policy)
-        return m
-
-    def save_fn(step: int) -> Path:
-        return save_checkpoint(stage_dir, step, {"policy": policy, "value": value}, {
-            "opt_policy": opt_p.state_dict(), "opt_value": opt_v.state_dict(),
-            "kl_coef": kl_coef}, tok)
-
-    run_steps(stage=stage, stage_dir=stage_dir, seed=ctx.cfg.run.seed, start=start, total=cfg.iterations, step_fn=step_fn,
-              save_fn=save_fn, models={"policy": policy, "value": value}, log_every=1,
-              checkpoint_every=cfg.checkpoint_every, progress=run.progress, lr=cfg.lr)
-    rollout.close()
-    save_models(stage_dir / "final", {"policy": plain(policy), "value": plain(value)}, tok)
-    (stage_dir / "summary.json").write_text(json.dumps({"ptx": ptx, "kl_coef_final": kl_coef}, indent=2))
+    engine = make_rollout(rcfg.backend, policy=policy_model, model_dir=setup.policy_dir, seed=run_cfg.seed,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                          dtype=setup.engine_dtype or str(next(policy_model.parameters()).dtype).split(".")[-1],
+                          max_model_len=setup.max_model_len, **gpu)
+    run = PPORun(stage, run_cfg.seed, cfg, rcfg, setup, PolicyLogprobs(policy_model, **heads),
+                 PolicyLogprobs(setup.reference, **heads) if setup.reference is not None else None,
+                 TokenValues(value_model), optims, kl, engine, tok.pad_token_id, dev, ptx,
+                 engine_sleeps=bool(gpu.get("enable_sleep_mode")) and hasattr(engine, "sleep"))
+    if ckpt is not None or is_peft(policy_model):
+        sync_weights(run)  # the engine started from the SFT weights
+    run_steps(stage=stage, seed=run_cfg.seed, start=start, total=cfg.iterations,
+              step_fn=lambda step, gen: ppo_iteration(run, step, gen), state=state, log_every=1,
+              checkpoint_every=cfg.checkpoint_every, progress=run_cfg.progress, lr=cfg.lr)
+    engine.close()
+    save_models(stage_dir / "final", {"policy": plain(policy_model), "value": plain(value_model)}, tok)
+    (stage_dir / "summary.json").write_text(json.dumps({"ptx": ptx, "kl_coef_final": kl.coef}, indent=2))
     return final
-
-
-def builtin_ppo(ctx, sft_dir: Path, rm_dir: Path, *, ptx: bool) -> Path:
-    """PPO on the built-in task: its PPO prompts, its corpus for PPO-ptx, its held-out labelers judging."""
-    tok, dev, cfg = ctx.tokenizer, ctx.device, ctx.cfg.ppo
-    reward = load_scalar_model(rm_dir, dev).eval().requires_grad_(False)
-    ref = load_policy(sft_dir, dev).eval().requires_grad_(False)
-    eval_insts = ctx.data.eval_prompts[: cfg.eval_prompts]
-    eval_kw = dict(temperature=ctx.cfg.eval.temperature, max_tokens=ctx.cfg.rollout.max_new_tokens,
-                   seed=ctx.cfg.eval.seed)
-    sft_answers = sample_answers(ref, tok, eval_insts, **eval_kw) if cfg.eval_every else None
-
-    def evaluate(policy) -> float:
-        ans = sample_answers(policy, tok, eval_insts, **eval_kw)
-        return win_rate(eval_insts, ans, sft_answers, ctx.data.heldout_labelers, ctx.cfg.eval.seed)["win_rate"]
-
-    setup = PPOSetup(
-        load_policy=lambda resume: load_policy(resume or sft_dir, dev),
-        load_value=lambda resume: load_scalar_model(resume or rm_dir, dev),  # the value model starts as the RM
-        reference=ref,
-        score=lambda batch, idx, results: sequence_scores(reward, batch),
-        policy_dir=sft_dir,
-        prompts=[encode_prompt(tok, p.prompt) for p in ctx.data.ppo_prompts],
-        ptx_examples=[encode_text(tok, t) for t in ctx.data.corpus],
-        max_model_len=ctx.cfg.model.max_positions,
-        evaluate=evaluate,
-    )
-    return train_ppo(ctx, setup, ptx=ptx)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine.cli import main
+from flag_bundles import cli_with_bundles as cli
 from engine.data.formats import Comparison, DataError, Demonstration, Prompt, load
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -18,7 +19,7 @@ DEMOS = ["--data.demonstrations", str(EXAMPLES / "demonstrations.jsonl")]
 
 
 def error_of(capsys, argv, code=2) -> str:
-    assert main(argv) == code
+    assert cli(argv) == code
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
     return err
@@ -43,7 +44,7 @@ def error_of(capsys, argv, code=2) -> str:
     ("--sft.lr", "0", "sft.lr must be > 0"),
 ])
 def test_config_values_that_cannot_work_are_refused_by_name(capsys, tmp_path, flag, value, needle):
-    assert needle in error_of(capsys, ["ppo", "--out", str(tmp_path), flag, value])
+    assert needle in error_of(capsys, ["pipeline", "--out", str(tmp_path), flag, value])
     assert not any(tmp_path.iterdir()), "a refused command wrote something"
 
 
@@ -121,8 +122,8 @@ def test_learned_positions_are_never_exceeded(tmp_path, capsys, caplog):
                                     for _ in range(3)) + "\n")
     out = tmp_path / "run"
     caplog.set_level(logging.INFO, logger="engine")
-    assert main(["sft", "--policy.path", str(short), "--out", str(out), "--data.demonstrations", str(long_demos),
-                 *FEW]) == 0
+    assert cli(["sft", "--policy.path", str(short), "--out", str(out), "--data.demonstrations", str(long_demos),
+                *FEW]) == 0
     assert "3 prompts (3 truncated, 0 dropped), 3 responses (3 cut)" in caplog.text
     rm = tmp_path / "rm"
     AutoModelForSequenceClassification.from_pretrained(out / "sft" / "final" / "policy", num_labels=1).save_pretrained(rm)
@@ -133,9 +134,9 @@ def test_learned_positions_are_never_exceeded(tmp_path, capsys, caplog):
                             "--data.prompts", str(EXAMPLES / "prompts.jsonl"), "--rollout.max_new_tokens", "30"])
     assert "has 24 positions" in err and "lower --rollout.max_new_tokens" in err
     # with room for them, prompts are cut to 24 - 8 tokens and generation stays inside the position table
-    assert main(["ppo", "--policy.path", str(out / "sft" / "final" / "policy"), "--out", str(out), "--reward.path",
-                 str(rm), "--data.prompts", str(long_demos), "--rollout.max_new_tokens", "8", "--ppo.iterations", "1",
-                 "--ppo.rollout_batch", "2", "--ppo.minibatch", "2", "--ppo.eval_every", "0", *FEW]) == 0
+    assert cli(["ppo", "--policy.path", str(out / "sft" / "final" / "policy"), "--out", str(out), "--reward.path",
+                str(rm), "--data.prompts", str(long_demos), "--rollout.max_new_tokens", "8", "--ppo.iterations", "1",
+                "--ppo.rollout_batch", "2", "--ppo.minibatch", "2", *FEW]) == 0
     assert "3 prompts (3 truncated, 0 dropped)" in caplog.text.split("ppo:")[-1]
 
 

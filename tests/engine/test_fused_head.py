@@ -3,7 +3,8 @@ import torch
 
 from engine.batch import make_batch
 from engine.config import ModelConfig, PPOConfig
-from engine.models import build_policy, response_logprobs
+from engine.models import PolicyLogprobs, SequenceScores, TokenValues
+from engine.task.model import build_policy
 from engine.task.vocab import build_tokenizer
 from engine.trainers.ppo import make_experience, ppo_minibatch_loss
 
@@ -27,8 +28,8 @@ def tiny_models():
 def test_response_logprobs_fused_equals_plain():
     tok, policy, *_ = tiny_models()
     batch = make_batch([[1, 5, 6], [1, 7]], [[8, 9, 2], [10, 2]], tok.pad_token_id)
-    lp_f, ent_f = response_logprobs(policy, batch, return_entropy=True, fused=True)
-    lp_p, ent_p = response_logprobs(policy, batch, return_entropy=True, fused=False)
+    lp_f, ent_f = PolicyLogprobs(policy, fused=True)(batch, return_entropy=True)
+    lp_p, ent_p = PolicyLogprobs(policy, fused=False)(batch, return_entropy=True)
     m = batch.response_mask
     torch.testing.assert_close(lp_f[m], lp_p[m], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent_f[m], ent_p[m], atol=1e-5, rtol=1e-5)
@@ -44,10 +45,12 @@ def test_ppo_step_loss_and_gradients_match_plain_path():
     results = {}
     for fused in (True, False):
         torch.manual_seed(1)
-        exp = make_experience(policy, ref, value, reward, batch, kl_coef=0.1, cfg=cfg, temperature=0.9, fused=fused)
+        lp, v = PolicyLogprobs(policy, fused=fused), TokenValues(value)
+        exp = make_experience(lp, PolicyLogprobs(ref, fused=fused), v, SequenceScores(reward), batch, kl_coef=0.1,
+                              cfg=cfg, temperature=0.9)
         policy.zero_grad(set_to_none=True)
         value.zero_grad(set_to_none=True)
-        loss, stats = ppo_minibatch_loss(policy, value, exp, torch.arange(4), cfg, 0.9, fused=fused)
+        loss, stats = ppo_minibatch_loss(lp, v, exp, torch.arange(4), cfg, 0.9)
         loss.backward()
         results[fused] = (loss.detach(), exp, {n: p.grad.clone() for n, p in policy.named_parameters()})
     (l1, e1, g1), (l2, e2, g2) = results[True], results[False]
@@ -72,8 +75,10 @@ def test_ppo_step_same_on_every_kernel_backend():
         if backend == "triton" and not dispatch.available("gae", "triton"):
             continue
         cfg = dataclasses.replace(PPOConfig(), backend=backend)
-        exp = make_experience(policy, ref, value, reward, batch, kl_coef=0.1, cfg=cfg, temperature=1.0)
-        loss, _ = ppo_minibatch_loss(policy, value, exp, torch.arange(3), cfg, 1.0)
+        lp, v = PolicyLogprobs(policy, backend=backend), TokenValues(value)
+        exp = make_experience(lp, PolicyLogprobs(ref, backend=backend), v, SequenceScores(reward), batch,
+                              kl_coef=0.1, cfg=cfg, temperature=1.0)
+        loss, _ = ppo_minibatch_loss(lp, v, exp, torch.arange(3), cfg, 1.0)
         out[backend] = (loss.detach(), exp.rewards, exp.advantages, exp.returns, exp.old_logprobs)
     assert {"torch", "triton"} <= set(out)
     base = out["torch"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.cli import main
+from flag_bundles import cli_with_bundles as cli
 from engine.tiny_checkpoint import FAMILIES
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -17,7 +17,7 @@ FEW = ["--run.progress", "false",
        "--sft.checkpoint_every", "2", "--sft.lr", "1e-3",
        "--rm.steps", "3", "--rm.batch_size", "2", "--rm.warmup", "1", "--rm.log_every", "1",
        "--ppo.iterations", "2", "--ppo.rollout_batch", "4", "--ppo.minibatch", "2", "--ppo.ptx_batch", "2",
-       "--ppo.eval_every", "0", "--ppo.checkpoint_every", "1", "--rollout.max_new_tokens", "6"]
+       "--ppo.checkpoint_every", "1", "--rollout.max_new_tokens", "6"]
 DATA = ["--data.demonstrations", str(EXAMPLES / "demonstrations.jsonl"),
         "--data.comparisons", str(EXAMPLES / "comparisons_ranked.jsonl"),
         "--data.prompts", str(EXAMPLES / "prompts.jsonl")]
@@ -49,7 +49,7 @@ def test_pipeline_on_each_family_then_export(tiny_models, tmp_path, family):
     out = tmp_path / "run"
     extra = ["--policy.gradient_checkpointing", "true", "--value.gradient_checkpointing", "true"] \
         if family == "mistral" else []
-    assert main(["pipeline", "--policy.path", str(tiny_models[family]), "--out", str(out), *DATA,
+    assert cli(["pipeline", "--policy.path", str(tiny_models[family]), "--out", str(out), *DATA,
                  "--data.pretrain", str(EXAMPLES / "pretrain.jsonl"),
                  "--data.eval_comparisons", str(EXAMPLES / "comparisons_pairwise.jsonl"), *FEW, *extra]) == 0
     sft = rows(out / "sft" / "metrics.jsonl")
@@ -67,7 +67,7 @@ def test_pipeline_on_each_family_then_export(tiny_models, tmp_path, family):
     assert any(not torch.equal(changed[k], start[k]) for k in start)
 
     exported = tmp_path / "exported"
-    assert main(["export", "--out", str(out), "--to", str(exported)]) == 0
+    assert cli(["export", "--out", str(out), "--to", str(exported)]) == 0
     model = AutoModelForCausalLM.from_pretrained(exported)
     tok = AutoTokenizer.from_pretrained(exported)
     assert type(model).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -115,8 +115,8 @@ def test_lora_reference_is_the_base_and_merged_weights_are_the_plain_model(tiny_
 def qwen_run(tiny_models, tmp_path_factory):
     """SFT and RM on the Qwen2 checkpoint, shared by the PPO tests below."""
     out = tmp_path_factory.mktemp("qwen_run")
-    assert main(["sft", "--policy.path", str(tiny_models["qwen2"]), "--out", str(out), *DATA, *FEW]) == 0
-    assert main(["rm", "--policy.path", str(out / "sft" / "final" / "policy"), "--out", str(out), *DATA, *FEW]) == 0
+    assert cli(["sft", "--policy.path", str(tiny_models["qwen2"]), "--out", str(out), *DATA, *FEW]) == 0
+    assert cli(["rm", "--policy.path", str(out / "sft" / "final" / "policy"), "--out", str(out), *DATA, *FEW]) == 0
     return out
 
 
@@ -130,15 +130,15 @@ def test_lora_ppo_ctrl_c_and_resume_match_an_uninterrupted_run(qwen_run, tmp_pat
                 "--policy.lora_rank", "4", "--value.lora_rank", "4", "--ppo.lr", "1e-2"]
 
     straight = run(tmp_path / "straight")
-    assert main(straight) == 0
+    assert cli(straight) == 0
     broken = run(tmp_path / "broken")
     with monkeypatch.context() as m:
         interrupt(m, ppo, "make_experience", 2)  # during iteration 2 of 2
-        assert main(broken) == 130
+        assert cli(broken) == 130
     ckpt = tmp_path / "broken" / "ppo" / "checkpoints" / "step-000001"
     assert (ckpt / "policy" / "adapter_config.json").is_file()  # LoRA checkpoints hold the adapters only
     assert not (ckpt / "policy" / "model.safetensors").exists()
-    assert main(broken + ["--run.resume", "true"]) == 0
+    assert cli(broken + ["--run.resume", "true"]) == 0
     a = weights(tmp_path / "straight" / "ppo" / "final" / "policy")
     b = weights(tmp_path / "broken" / "ppo" / "final" / "policy")
     sft = weights(qwen_run / "sft" / "final" / "policy")
@@ -153,16 +153,16 @@ def test_reward_model_with_another_tokenizer_is_rescored_on_text(qwen_run, tiny_
     from engine.config import Config, DataConfig, RunConfig
     from engine.context import RunContext
     from engine.data.encode import make_encoder
-    from engine.local_stages import _reward_scorer
+    from engine.stages import _reward_scorer
     from engine.loading import load_model, load_tokenizer
-    from engine.models import sequence_scores
+    from engine.models import SequenceScores
     from engine.rollout.base import RolloutResult
 
     policy_tok = load_tokenizer(tiny_models["qwen2"])
     rm_tok = load_tokenizer(tiny_models["gpt2"])
     assert policy_tok.get_vocab() != rm_tok.get_vocab()
-    reward = load_model(gpt2_rm, flag="--reward.path", scalar=True, device="cpu", run=RunConfig(),
-                        tokenizer=rm_tok, head_required=True)
+    reward = SequenceScores(load_model(gpt2_rm, flag="--reward.path", scalar=True, device="cpu", run=RunConfig(),
+                                       tokenizer=rm_tok, head_required=True))
     ctx = RunContext(Config(), tmp_path, policy_tok, None)
     enc = make_encoder(policy_tok, DataConfig())
     prompts = ["What is 17 times 3?", [{"role": "user", "content": "Name three primary colors."}]]
@@ -172,7 +172,7 @@ def test_reward_model_with_another_tokenizer_is_rescored_on_text(qwen_run, tiny_
     score = _reward_scorer(ctx, reward, rm_tok, gpt2_rm, prompts, enc)
     got = score(None, [0, 1], results)
     # what the RM gives the same texts tokenized its own way (GPT-2 has no template: prompt text, answer, eos)
-    want = sequence_scores(reward, make_batch(
+    want = reward(make_batch(
         [rm_tok(prompts[0]).input_ids, rm_tok("Name three primary colors.").input_ids],
         [rm_tok(answers[0]).input_ids + [rm_tok.eos_token_id], rm_tok(answers[1]).input_ids], rm_tok.pad_token_id))
     torch.testing.assert_close(got, want)
@@ -180,9 +180,9 @@ def test_reward_model_with_another_tokenizer_is_rescored_on_text(qwen_run, tiny_
     # Through the CLI: the value model cannot start from an RM with another tokenizer...
     args = ["ppo", "--policy.path", str(qwen_run / "sft" / "final" / "policy"), "--reward.path",
             str(gpt2_rm), "--out", str(tmp_path / "x"), *DATA, *FEW]
-    assert main(args) == 2
+    assert cli(args) == 2
     # ...so with the value model from the SFT policy, PPO runs on the re-tokenized scores.
-    assert main(args + ["--value.path", str(qwen_run / "sft" / "final" / "policy")]) == 0
+    assert cli(args + ["--value.path", str(qwen_run / "sft" / "final" / "policy")]) == 0
     assert len(rows(tmp_path / "x" / "ppo" / "metrics.jsonl")) == 2
 
 
@@ -218,15 +218,15 @@ def test_length_rule_drops_and_logs_through_the_cli(tiny_models, tmp_path, caplo
     import logging
 
     caplog.set_level(logging.INFO, logger="engine")
-    assert main(["sft", "--policy.path", str(tiny_models["mistral"]), "--out", str(tmp_path / "r"), *DATA, *FEW,
+    assert cli(["sft", "--policy.path", str(tiny_models["mistral"]), "--out", str(tmp_path / "r"), *DATA, *FEW,
                  "--data.max_prompt_tokens", "25", "--data.long_prompts", "drop"]) == 0
     assert "5 prompts (0 truncated, 3 dropped)" in caplog.text  # those of 27, 30 and 30 tokens
-    assert main(["sft", "--policy.path", str(tiny_models["mistral"]), "--out", str(tmp_path / "r2"), *DATA, *FEW,
+    assert cli(["sft", "--policy.path", str(tiny_models["mistral"]), "--out", str(tmp_path / "r2"), *DATA, *FEW,
                  "--data.max_prompt_tokens", "1", "--data.long_prompts", "drop"]) == 2  # nothing left to train on
 
 
 def _error(capsys, args) -> str:
-    assert main(args) == 2
+    assert cli(args) == 2
     return capsys.readouterr().err
 
 
@@ -257,7 +257,7 @@ def test_bad_inputs_name_what_where_and_how_to_fix(tiny_models, qwen_run, gpt2_r
     assert "rm with --policy.path needs --data.comparisons FILE" in _error(capsys, ["rm", "--policy.path", qwen, *out])
     assert "ppo with --policy.path needs --reward.path DIR" in _error(
         capsys, ["ppo", "--policy.path", qwen, "--data.prompts", str(EXAMPLES / "prompts.jsonl"), *out])
-    assert "give --policy.path DIR too" in _error(capsys, ["sft", *DATA, *out])
+    assert "the built-in task makes its own data: give --policy.path DIR" in _error(capsys, ["sft", *DATA, *out])
     assert "--data.pretrain FILE" in _error(capsys, ["ppo", "--ptx", "true", "--policy.path", sft_dir, "--reward.path",
                                                      str(qwen_run / "rm" / "final" / "reward"), *DATA, *out])
     # a reference model with another tokenizer cannot give a per-token KL
@@ -293,10 +293,10 @@ def test_lora_ppo_with_vllm_rollouts_then_export_loads_in_vllm(tiny_models, tmp_
 
     out = tmp_path / "run"
     base = str(tiny_models["llama"])  # head_dim 64: what vLLM's CPU attention supports
-    assert main(["sft", "--policy.path", base, "--out", str(out), *DATA, *FEW]) == 0
+    assert cli(["sft", "--policy.path", base, "--out", str(out), *DATA, *FEW]) == 0
     sft = str(out / "sft" / "final" / "policy")
-    assert main(["rm", "--policy.path", sft, "--out", str(out), *DATA, *FEW]) == 0
-    assert main(["ppo", "--policy.path", sft, "--reward.path", str(out / "rm" / "final" / "reward"), "--out", str(out),
+    assert cli(["rm", "--policy.path", sft, "--out", str(out), *DATA, *FEW]) == 0
+    assert cli(["ppo", "--policy.path", sft, "--reward.path", str(out / "rm" / "final" / "reward"), "--out", str(out),
                  *DATA, *FEW, "--policy.lora_rank", "8", "--ppo.lr", "3e-2", "--ppo.iterations", "3",
                  "--rollout.backend", "vllm"]) == 0
     m = rows(out / "ppo" / "metrics.jsonl")
@@ -308,7 +308,7 @@ def test_lora_ppo_with_vllm_rollouts_then_export_loads_in_vllm(tiny_models, tmp_
     assert m[-1]["approx_kl"] >= 0 and m[-1]["kl"] > 0  # the policy moved away from the reference
 
     exported = tmp_path / "exported"
-    assert main(["export", "--out", str(out), "--to", str(exported)]) == 0
+    assert cli(["export", "--out", str(out), "--to", str(exported)]) == 0
     with VLLMRollout(exported, dtype="float32", seed=0, max_model_len=64) as engine:
         res = engine.generate([[1, 2, 3]], n=2, max_tokens=4)
     assert len(res) == 2 and all(1 <= len(r.token_ids) <= 4 for r in res)
@@ -335,7 +335,7 @@ def test_bf16_runs_keep_float32_master_weights(tiny_models, tmp_path):
     assert {p.dtype for n, p in lora.named_parameters() if "lora_" not in n} == {torch.bfloat16}
 
     out = tmp_path / "run"
-    assert main(["sft", "--policy.path", str(path), "--out", str(out), *DATA, *FEW, "--run.dtype", "bfloat16",
+    assert cli(["sft", "--policy.path", str(path), "--out", str(out), *DATA, *FEW, "--run.dtype", "bfloat16",
                  "--sft.lr", "1e-5"]) == 0
     before, after = weights(path), weights(out / "sft" / "final" / "policy")
     moved = [k for k in before if not torch.equal(before[k].float(), after[k])]

@@ -71,7 +71,7 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(run_dir, tmp_path, tiny, 
         return path
 
     straight = prepare(tmp_path / "straight")
-    assert main([stage, "--out", str(straight), "--run.resume", "true", *tiny]) == 0
+    assert main([stage, "--out", str(straight), "--run.resume", "true", *tiny(stage)]) == 0
 
     broken = prepare(tmp_path / "broken")
     with monkeypatch.context() as m:
@@ -79,12 +79,12 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(run_dir, tmp_path, tiny, 
             interrupt(m, lm, "lm_loss", 5)          # during step 5 of 6
         else:
             interrupt(m, ppo, "make_experience", 3)  # during iteration 3 of 3
-        assert main([stage, "--out", str(broken), *tiny]) == 130
+        assert main([stage, "--out", str(broken), *tiny(stage)]) == 130
     # The interrupt escaped in the middle of a step: nothing of that step is saved, the last checkpoint stays.
     latest = (broken / stage / "checkpoints" / "latest").read_text()
     assert latest == ("step-000003" if stage == "pretrain" else "step-000002")
     assert not (broken / stage / "final").exists()
-    assert main([stage, "--out", str(broken), "--run.resume", "true", *tiny]) == 0
+    assert main([stage, "--out", str(broken), "--run.resume", "true", *tiny(stage)]) == 0
 
     a, b = _weights(straight / stage), _weights(broken / stage)
     assert a.keys() == b.keys()
@@ -97,7 +97,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_dir, tmp_path, tiny, 
 
     out = tmp_path / "nan"
     shutil.copytree(run_dir / "tokenizer", out / "tokenizer")
-    code = main(["pretrain", "--out", str(out), *tiny, "--pretrain.lr", "1e30", "--pretrain.checkpoint_every", "1"])
+    code = main(["pretrain", "--out", str(out), *tiny("pretrain"), "--pretrain.lr", "1e30", "--pretrain.checkpoint_every", "1"])
     assert code == 3
     err = capsys.readouterr().err
     # step 1 blew the weights up (~1e29) before its loss did: caught before the checkpoint was written
@@ -124,7 +124,7 @@ def test_export_writes_a_plain_transformers_directory(run_dir, tmp_path):
 
 def test_reproduce_draws_figure1(tmp_path, tiny):
     out = tmp_path / "fig"
-    args = [a for a in tiny]
+    args = tiny("reproduce")
     args[args.index("--model.hidden_size") + 1] = "64"
     assert main(["reproduce", "--out", str(out), *args, "--sizes", "[64]", "--record", "false"]) == 0
     result = json.loads((out / "figure1.json").read_text())

@@ -15,15 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import engine.trainers.lm as lm
-import engine.trainers.ppo as ppo
-import engine.trainers.reward as reward
 from engine.checkpoint import load_trainer_state
 from engine.cli import main
 from engine.state_file import read_state
+from engine.trainers.optim import Optim
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-STAGE = {"sft": (lm, "policy"), "rm": (reward, "reward"), "ppo": (ppo, "policy")}
+STAGE = {"sft": "policy", "rm": "reward", "ppo": "policy"}  # each stage's final model
 # the update after which each stage is interrupted, and the step it belongs to: SFT and RM update once per
 # step; a TINY PPO iteration makes 4 policy updates (8 rollouts / minibatch 4 x 2 epochs): update 6 is in
 # iteration 2, between its minibatches
@@ -38,7 +36,7 @@ def copy_before(run_dir, path, stage):
 
 
 def final_weights(out, stage):
-    return load_file(out / stage / "final" / STAGE[stage][1] / "model.safetensors")
+    return load_file(out / stage / "final" / STAGE[stage] / "model.safetensors")
 
 
 def assert_same(a, b):
@@ -47,14 +45,14 @@ def assert_same(a, b):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
-def interrupt_after_update(monkeypatch, module, n: int, how: str):
-    """Ctrl-C right after the n-th optimizer update of the stage's first optimizer (the policy's in PPO, which
-    is followed by the value model's update): a real SIGINT ("signal") or a KeyboardInterrupt raised there."""
-    real, made = module.adamw, []
+def interrupt_after_update(monkeypatch, n: int, how: str):
+    """Ctrl-C right after the n-th update of the first optimizer a stage makes (the policy's in PPO, whose update
+    is followed by the value model's): a real SIGINT ("signal"), two of them, or a KeyboardInterrupt raised."""
+    real, made = Optim.adamw.__func__, []
 
-    def adamw(*args, **kwargs):
-        opt = real(*args, **kwargs)
-        made.append(opt)
+    def adamw(cls, *args, **kwargs):
+        optim = real(cls, *args, **kwargs)
+        made.append(optim)
         if len(made) == 1:
             count = [0]
 
@@ -68,9 +66,9 @@ def interrupt_after_update(monkeypatch, module, n: int, how: str):
                         os.kill(os.getpid(), signal.SIGINT)
                     else:
                         raise KeyboardInterrupt
-            opt.register_step_post_hook(after_step)
-        return opt
-    monkeypatch.setattr(module, "adamw", adamw)
+            optim.optimizer.register_step_post_hook(after_step)
+        return optim
+    monkeypatch.setattr(Optim, "adamw", classmethod(adamw))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +77,7 @@ def straight(tiny_run, tmp_path_factory, tiny_args):
     runs = {}
     for stage in STAGE:
         out = copy_before(tiny_run, tmp_path_factory.mktemp("straight") / stage, stage)
-        assert main([stage, "--out", str(out), *tiny_args]) == 0
+        assert main([stage, "--out", str(out), *tiny_args(stage)]) == 0
         runs[stage] = out
     return runs
 
@@ -89,9 +87,9 @@ def test_ctrl_c_after_an_update_finishes_the_step_saves_it_and_resume_is_exact(
         tiny_run, straight, tmp_path, tiny, monkeypatch, stage, caplog):
     out = copy_before(tiny_run, tmp_path / "run", stage)
     # no periodic checkpoint before the end: the one found afterwards is the interrupt's
-    args = [stage, "--out", str(out), *tiny, f"--{stage}.checkpoint_every", "100"]
+    args = [stage, "--out", str(out), *tiny(stage), f"--{stage}.checkpoint_every", "100"]
     with monkeypatch.context() as m:
-        interrupt_after_update(m, STAGE[stage][0], UPDATE[stage], "signal")
+        interrupt_after_update(m, UPDATE[stage], "signal")
         assert main(args) == 130
     assert "finishing this step, then saving it" in caplog.text
     assert (out / stage / "checkpoints" / "latest").read_text() == f"step-{STEP[stage]:06d}"
@@ -104,9 +102,9 @@ def test_ctrl_c_after_an_update_finishes_the_step_saves_it_and_resume_is_exact(
 def test_interrupt_inside_a_step_saves_nothing_of_it_and_resume_is_exact(
         tiny_run, straight, tmp_path, tiny, monkeypatch, stage, how):
     out = copy_before(tiny_run, tmp_path / "run", stage)
-    args = [stage, "--out", str(out), *tiny, f"--{stage}.checkpoint_every", "1"]
+    args = [stage, "--out", str(out), *tiny(stage), f"--{stage}.checkpoint_every", "1"]
     with monkeypatch.context() as m:
-        interrupt_after_update(m, STAGE[stage][0], UPDATE[stage], how)
+        interrupt_after_update(m, UPDATE[stage], how)
         assert main(args) == 130
     # the half-done step is not saved: the run goes on from the checkpoint before it
     assert (out / stage / "checkpoints" / "latest").read_text() == f"step-{STEP[stage] - 1:06d}"
@@ -120,9 +118,9 @@ def test_interrupt_inside_a_step_saves_nothing_of_it_and_resume_is_exact(
 def interrupted_sft(tiny_run, tmp_path, tiny, monkeypatch):
     """An SFT run stopped inside step 3 with checkpoints at steps 1 and 2 (latest: step-000002)."""
     out = copy_before(tiny_run, tmp_path / "run", "sft")
-    args = ["sft", "--out", str(out), *tiny, "--sft.checkpoint_every", "1"]
+    args = ["sft", "--out", str(out), *tiny("sft"), "--sft.checkpoint_every", "1"]
     with monkeypatch.context() as m:
-        interrupt_after_update(m, lm, 3, "raise")
+        interrupt_after_update(m, 3, "raise")
         assert main(args) == 130
     return out, args
 
@@ -131,8 +129,9 @@ def test_trainer_state_is_safetensors_and_json_and_nothing_in_a_run_is_a_pickle(
     ckpt = tiny_run / "sft" / "checkpoints" / "step-000004"
     assert sorted(p.name for p in ckpt.iterdir()) == ["policy", "trainer.json", "trainer.safetensors"]
     state = read_state(ckpt)
-    assert state["step"] == 4 and isinstance(state["optimizer"]["state"][0]["exp_avg"], torch.Tensor)
-    assert state["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
+    saved = state["optimizers"]["policy"]
+    assert state["step"] == 4 and isinstance(saved["optimizer"]["state"][0]["exp_avg"], torch.Tensor)
+    assert saved["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95) and saved["scheduler"]["last_epoch"] == 4
     for path in tiny_run.rglob("*"):
         if path.is_file():
             assert path.suffix not in (".pt", ".pth", ".bin", ".pkl", ".pickle"), path
@@ -166,12 +165,14 @@ def test_old_trainer_pt_still_resumes_exactly(interrupted_sft, straight):
     ckpt = out / "sft" / "checkpoints" / "step-000002"
     import numpy as np
 
-    state = read_state(ckpt)  # rewrite it as the old format was written: torch.save of the same dict
+    state = read_state(ckpt)  # rewritten as the old trainer wrote it: torch.save of its dict, its own keys
     version, internal, gauss = state["rng"]["python"]
     name, keys, pos, has_gauss, cached = state["rng"]["numpy"]
-    state["rng"] = {"torch": state["rng"]["torch"], "python": (version, tuple(internal), gauss),
-                    "numpy": (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)}
-    torch.save(state, ckpt / "trainer.pt")
+    old = {"optimizer": state["optimizers"]["policy"]["optimizer"],
+           "scheduler": state["optimizers"]["policy"]["scheduler"], "step": state["step"],
+           "rng": {"torch": state["rng"]["torch"], "python": (version, tuple(internal), gauss),
+                   "numpy": (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)}}
+    torch.save(old, ckpt / "trainer.pt")
     (ckpt / "trainer.json").unlink()
     (ckpt / "trainer.safetensors").unlink()
     assert load_trainer_state(ckpt)["step"] == 2
@@ -268,7 +269,7 @@ def test_divergence_without_a_nan_stops_the_run(tiny_run, tmp_path, tiny, capsys
     out = tmp_path / "div"
     shutil.copytree(tiny_run / "tokenizer", out / "tokenizer")
     # lr 1e6: weights of ~1e6, loss stuck near ln V, no NaN: it used to finish with exit code 0
-    assert main(["pretrain", "--out", str(out), *tiny, "--pretrain.lr", "1e6"]) == 3
+    assert main(["pretrain", "--out", str(out), *tiny("pretrain"), "--pretrain.lr", "1e6"]) == 3
     err = capsys.readouterr().err
     assert "pretrain: the policy model's weights diverged" in err and "--pretrain.lr (now 1e+06)" in err
     assert not (out / "pretrain" / "final").exists()

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not ok, reason=f"vLLM is not importable here: {w
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from engine.config import ModelConfig
-    from engine.models import build_policy
+    from engine.task.model import build_policy
     from engine.task.vocab import build_tokenizer
 
     torch.manual_seed(0)
@@ -53,7 +53,7 @@ def max_diff(a, b):
 
 
 def test_generate_n_samples_prompt_major_with_engine_logprobs(rollout, model_dir):
-    from engine.models import load_policy
+    from engine.loading import load_model
 
     prompts = [[1, 5, 7, 9], [1, 6, 8], [1, 11]]
     res = rollout.generate(prompts, n=3, max_tokens=6, temperature=0.8, seed=7)
@@ -65,7 +65,7 @@ def test_generate_n_samples_prompt_major_with_engine_logprobs(rollout, model_dir
     # The same seed gives the same samples; the engine's log-probs are the trainer's (temperature applied).
     again = rollout.generate(prompts, n=3, max_tokens=6, temperature=0.8, seed=7)
     assert [r.token_ids for r in again] == [r.token_ids for r in res]
-    policy = load_policy(model_dir, "cpu").eval()
+    policy = load_model(model_dir, flag="test", scalar=False).eval()
     seqs = [prompts[r.prompt_index] + r.token_ids for r in res]
     trainer = trainer_logprobs(policy, seqs, temperature=0.8)
     engine = [r.logprobs for r in res]
@@ -74,9 +74,9 @@ def test_generate_n_samples_prompt_major_with_engine_logprobs(rollout, model_dir
 
 
 def test_update_weights_in_place_matches_trainer(rollout, model_dir):
-    from engine.models import load_policy
+    from engine.loading import load_model
 
-    policy = load_policy(model_dir, "cpu").eval()
+    policy = load_model(model_dir, flag="test", scalar=False).eval()
     seqs = [[1, 5, 7, 9, 10, 11, 12], [1, 6, 8, 20, 21]]
     before = rollout.sequence_logprobs(seqs)
     assert max_diff(before, trainer_logprobs(policy, seqs)) < 1e-4
@@ -88,7 +88,7 @@ def test_update_weights_in_place_matches_trainer(rollout, model_dir):
     assert max_diff(after, trainer_logprobs(policy, seqs)) < 1e-4
     assert max_diff(after, before) > 0.1
     # put the original weights back for the other tests
-    rollout.update_weights(load_policy(model_dir, "cpu").named_parameters())
+    rollout.update_weights(load_model(model_dir, flag="test", scalar=False).named_parameters())
     assert max_diff(rollout.sequence_logprobs(seqs), before) < 1e-5
 
 
@@ -105,8 +105,8 @@ def test_ppo_with_vllm_rollouts_logs_mismatch(tmp_path, rollout, tiny):
     rollout.close()  # one engine per process at a time
     out = tmp_path / "run"
     for stage in ("pretrain", "sft", "rm"):
-        assert main([stage, "--out", str(out), *tiny]) == 0
-    assert main(["ppo", "--out", str(out), *tiny, "--rollout.backend", "vllm", "--ppo.tis_cap", "2"]) == 0
+        assert main([stage, "--out", str(out), *tiny(stage)]) == 0
+    assert main(["ppo", "--out", str(out), *tiny("ppo"), "--rollout.backend", "vllm", "--ppo.tis_cap", "2"]) == 0
     rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     for m in rows:

@@ -1,0 +1,93 @@
+"""What each command reads. A command offers only the config sections it uses (so a flag of another section
+is an unknown argument); within them, a field it does not read in this run is refused by name when it is
+set, never ignored (`unread`)."""
+from __future__ import annotations
+
+import dataclasses
+
+from .config import Config
+
+COMMANDS = {
+    "pretrain": "pretrain the tiny LM on the built-in corpus",
+    "sft": "supervised fine-tuning on the demonstrations",
+    "rm": "train the reward model on K-way rankings (all K-choose-2 pairs per prompt)",
+    "ppo": "PPO against the reward model (--ptx true for PPO-ptx)",
+    "eval": "held-out labelers' win rates, RM accuracy, alignment tax -> report.md / report.json",
+    "pipeline": "all of the above in order: (pretrain,) sft, rm, ppo, ppo-ptx (, eval)",
+    "reproduce": "Figure 1 in miniature: SFT, PPO, PPO-ptx at several model sizes (a benchmark, minutes each)",
+    "export": "write a run's final policy as a plain transformers directory (loads in transformers and vLLM)",
+    "tiny-model": "write a small random checkpoint of a real family (llama, qwen2, mistral, gpt2) with its "
+                  "tokenizer, to try --policy.path without downloads",
+}
+ALL = tuple(f.name for f in dataclasses.fields(Config))
+SECTIONS = {
+    "pretrain": ("run", "task", "model", "pretrain", "policy"),
+    "sft": ("run", "task", "policy", "data", "sft"),
+    "rm": ("run", "task", "policy", "reward", "value", "data", "rm"),
+    "ppo": ("run", "task", "policy", "reference", "reward", "value", "data", "ppo", "rollout", "eval"),
+    "eval": ("run", "task", "rollout", "eval", "policy"),
+    "pipeline": ALL,
+    "reproduce": ALL,
+    "export": (),
+    "tiny-model": (),
+}
+DATA_FILES = ("prompts", "demonstrations", "comparisons", "eval_comparisons", "pretrain")
+# the data files each training command reads (the pipeline reads them all)
+READS_FILES = {"sft": ("demonstrations",), "rm": ("comparisons", "demonstrations", "eval_comparisons"),
+               "ppo": ("prompts", "pretrain")}
+LORA_DETAILS = ("lora_alpha", "lora_dropout", "lora_targets")
+
+
+def _changed(section, *names: str) -> list[str]:
+    defaults = type(section)()
+    return [n for n in names if getattr(section, n) != getattr(defaults, n)]
+
+
+def unread(command: str, cfg: Config, ptx: bool = False) -> list[str]:
+    """'section.field: why' for every field set away from its default that `command` does not read."""
+    out = []
+
+    def refuse(section: str, names, why: str):
+        out.extend(f"--{section}.{n} ({why})" for n in _changed(getattr(cfg, section), *names))
+
+    fields = {s: [f.name for f in dataclasses.fields(getattr(cfg, s))] for s in ALL}
+    offered = SECTIONS[command]
+    if cfg.local:  # the user's checkpoint and data
+        for section in ("task", "model", "pretrain"):
+            if section in offered:
+                refuse(section, fields[section], "the built-in task's; your run brings its own model and data")
+        if "eval" in offered:
+            refuse("eval", fields["eval"], "the held-out labelers' win rate is the built-in task's")
+        if command == "eval":
+            refuse("rollout", ("max_new_tokens",), "the held-out labelers' win rate is the built-in task's")
+        if "ppo" in offered:
+            refuse("ppo", ("eval_every", "eval_prompts"), "the held-out labelers' win rate is the built-in task's")
+        if command == "reproduce":
+            out.append("--policy.path (reproduce runs the built-in task at several sizes)")
+    else:
+        if "data" in offered:
+            refuse("data", DATA_FILES, "the built-in task makes its own data: give --policy.path DIR to train your "
+                                       "own checkpoint on your files")
+    if command in READS_FILES and cfg.local:
+        refuse("data", [f for f in DATA_FILES if f not in READS_FILES[command]], f"`{command}` does not read it")
+    if command in ("pretrain", "eval"):  # the policy section is offered for --policy.path's explanation only
+        refuse("policy", [n for n in fields["policy"] if n != "path"], f"`{command}` trains no policy of yours")
+    if command == "rm":
+        refuse("policy", ("lora_rank", "gradient_checkpointing", *LORA_DETAILS),
+               "the reward model is trained with the --value.* settings")
+        refuse("value", ("path",), "`rm` starts from --reward.path or the policy")
+    if command == "ppo" and not ptx:
+        refuse("ppo", ("ptx_coef", "ptx_batch"), "only PPO-ptx reads it: add --ptx true")
+        refuse("data", ("pretrain",), "only PPO-ptx reads it: add --ptx true")
+    if command == "eval":
+        refuse("rollout", [n for n in fields["rollout"] if n != "max_new_tokens"],
+               "eval samples with transformers at --eval.temperature")
+    if "ppo" in offered and not cfg.ppo.adaptive_kl:
+        refuse("ppo", ("target_kl", "kl_horizon"), "only the adaptive KL controller reads it: add --ppo.adaptive_kl true")
+    for role in ("policy", "value"):
+        policy_refused = role == "policy" and command in ("rm", "pretrain", "eval")  # refused whole above
+        if role in offered and getattr(cfg, role).lora_rank == 0 and not policy_refused:
+            refuse(role, LORA_DETAILS, f"LoRA is off: set --{role}.lora_rank")
+    if "rollout" in offered and command != "eval" and (cfg.run.device != "cuda" or cfg.rollout.backend == "hf"):
+        refuse("rollout", ("gpu_memory_utilization", "sleep"), "for vLLM colocated on a GPU only")
+    return out

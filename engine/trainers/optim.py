@@ -1,0 +1,89 @@
+"""One optimizer setup for every trainer: AdamW (betas 0.9, 0.95), an optional warm-up + cosine schedule, and
+gradient clipping, configured by the same fields in each training section (lr, weight_decay,
+max_grad_norm; warmup where there is a schedule)."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("engine")
+
+
+def warmup_cosine(optimizer, warmup: int, total: int, floor: float = 0.1):
+    """Linear warm-up for `warmup` steps, then cosine decay to `floor` of the peak rate."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Optim:
+    """AdamW over a model's trainable parameters (LoRA trains only a few), its schedule, and its clipping.
+
+    lr: the configured peak rate, honoured when a run resumes with another one; flag: its command-line
+    name, for messages.
+    """
+    optimizer: torch.optim.Optimizer
+    params: list
+    lr: float
+    flag: str
+    max_grad_norm: float
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+
+    @classmethod
+    def adamw(cls, model, *, lr: float, flag: str, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
+              warmup: int | None = None, total: int | None = None) -> "Optim":
+        """warmup and total: a warm-up + cosine schedule over `total` steps; None: a constant rate."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+        sched = warmup_cosine(opt, warmup, total) if warmup is not None else None
+        return cls(opt, params, lr, flag, max_grad_norm, sched)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> float:
+        """Clip the gradients to max_grad_norm, update, advance the schedule; returns the gradient norm
+        before clipping."""
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return float(norm)
+
+    @property
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        out = {"optimizer": self.optimizer.state_dict()}
+        if self.scheduler is not None:
+            out["scheduler"] = self.scheduler.state_dict()
+        return out
+
+    def load_state_dict(self, saved: dict) -> None:
+        """A checkpoint's state; then the configured peak rate: a rate changed between runs is used, and
+        the log says so."""
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(saved["scheduler"])
+        before = self.scheduler.base_lrs[0] if self.scheduler is not None else self.optimizer.param_groups[0]["lr"]
+        if before == self.lr:
+            return
+        log.warning("resuming with %s %g (the checkpoint was trained with %g)", self.flag, self.lr, before)
+        if self.scheduler is None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
+            return
+        sched = self.scheduler
+        sched.base_lrs = [self.lr for _ in sched.base_lrs]
+        for group, factor in zip(self.optimizer.param_groups, sched.lr_lambdas):
+            group["initial_lr"] = self.lr
+            group["lr"] = self.lr * factor(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]

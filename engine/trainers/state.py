@@ -1,0 +1,62 @@
+"""What a stage's checkpoint holds and how a stage starts: the one resume-and-save skeleton of every trainer.
+
+A checkpoint (engine/checkpoint.py) is the trained models under their names plus the trainer state: each
+optimizer's (and schedule's) state under the same name, the step, the RNG streams, and a stage's extra
+scalars (PPO's KL coefficient).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from ..checkpoint import CheckpointError, latest_checkpoint, load_trainer_state, save_checkpoint
+from .optim import Optim
+
+def open_stage(ctx, stage: str, result: str) -> tuple[Path, Path, Path | None]:
+    """(stage directory, its final result directory `final/<result>`, the checkpoint to resume from or None).
+
+    The directory is made ready by ctx.fresh_stage_dir (refusing to delete an earlier run unasked); a stage
+    that already finished is recognised by its final/ directory, which callers return at once."""
+    stage_dir = ctx.fresh_stage_dir(stage)
+    ckpt = latest_checkpoint(stage_dir) if ctx.cfg.run.resume and not (stage_dir / "final").is_dir() else None
+    return stage_dir, stage_dir / "final" / result, ckpt
+
+
+@dataclass
+class TrainState:
+    """The models a stage trains and the optimizers that train them, keyed by the same names.
+
+    extra(): scalars saved with each checkpoint (e.g. {"kl_coef": 0.1}); `restore` returns them.
+    """
+    stage_dir: Path
+    models: dict[str, nn.Module]
+    optims: dict[str, Optim]
+    tokenizer: object
+    extra: Callable[[], dict] = field(default=dict)
+
+    def save(self, step: int) -> Path:
+        state = {"optimizers": {name: o.state_dict() for name, o in self.optims.items()}, **self.extra()}
+        return save_checkpoint(self.stage_dir, step, self.models, state, self.tokenizer)
+
+    def restore(self, ckpt: Path) -> dict:
+        """Load the optimizers' state (and the RNG streams) of checkpoint `ckpt`; returns the whole trainer
+        state ("step", the extras)."""
+        state = load_trainer_state(ckpt)
+        saved = state.get("optimizers") or _legacy_optimizers(state, list(self.optims))
+        for name, optim in self.optims.items():
+            if name not in saved:
+                raise CheckpointError(f"{ckpt}: no optimizer state for the {name} model; it was written by another "
+                                      f"stage or version. Start the stage over with --run.overwrite true.")
+            optim.load_state_dict(saved[name])
+        return state
+
+
+def _legacy_optimizers(state: dict, names: list[str]) -> dict:
+    """Optimizer states as checkpoints before 2026-11-24 kept them: "optimizer" + "scheduler" for the one
+    model of SFT and the RM, "opt_policy" and "opt_value" for PPO's two."""
+    if "optimizer" in state and len(names) == 1:
+        return {names[0]: {"optimizer": state["optimizer"], "scheduler": state.get("scheduler")}}
+    return {name: {"optimizer": state[f"opt_{name}"]} for name in names if f"opt_{name}" in state}
