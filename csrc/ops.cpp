@@ -1,6 +1,6 @@
 // Schemas of the compiled ops (namespace `rlhf_engine`) and their CPU implementations' registration.
-// Entry points only check inputs; the math lives in gae_cpu.cpp / rewards_cpu.cpp and, on CUDA, in
-// gae.cu / rewards.cu. Python reaches them as torch.ops.rlhf_engine.* through kernels/ext.py.
+// Entry points only check inputs; the math lives in gae_cpu.cpp / rewards_cpu.cpp / token_logprobs_cpu.cpp
+// and, on CUDA, in gae.cu / rewards.cu. Python reaches them as torch.ops.rlhf_engine.* through kernels/ext.py.
 #include <torch/library.h>
 
 #include "ops.h"
@@ -11,11 +11,18 @@ TORCH_LIBRARY(rlhf_engine, m) {
   // scores [B]; logprobs, ref_logprobs [B, T] float; mask [B, T]; estimator 1|2|3 -> (rewards, kl)
   m.def("shape_rewards(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor mask, float kl_coef, "
         "int estimator) -> (Tensor, Tensor)");
+  // logits [A, B, V] (unit stride over V); tokens int64 [A*B] -> (logp, lse, entropy) [A*B] float32/float64
+  m.def("token_logprobs_fwd(Tensor logits, Tensor tokens, float inv_t, bool entropy) -> (Tensor, Tensor, Tensor)");
+  // -> d loss / d logits [A*B, V] in the logits' dtype
+  m.def("token_logprobs_bwd(Tensor logits, Tensor tokens, Tensor lse, Tensor ent, Tensor? grad_logp, "
+        "Tensor? grad_ent, float inv_t) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_engine, CPU, m) {
   m.impl("gae", &rlhf_engine::gae_cpu);
   m.impl("shape_rewards", &rlhf_engine::shape_rewards_cpu);
+  m.impl("token_logprobs_fwd", &rlhf_engine::token_logprobs_fwd_cpu);
+  m.impl("token_logprobs_bwd", &rlhf_engine::token_logprobs_bwd_cpu);
 }
 
 // A Python extension module named _C, so `import kernels._C` loads the library and runs the registrations.

@@ -31,6 +31,12 @@ std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, c
                                                      const at::Tensor& ref_logprobs, const at::Tensor& mask,
                                                      double kl_coef, int64_t estimator);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(const at::Tensor& logits, const at::Tensor& tokens,
+                                                                      double inv_t, bool entropy);
+at::Tensor token_logprobs_bwd_cpu(const at::Tensor& logits, const at::Tensor& tokens, const at::Tensor& lse,
+                                  const at::Tensor& ent, const c10::optional<at::Tensor>& grad_logp,
+                                  const c10::optional<at::Tensor>& grad_ent, double inv_t);
+
 // KL estimators on r = logprobs - ref_logprobs: k1 = r, k2 = r^2/2, k3 = exp(-r) - 1 + r.
 template <typename T>
 inline T kl_estimate(T r, int64_t estimator) {

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .dispatch import register
-from .reference import compute_dtype
+from .reference import compute_dtype, rows_view
 
 _ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -29,7 +29,7 @@ def _load() -> None:
             raise
     from torch.utils.cpp_extension import CUDA_HOME, load
 
-    sources = [CSRC / "ops.cpp", CSRC / "gae_cpu.cpp", CSRC / "rewards_cpu.cpp"]
+    sources = [CSRC / "ops.cpp", CSRC / "gae_cpu.cpp", CSRC / "rewards_cpu.cpp", CSRC / "token_logprobs_cpu.cpp"]
     if torch.version.cuda and CUDA_HOME:
         sources += [CSRC / "gae.cu", CSRC / "rewards.cu"]
     load(name="rlhf_engine_C", sources=[str(s) for s in sources], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
@@ -53,11 +53,42 @@ def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, estimato
                                                _ESTIMATORS[estimator])
 
 
+class _CPUTokenLogprobs(torch.autograd.Function):
+    """csrc/token_logprobs_cpu.cpp: forward and backward in one pass over the logits each (rows in parallel,
+    sums in double); the gradient is written in the logits' dtype."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, return_entropy):
+        x = rows_view(logits)
+        flat_tok = tokens.reshape(-1).long().contiguous()
+        logp, lse, ent = torch.ops.rlhf_engine.token_logprobs_fwd(x, flat_tok, 1.0 / temperature, return_entropy)
+        ctx.save_for_backward(x, flat_tok, lse, ent if return_entropy else lse)
+        ctx.temperature, ctx.return_entropy, ctx.shape = temperature, return_entropy, logits.shape
+        shape = tokens.shape
+        return (logp.view(shape), ent.view(shape)) if return_entropy else logp.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent=None):
+        x, flat_tok, lse, ent = ctx.saved_tensors
+        g_lp = grad_logp.reshape(-1) if grad_logp is not None else None
+        g_h = grad_ent.reshape(-1) if (ctx.return_entropy and grad_ent is not None) else None
+        grad = torch.ops.rlhf_engine.token_logprobs_bwd(x, flat_tok, lse, ent, g_lp, g_h, 1.0 / ctx.temperature)
+        return grad.view(ctx.shape), None, None, None
+
+
+def token_logprobs(logits, tokens, temperature: float = 1.0, return_entropy: bool = False):
+    return _CPUTokenLogprobs.apply(logits, tokens, float(temperature), bool(return_entropy))
+
+
 for _op, _fn in (("gae", gae), ("shape_rewards", shape_rewards)):
     if has_kernel(_op, "CPU"):
         register(_op, "cpu")(_fn)
     if has_kernel(_op, "CUDA"):
         register(_op, "cuda")(_fn)
+
+
+if has_kernel("token_logprobs_fwd", "CPU"):
+    register("token_logprobs", "cpu")(token_logprobs)
 
 
 @torch.library.register_fake("rlhf_engine::gae")
@@ -69,3 +100,15 @@ def _gae_fake(rewards, values, mask, gamma, lam):
 def _shape_rewards_fake(scores, logprobs, ref_logprobs, mask, kl_coef, estimator):
     out = torch.empty(logprobs.shape, dtype=compute_dtype(logprobs), device=logprobs.device)
     return out, torch.empty_like(out)
+
+
+@torch.library.register_fake("rlhf_engine::token_logprobs_fwd")
+def _token_logprobs_fwd_fake(logits, tokens, inv_t, entropy):
+    n = logits.shape[0] * logits.shape[1]
+    out = torch.empty(n, dtype=compute_dtype(logits), device=logits.device)
+    return out, torch.empty_like(out), torch.empty(n if entropy else 0, dtype=out.dtype, device=out.device)
+
+
+@torch.library.register_fake("rlhf_engine::token_logprobs_bwd")
+def _token_logprobs_bwd_fake(logits, tokens, lse, ent, grad_logp, grad_ent, inv_t):
+    return torch.empty(logits.shape[0] * logits.shape[1], logits.shape[2], dtype=logits.dtype, device=logits.device)

@@ -44,6 +44,23 @@ def _row_blocks(logits: torch.Tensor, start: int = 0) -> Iterator[tuple[int, tor
         yield from _row_blocks(logits[i], start + i * inner)
 
 
+def rows_view(x: torch.Tensor) -> torch.Tensor:
+    """x [..., V] as an [outer, inner, V] view with unit stride over V, for kernels that address rows through
+    two strides (so `logits[:, :-1]` needs no copy); a copy only when no such view exists."""
+    if x.dim() == 1:
+        x = x.view(1, 1, -1)
+    elif x.dim() == 2:
+        x = x.unsqueeze(0)
+    elif x.dim() > 3:
+        try:
+            x = x.view(-1, x.shape[-2], x.shape[-1])
+        except RuntimeError:
+            x = x.reshape(-1, x.shape[-2], x.shape[-1])
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x
+
+
 def _block_log_softmax(block: torch.Tensor, inv_t: float, dtype: torch.dtype) -> torch.Tensor:
     """log_softmax of one [rows, V] block in `dtype` (ATen's fused kernel; the max shift is inside it, so
     logits of size 1e3 keep their digits)."""
@@ -55,8 +72,27 @@ def _block_log_softmax(block: torch.Tensor, inv_t: float, dtype: torch.dtype) ->
 
 def _entropy(lsm: torch.Tensor) -> torch.Tensor:
     p = lsm.exp()
-    # p * log p is 0 * -inf = nan where a logit is -inf; those entries contribute nothing.
-    return -torch.where(p > 0, p * lsm, torch.zeros((), dtype=lsm.dtype)).sum(dim=-1)
+    # p * log p is 0 * -inf = nan where a logit is -inf; those entries contribute nothing (a NaN stays NaN).
+    return -torch.where(p == 0, torch.zeros((), dtype=lsm.dtype), p * lsm).sum(dim=-1)
+
+
+def _infinite_rows(logits, flat_tok, logp, ent) -> None:
+    """The limits where a row holds +inf (log_softmax gives NaN there): all the mass on the row's k infinite
+    logits, so log-prob -log k for those, -inf for the others, entropy log k. Only rows that came out NaN are
+    looked at again, so ordinary inputs pay one isnan over the outputs."""
+    bad = torch.isnan(logp)
+    if not bad.any():
+        return
+    rows = bad.nonzero().squeeze(1)
+    z = logits.reshape(-1, logits.shape[-1])[rows]
+    inf = torch.isposinf(z)
+    k = inf.sum(1)
+    has = k > 0
+    hit = inf.gather(1, flat_tok[rows, None]).squeeze(1)
+    limit = torch.where(hit, -torch.log(k.to(logp.dtype)), torch.full_like(logp[rows], float("-inf")))
+    logp[rows] = torch.where(has, limit, logp[rows])
+    if ent is not None:
+        ent[rows] = torch.where(has, torch.log(k.to(ent.dtype)), ent[rows])
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -74,6 +110,7 @@ class _TokenLogprobs(torch.autograd.Function):
             logp[r0:r1] = lsm.gather(1, flat_tok[r0:r1, None]).squeeze(1)
             if return_entropy:
                 ent[r0:r1] = _entropy(lsm)
+        _infinite_rows(logits, flat_tok, logp, ent)
         ctx.save_for_backward(logits, flat_tok, ent if return_entropy else logp)
         ctx.temperature, ctx.return_entropy = temperature, return_entropy
         shape = tokens.shape

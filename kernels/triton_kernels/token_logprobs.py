@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import register
+from ..reference import rows_view
 from .common import grad_buffer, logits_grad, online_lse_step, store_as
 
 _NEG_BIG = tl.constexpr(-1.0e30)  # the running max starts here, not at -inf: exp(m_old - m_new) is never nan
@@ -61,22 +62,6 @@ def _bwd_kernel(logits_ptr, grad_ptr, tokens_ptr, lse_ptr, ent_ptr, g_lp_ptr, g_
     store_as(grad_ptr + outer * g_stride_outer + inner * g_stride_inner + cols, g, valid, BF16_BITS)
 
 
-def _rows_view(x: torch.Tensor) -> torch.Tensor:
-    """x [..., V] as a [outer, inner, V] view with unit stride over V (a copy only when no view exists)."""
-    if x.dim() == 1:
-        x = x.view(1, 1, -1)
-    elif x.dim() == 2:
-        x = x.unsqueeze(0)
-    elif x.dim() > 3:
-        try:
-            x = x.view(-1, x.shape[-2], x.shape[-1])
-        except RuntimeError:
-            x = x.reshape(-1, x.shape[-2], x.shape[-1])
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    return x
-
-
 def _block_v(vocab: int, element_size: int) -> int:
     # 16 KiB of logits per block: wide enough to stream at full bandwidth, few enough registers per thread.
     return min(triton.next_power_of_2(vocab), 16384 // element_size)
@@ -85,7 +70,7 @@ def _block_v(vocab: int, element_size: int) -> int:
 class _TritonTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, tokens, temperature, return_entropy):
-        x = _rows_view(logits)
+        x = rows_view(logits)
         outer, inner, vocab = x.shape
         n = outer * inner
         flat_tok = tokens.reshape(-1).contiguous()

@@ -1,4 +1,6 @@
 """token_logprobs against a float64 reference: values, entropy and gradients, every available backend."""
+import math
+
 import pytest
 import torch
 
@@ -166,7 +168,7 @@ def test_real_vocab_sizes_forward_backward(backend, vocab, dtype, rng):
 
 
 @pytest.mark.parametrize("op", ["token_logprobs", "linear_token_logprobs"])
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "cpu"])
 def test_out_of_range_ids_past_the_host_check_give_nan_not_a_read(op, backend, rng):
     """What checks.py promises for GPUs, where the range check is skipped: the kernels mask the target read,
     so an id outside [0, V) gives NaN in its row and leaves the other rows exact. (The torch token path's
@@ -189,3 +191,33 @@ def test_out_of_range_ids_past_the_host_check_give_nan_not_a_read(op, backend, r
     assert torch.isnan(got[~ok]).all()
     want = torch.log_softmax(logits.double(), -1)[torch.arange(4)[ok], tokens[ok]]
     torch.testing.assert_close(got[ok].double(), want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if dispatch.available("token_logprobs", b)])
+def test_positive_infinite_logits_give_the_limits(backend):
+    """A +inf logit takes all the mass: log-prob 0 for it, -inf for every other token (not NaN), entropy 0;
+    k infinite logits share it (-log k each, entropy log k). The CPU paths; a row with a NaN stays NaN."""
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor([[0.0, inf, 1.0, -2.0], [0.0, inf, 1.0, -2.0], [inf, 3.0, inf, 0.0],
+                           [inf, 3.0, inf, 0.0], [1.0, nan, 0.0, 2.0]])
+    tokens = torch.tensor([1, 2, 2, 3, 0])
+    lp, ent = kernels.token_logprobs(logits, tokens, return_entropy=True, backend=backend)
+    ln2 = math.log(2.0)
+    assert lp[:4].tolist() == pytest.approx([0.0, -inf, -ln2, -inf])
+    assert ent[:4].tolist() == pytest.approx([0.0, 0.0, ln2, ln2])
+    assert math.isnan(lp[4]) and math.isnan(ent[4])
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if dispatch.available("token_logprobs", b)])
+def test_float32_accuracy_at_a_real_vocabulary(backend, rng):
+    """Ordinary logits at Qwen's vocabulary: the default CPU path ("cpu", sums in double) is as accurate as a
+    separately summed log-sum-exp (TRL's and verl's float32 path); the torch fallback, ATen's float32
+    log_softmax (its sum is a plain float one: ~1e-5 off at this vocabulary), within 2e-5."""
+    vocab = 151936
+    logits = torch.randn(32, vocab, generator=rng) * 5
+    tokens = torch.randint(0, vocab, (32,), generator=rng)
+    exact = torch.log_softmax(logits.double(), -1).gather(1, tokens[:, None]).squeeze(1)
+    lse_path = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+    err = (kernels.token_logprobs(logits, tokens, backend=backend).double() - exact).abs().max().item()
+    peer = (lse_path.double() - exact).abs().max().item()
+    assert err <= (max(2 * peer, 2e-6) if backend == "cpu" else 2e-5), (err, peer)
