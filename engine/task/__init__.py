@@ -1,23 +1,10 @@
-"""The built-in task: instructions with checkable intent, a simulated demonstrator and labelers."""
+"""The built-in task: instructions with checkable intent, a simulated demonstrator and labelers.
+
+Its text goes through the same encoder as a user's (engine/data/encode.py), by its tokenizer's chat template;
+only reading an answer back into words is the task's own (`decode_response`)."""
 from __future__ import annotations
 
-from .vocab import BOS, EOS, SEP
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """<bos> prompt words <sep>: the model answers after <sep>."""
-    ids = tokenizer.convert_tokens_to_ids
-    return [ids(BOS), *ids(text.split()), ids(SEP)]
-
-
-def encode_response(tokenizer, text: str, finished: bool = True) -> list[int]:
-    out = tokenizer.convert_tokens_to_ids(text.split()) if text.strip() else []
-    return out + ([tokenizer.convert_tokens_to_ids(EOS)] if finished else [])
-
-
-def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
-    """Pretraining text as (prompt, response) = ([<bos>], words <eos>)."""
-    return [tokenizer.convert_tokens_to_ids(BOS)], encode_response(tokenizer, text)
+from .vocab import EOS
 
 
 def decode_response(tokenizer, ids: list[int]) -> tuple[str, bool]:

@@ -6,7 +6,8 @@ import random
 
 import torch
 
-from . import decode_response, encode_prompt, encode_text
+from ..data.encode import Encoder, text_examples
+from . import decode_response
 from .instructions import FEATURES, Instruction, features
 
 
@@ -17,9 +18,10 @@ def sample_answers(policy, tokenizer, insts: list[Instruction], *, temperature: 
     from ..rollout import HFRollout
 
     rollout = HFRollout(policy, seed=seed, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    enc = Encoder(tokenizer)
     out = []
     for i in range(0, len(insts), chunk):
-        prompts = [encode_prompt(tokenizer, x.prompt) for x in insts[i:i + chunk]]
+        prompts = [enc.prompt(x.prompt) for x in insts[i:i + chunk]]
         for r in rollout.generate(prompts, max_tokens=max_tokens, temperature=temperature):
             out.append(decode_response(tokenizer, r.token_ids))
     return out
@@ -55,7 +57,7 @@ def corpus_loss(policy, tokenizer, texts: list[str], chunk: int = 256) -> float:
     lp.eval()
     total = count = 0.0
     for i in range(0, len(texts), chunk):
-        pairs = [encode_text(tokenizer, t) for t in texts[i:i + chunk]]
+        pairs = text_examples(tokenizer, texts[i:i + chunk], max_tokens=1 << 20)
         n = sum(len(r) for _, r in pairs)
         total += lm_loss(lp, [p for p, _ in pairs], [r for _, r in pairs], tokenizer.pad_token_id).item() * n
         count += n

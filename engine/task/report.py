@@ -9,7 +9,7 @@ from pathlib import Path
 from ..checkpoint import write_text_atomic
 from ..loading import load_model
 from ..metrics import read_metrics
-from . import encode_prompt, encode_response
+from ..data.encode import Encoder
 from .evaluate import answer_quality, corpus_loss, sample_answers, win_rate
 from .people import write_response
 
@@ -75,11 +75,13 @@ def _second_labeler(ctx) -> dict:
     from ..models import SequenceScores
     from ..trainers.reward import pairwise_accuracy
 
-    tok = ctx.tokenizer
+    tok, enc = ctx.tokenizer, Encoder(ctx.tokenizer)
     rm = SequenceScores(load_model(path, flag="the reward model", scalar=True, device=ctx.device, run=ctx.cfg.run))
-    rows = [{"prompt": encode_prompt(tok, c["prompt"]), "ranks": c["ranks_second"],
-             "responses": [encode_response(tok, r, f) for r, f in zip(c["responses"], c["finished"])]}
-            for c in ctx.task.data.comparisons_heldout]
+    rows = []
+    for c in ctx.task.data.comparisons_heldout:
+        p = enc.prompt(c["prompt"])
+        rows.append({"prompt": p, "ranks": c["ranks_second"],
+                     "responses": [enc.response(c["prompt"], r, len(p), f) for r, f in zip(c["responses"], c["finished"])]})
     return {"rm_heldout_accuracy_second_labeler": pairwise_accuracy(rm, rows, tok.pad_token_id)}
 
 

@@ -1,6 +1,7 @@
 """The built-in task's data: deterministic, well-formed, and labelers who disagree at InstructGPT's rate."""
 from engine.config import TaskConfig
-from engine.task import decode_response, encode_prompt, encode_response
+from engine.data.encode import Encoder
+from engine.task import decode_response
 from engine.task.datasets import make_task_data
 from engine.task.instructions import features
 from engine.task.people import pairwise_agreement
@@ -63,14 +64,17 @@ def _inst(row):
     return instruction_of(row)
 
 
-def test_tokenizer_round_trip():
+def test_tokenizer_round_trip_through_the_users_encoder():
+    """The task's text goes through the encoder users' data go through, by its chat template:
+    "<bos> prompt <sep>" then "answer <eos>" (no eos for an answer that was cut off)."""
     tok = build_tokenizer()
-    data = make_task_data(SMALL)
-    d = data.demonstrations[0]
-    ids = encode_response(tok, d["response"])
+    enc = Encoder(tok)
+    d = make_task_data(SMALL).demonstrations[0]
+    prompt = enc.prompt(d["prompt"])
+    assert tok.convert_ids_to_tokens(prompt) == ["<bos>", *d["prompt"].split(), "<sep>"]
+    ids = enc.response(d["prompt"], d["response"], len(prompt))
     assert ids[-1] == tok.eos_token_id
     words, finished = decode_response(tok, ids)
     assert words == d["response"] and finished
-    words, finished = decode_response(tok, ids[:-1])
-    assert not finished
-    assert encode_prompt(tok, d["prompt"])[0] == tok.bos_token_id
+    cut = enc.response(d["prompt"], d["response"], len(prompt), finished=False)
+    assert cut == ids[:-1] and decode_response(tok, cut) == (d["response"], False)
