@@ -90,7 +90,8 @@ def run_steps(*, stage: str, seed: int, start: int, total: int, step_fn: Callabl
                 if done % checkpoint_every == 0 or done == total:
                     save(done)
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in m.items() if isinstance(v, float)}, refresh=False)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in m.items() if isinstance(v, float) and "/" not in k},
+                                refresh=False)
                 if interrupted():
                     path = save(done) if saved != done else stage_dir / "checkpoints" / f"step-{done:06d}"
                     log.warning("%s interrupted: saved step %d to %s; resume with --run.resume true", stage, done,

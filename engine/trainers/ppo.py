@@ -30,6 +30,7 @@ from ..rollout import make_rollout
 from .lm import lm_loss
 from .loop import run_steps, step_seed
 from .optim import Optim
+from .phases import Phases, no_phases
 from .state import TrainState, open_stage
 
 log = logging.getLogger("engine")
@@ -52,29 +53,34 @@ class Experience:
 
 @torch.no_grad()
 def make_experience(policy: PolicyLogprobs, ref: PolicyLogprobs | None, value: TokenValues, score: Callable,
-                    batch: SequenceBatch, *, kl_coef: float, cfg, temperature: float) -> Experience:
+                    batch: SequenceBatch, *, kl_coef: float, cfg, temperature: float, phase=no_phases) -> Experience:
     """Score one batch of rollouts and compute rewards and advantages. cfg: PPOConfig.
 
     ref: the frozen SFT policy, or None for the policy with its LoRA adapters disabled (one base in memory).
     score(batch) -> RM scores [B] (a SequenceScores model, or a function that re-tokenizes for an RM with its
-    own tokenizer).
+    own tokenizer). phase(name): a context timing each part (engine.trainers.phases.Phases).
     """
     was = policy.training, value.training
     policy.eval()
     value.eval()
     mask = batch.response_mask
-    old_lp = policy(batch, temperature)
-    if ref is None:
-        with policy.lm.disable_adapter():
-            ref_lp = policy(batch, temperature)
-    else:
-        ref_lp = ref(batch, temperature)
-    values = value(batch) * mask
-    scores = score(batch)
-    rewards, kl = kernels.shape_rewards(scores, old_lp, ref_lp, mask, kl_coef=kl_coef, estimator=cfg.kl_estimator,
-                                        backend=cfg.backend)
-    adv, ret = kernels.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam, backend=cfg.backend,
-                           whiten=cfg.whiten_advantages)
+    with phase("logprobs"):
+        old_lp = policy(batch, temperature)
+    with phase("ref_logprobs"):
+        if ref is None:
+            with policy.lm.disable_adapter():
+                ref_lp = policy(batch, temperature)
+        else:
+            ref_lp = ref(batch, temperature)
+    with phase("values"):
+        values = value(batch) * mask
+    with phase("score"):
+        scores = score(batch)
+    with phase("advantages"):
+        rewards, kl = kernels.shape_rewards(scores, old_lp, ref_lp, mask, kl_coef=kl_coef,
+                                            estimator=cfg.kl_estimator, backend=cfg.backend)
+        adv, ret = kernels.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam, backend=cfg.backend,
+                               whiten=cfg.whiten_advantages)
     policy.train(was[0])
     value.train(was[1])
     return Experience(batch, old_lp, ref_lp, values, scores, rewards, kl, adv, ret)
@@ -157,27 +163,34 @@ class PPORun:
     pad_id: int
     device: torch.device
     ptx: bool
+    phases: Phases
     engine_sleeps: bool = False            # vLLM colocated on a GPU frees its memory during the trainer's passes
 
 
 def ppo_iteration(run: PPORun, step: int, gen: torch.Generator) -> dict:
     """One PPO iteration; returns its metrics."""
     cfg, rcfg, setup = run.cfg, run.rollout_cfg, run.setup
+    phase = run.phases
     idx = torch.randint(0, len(setup.prompts), (cfg.rollout_batch,), generator=gen).tolist()
     prompts = [setup.prompts[i] for i in idx]
-    results = run.engine.generate(prompts, max_tokens=rcfg.max_new_tokens, temperature=rcfg.temperature,
-                                  top_p=rcfg.top_p, top_k=rcfg.top_k, seed=step_seed(run.seed, run.stage, step) + 2)
+    with phase("generate"):
+        results = run.engine.generate(prompts, max_tokens=rcfg.max_new_tokens, temperature=rcfg.temperature,
+                                      top_p=rcfg.top_p, top_k=rcfg.top_k, seed=step_seed(run.seed, run.stage, step) + 2)
     with engine_asleep(run):
         batch = make_batch(prompts, [r.token_ids for r in results], run.pad_id).to(run.device)
         exp = make_experience(run.policy, run.ref, run.value, lambda b: setup.score(b, idx, results), batch,
-                              kl_coef=run.kl.coef, cfg=cfg, temperature=rcfg.temperature)
+                              kl_coef=run.kl.coef, cfg=cfg, temperature=rcfg.temperature, phase=phase)
         exp.engine_logprobs = engine_logprobs(results, exp.old_logprobs)
-        stats = ppo_update(run, exp, gen)
-    sync_weights(run)
+        with phase("update"):
+            stats = ppo_update(run, exp, gen)
+    with phase("sync"):
+        sync_weights(run)
     metrics = iteration_metrics(exp, results, stats, run.kl.coef)
     run.kl.update(metrics["kl"], cfg.rollout_batch)
     if setup.evaluate is not None and ((step + 1) % cfg.eval_every == 0 or step == 0):
-        metrics["win_rate_vs_sft"] = setup.evaluate(run.policy.lm)
+        with phase("evaluate"):
+            metrics["win_rate_vs_sft"] = setup.evaluate(run.policy.lm)
+    metrics.update(phase.pop())
     return metrics
 
 
@@ -235,9 +248,31 @@ def iteration_metrics(exp: Experience, results, stats: dict[str, list], kl_coef:
     return m
 
 
+def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) -> PPORun:
+    """Everything an iteration needs around the two trained models: their optimizers, beta, the reference and
+    reward wrappers, and the rollout engine (started from setup.policy_dir). The benchmark of one iteration
+    (bench/bench_ppo.py) builds its run here too."""
+    cfg, rcfg, run_cfg = ctx.cfg.ppo, ctx.cfg.rollout, ctx.cfg.run
+    tok, dev = ctx.tokenizer, ctx.device
+    heads = dict(backend=cfg.backend, fused=run_cfg.fused_lm_head)
+    optim = dict(weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
+    optims = {"policy": Optim.adamw(policy_model, lr=cfg.lr, flag="--ppo.lr", **optim),
+              "value": Optim.adamw(value_model, lr=cfg.value_lr, flag="--ppo.value_lr", **optim)}
+    gpu = dict(gpu_memory_utilization=rcfg.gpu_memory_utilization, enable_sleep_mode=rcfg.sleep) \
+        if dev.type == "cuda" else {}
+    engine = make_rollout(rcfg.backend, policy=policy_model, model_dir=setup.policy_dir, seed=run_cfg.seed,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                          dtype=setup.engine_dtype or str(next(policy_model.parameters()).dtype).split(".")[-1],
+                          max_model_len=setup.max_model_len, **gpu)
+    return PPORun("ppo_ptx" if ptx else "ppo", run_cfg.seed, cfg, rcfg, setup, PolicyLogprobs(policy_model, **heads),
+                  PolicyLogprobs(setup.reference, **heads) if setup.reference is not None else None,
+                  TokenValues(value_model), optims, KLController.from_config(cfg), engine, tok.pad_token_id, dev, ptx,
+                  Phases(dev), engine_sleeps=bool(gpu.get("enable_sleep_mode")) and hasattr(engine, "sleep"))
+
+
 def train_ppo(ctx, setup: PPOSetup, *, ptx: bool) -> Path:
     """Run PPO (or PPO-ptx) from the SFT policy and the RM; returns the final policy directory."""
-    cfg, rcfg, run_cfg = ctx.cfg.ppo, ctx.cfg.rollout, ctx.cfg.run
+    cfg, run_cfg = ctx.cfg.ppo, ctx.cfg.run
     stage = "ppo_ptx" if ptx else "ppo"
     stage_dir, final, ckpt = open_stage(ctx, stage, "policy")
     if final.is_dir():
@@ -247,41 +282,26 @@ def train_ppo(ctx, setup: PPOSetup, *, ptx: bool) -> Path:
                          "records)")
     if not setup.prompts:
         raise ValueError("ppo: no prompts (every one was dropped by the length rule?)")
-    tok, dev = ctx.tokenizer, ctx.device
-    policy_model = setup.load_policy(ckpt / "policy" if ckpt else None).to(dev).train()
-    value_model = setup.load_value(ckpt / "value" if ckpt else None).to(dev).train()
-    heads = dict(backend=cfg.backend, fused=run_cfg.fused_lm_head)
-    optim = dict(weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
-    optims = {"policy": Optim.adamw(policy_model, lr=cfg.lr, flag="--ppo.lr", **optim),
-              "value": Optim.adamw(value_model, lr=cfg.value_lr, flag="--ppo.value_lr", **optim)}
-    kl = KLController.from_config(cfg)
-    state = TrainState(stage_dir, {"policy": policy_model, "value": value_model}, optims, tok,
-                       extra=lambda: {"kl_coef": kl.coef})
+    policy_model = setup.load_policy(ckpt / "policy" if ckpt else None).to(ctx.device).train()
+    value_model = setup.load_value(ckpt / "value" if ckpt else None).to(ctx.device).train()
+    run = make_ppo_run(ctx, setup, policy_model, value_model, ptx=ptx)
+    state = TrainState(stage_dir, {"policy": policy_model, "value": value_model}, run.optims, ctx.tokenizer,
+                       extra=lambda: {"kl_coef": run.kl.coef})
     start = 0
     if ckpt is not None:
         saved = state.restore(ckpt)
         start = saved["step"]
         if cfg.adaptive_kl or saved["kl_coef"] == cfg.kl_coef:
-            kl.coef = saved["kl_coef"]
+            run.kl.coef = saved["kl_coef"]
         else:  # a fixed beta changed between runs is honoured
             log.warning("resuming with --ppo.kl_coef %g (the checkpoint was trained with %g)", cfg.kl_coef,
                         saved["kl_coef"])
-    gpu = dict(gpu_memory_utilization=rcfg.gpu_memory_utilization, enable_sleep_mode=rcfg.sleep) \
-        if dev.type == "cuda" else {}
-    engine = make_rollout(rcfg.backend, policy=policy_model, model_dir=setup.policy_dir, seed=run_cfg.seed,
-                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                          dtype=setup.engine_dtype or str(next(policy_model.parameters()).dtype).split(".")[-1],
-                          max_model_len=setup.max_model_len, **gpu)
-    run = PPORun(stage, run_cfg.seed, cfg, rcfg, setup, PolicyLogprobs(policy_model, **heads),
-                 PolicyLogprobs(setup.reference, **heads) if setup.reference is not None else None,
-                 TokenValues(value_model), optims, kl, engine, tok.pad_token_id, dev, ptx,
-                 engine_sleeps=bool(gpu.get("enable_sleep_mode")) and hasattr(engine, "sleep"))
     if ckpt is not None or is_peft(policy_model):
         sync_weights(run)  # the engine started from the SFT weights
     run_steps(stage=stage, seed=run_cfg.seed, start=start, total=cfg.iterations,
               step_fn=lambda step, gen: ppo_iteration(run, step, gen), state=state, log_every=1,
               checkpoint_every=cfg.checkpoint_every, progress=run_cfg.progress, lr=cfg.lr)
-    engine.close()
-    save_models(stage_dir / "final", {"policy": plain(policy_model), "value": plain(value_model)}, tok)
-    (stage_dir / "summary.json").write_text(json.dumps({"ptx": ptx, "kl_coef_final": kl.coef}, indent=2))
+    run.engine.close()
+    save_models(stage_dir / "final", {"policy": plain(policy_model), "value": plain(value_model)}, ctx.tokenizer)
+    (stage_dir / "summary.json").write_text(json.dumps({"ptx": ptx, "kl_coef_final": run.kl.coef}, indent=2))
     return final

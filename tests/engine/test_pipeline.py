@@ -46,6 +46,9 @@ def test_pipeline_writes_each_stage(run_dir):
         assert key in ppo[-1], key
     # HF generate and the trainer compute the same log-probs: the mismatch is float noise.
     assert ppo[-1]["logprob_diff_max"] < 1e-3
+    # where each iteration's time went, phase by phase (evaluate only on iterations that evaluate)
+    phases = ("generate", "logprobs", "ref_logprobs", "values", "score", "advantages", "update", "sync")
+    assert all(ppo[-1][f"time/{p}"] >= 0 for p in phases) and "time/evaluate" in ppo[0]
     assert "win_rate_vs_sft" in ppo[0] and "win_rate_vs_sft" in ppo[1]
     assert (run_dir / "ppo" / "final" / "value" / "model.safetensors").exists()
 
