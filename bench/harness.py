@@ -152,6 +152,8 @@ def provenance(command: str, device: str) -> dict:
         commit = commit + ("+dirty" if dirty else "")
     except OSError:
         commit = None
+    if not commit or commit.startswith("+"):  # no git (the GPU machine's copy): what prepare.sh recorded
+        commit = os.environ.get("RLHF_ENGINE_COMMIT")
     info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
             "command": command, "device": device_name(device), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version()}
