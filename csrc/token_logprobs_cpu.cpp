@@ -212,6 +212,28 @@ void row_backward(const T* row, int64_t vocab, int64_t tok, double inv_t, double
   if (tok >= 0 && tok < vocab) g[tok] += float(g_lp * inv_t);
 }
 
+// One row's gradient into dst, in the logits' dtype: float64 exactly, float32 in place, 16-bit types through
+// a float buffer rounded to nearest even.
+template <typename T>
+void grad_row(const T* row, int64_t vocab, int64_t tok, double inv_t, double lse, double ent, double g_lp, double g_h,
+              bool has_h, T* dst, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<T, double>) {
+    for (int64_t j = 0; j < vocab; ++j) {
+      const double lp = row[j] * inv_t - lse, p = std::exp(lp);
+      double v = -g_lp * p;
+      if (has_h && p > 0) v -= g_h * p * (lp + ent);
+      dst[j] = v * inv_t;
+    }
+    if (tok >= 0 && tok < vocab) dst[tok] += g_lp * inv_t;
+  } else if constexpr (std::is_same_v<T, float>) {
+    row_backward<T>(row, vocab, tok, inv_t, lse, ent, g_lp, g_h, has_h, dst);
+  } else {
+    buf.resize(vocab);
+    row_backward<T>(row, vocab, tok, inv_t, lse, ent, g_lp, g_h, has_h, buf.data());
+    for (int64_t j = 0; j < vocab; ++j) dst[j] = T(buf[j]);
+  }
+}
+
 void check_logits(const at::Tensor& logits, const at::Tensor& tokens) {
   TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1, "logits must be a [A, B, V] view with unit stride over V");
   TORCH_CHECK(tokens.dim() == 1 && tokens.numel() == logits.size(0) * logits.size(1) &&
@@ -270,24 +292,10 @@ at::Tensor token_logprobs_bwd_cpu(const at::Tensor& logits, const at::Tensor& to
     const scalar_t* base = logits.data_ptr<scalar_t>();
     scalar_t* out = grad.data_ptr<scalar_t>();
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(vocab, 1)), [=](int64_t r0, int64_t r1) {
-      std::vector<float> g(std::is_same_v<scalar_t, float> ? 0 : vocab);
+      std::vector<float> g;
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* row = base + (r / inner) * s0 + (r % inner) * s1;
-        if constexpr (std::is_same_v<scalar_t, double>) {  // float64: exact, written directly
-          for (int64_t j = 0; j < vocab; ++j) {
-            const double lp = row[j] * inv_t - pls[r], p = std::exp(lp);
-            double v = -pglp[r] * p;
-            if (has_h && p > 0) v -= pgh[r] * p * (lp + pen[r]);
-            out[r * vocab + j] = v * inv_t;
-          }
-          if (tok[r] >= 0 && tok[r] < vocab) out[r * vocab + tok[r]] += pglp[r] * inv_t;
-        } else if constexpr (std::is_same_v<scalar_t, float>) {  // written in place
-          row_backward<scalar_t>(row, vocab, tok[r], inv_t, pls[r], pen[r], pglp[r], pgh[r], has_h, out + r * vocab);
-        } else {
-          row_backward<scalar_t>(row, vocab, tok[r], inv_t, pls[r], pen[r], pglp[r], pgh[r], has_h, g.data());
-          scalar_t* dst = out + r * vocab;
-          for (int64_t j = 0; j < vocab; ++j) dst[j] = scalar_t(g[j]);  // bfloat16: round to nearest even
-        }
+        grad_row<scalar_t>(row, vocab, tok[r], inv_t, pls[r], pen[r], pglp[r], pgh[r], has_h, out + r * vocab, g);
       }
     });
   });
