@@ -12,7 +12,8 @@ import sys
 
 from setuptools import find_packages, setup
 
-CPU_SOURCES = ["csrc/ops.cpp", "csrc/gae_cpu.cpp", "csrc/rewards_cpu.cpp", "csrc/token_logprobs_cpu.cpp"]
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/gae_cpu.cpp", "csrc/rewards_cpu.cpp", "csrc/token_logprobs_cpu.cpp",
+               "csrc/groups_cpu.cpp"]
 CUDA_SOURCES = ["csrc/gae.cu", "csrc/rewards.cu"]
 
 

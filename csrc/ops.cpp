@@ -1,5 +1,6 @@
 // Schemas of the compiled ops (namespace `rlhf_engine`) and their CPU implementations' registration.
-// Entry points only check inputs; the math lives in gae_cpu.cpp / rewards_cpu.cpp / token_logprobs_cpu.cpp
+// Entry points only check inputs; the math lives in gae_cpu.cpp, rewards_cpu.cpp, token_logprobs_cpu.cpp,
+// groups_cpu.cpp
 // and, on CUDA, in gae.cu / rewards.cu. Python reaches them as torch.ops.rlhf_engine.* through kernels/ext.py.
 #include <torch/library.h>
 
@@ -16,6 +17,8 @@ TORCH_LIBRARY(rlhf_engine, m) {
   // -> d loss / d logits [A*B, V] in the logits' dtype
   m.def("token_logprobs_bwd(Tensor logits, Tensor tokens, Tensor lse, Tensor ent, Tensor? grad_logp, "
         "Tensor? grad_ent, float inv_t) -> Tensor");
+  // scores [prompts * n] prompt-major; mode 0 grpo | 1 drgrpo | 2 rloo -> advantages [prompts * n]
+  m.def("group_advantages(Tensor scores, int n, int mode, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_engine, CPU, m) {
@@ -23,6 +26,7 @@ TORCH_LIBRARY_IMPL(rlhf_engine, CPU, m) {
   m.impl("shape_rewards", &rlhf_engine::shape_rewards_cpu);
   m.impl("token_logprobs_fwd", &rlhf_engine::token_logprobs_fwd_cpu);
   m.impl("token_logprobs_bwd", &rlhf_engine::token_logprobs_bwd_cpu);
+  m.impl("group_advantages", &rlhf_engine::group_advantages_cpu);
 }
 
 // A Python extension module named _C, so `import kernels._C` loads the library and runs the registrations.

@@ -37,6 +37,8 @@ at::Tensor token_logprobs_bwd_cpu(const at::Tensor& logits, const at::Tensor& to
                                   const at::Tensor& ent, const c10::optional<at::Tensor>& grad_logp,
                                   const c10::optional<at::Tensor>& grad_ent, double inv_t);
 
+at::Tensor group_advantages_cpu(const at::Tensor& scores, int64_t n, int64_t mode, double eps);
+
 // KL estimators on r = logprobs - ref_logprobs: k1 = r, k2 = r^2/2, k3 = exp(-r) - 1 + r.
 template <typename T>
 inline T kl_estimate(T r, int64_t estimator) {

@@ -161,5 +161,22 @@ def check_loss_args(mask, eps_name: str, eps: float, **tensors) -> None:
     check_positive(eps_name, eps)
 
 
+def check_group_args(scores, n, mode, eps) -> None:
+    from .reference import GROUP_MODES
+
+    check_tensor("scores", scores, floating=True)
+    if scores.dim() != 1:
+        raise ValueError(f"`scores` must have shape [B] (prompts x n samples, prompt-major), got {tuple(scores.shape)}")
+    if mode not in GROUP_MODES:
+        raise ValueError(f"`mode` must be one of {GROUP_MODES}, got {mode!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        raise ValueError(f"`n` must be an int >= 2 for mode {mode!r} (a sample is compared with the other samples "
+                         f"of its prompt), got {n!r}: sample several answers per prompt")
+    if scores.shape[0] % n:
+        raise ValueError(f"`scores` has {scores.shape[0]} entries, not a multiple of n = {n} (prompts x n samples)")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"`eps` must be a number >= 0, got {eps!r}")
+
+
 def _names(dtypes) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)

@@ -29,7 +29,8 @@ def _load() -> None:
             raise
     from torch.utils.cpp_extension import CUDA_HOME, load
 
-    sources = [CSRC / "ops.cpp", CSRC / "gae_cpu.cpp", CSRC / "rewards_cpu.cpp", CSRC / "token_logprobs_cpu.cpp"]
+    sources = [CSRC / name for name in ("ops.cpp", "gae_cpu.cpp", "rewards_cpu.cpp", "token_logprobs_cpu.cpp",
+                                        "groups_cpu.cpp")]
     if torch.version.cuda and CUDA_HOME:
         sources += [CSRC / "gae.cu", CSRC / "rewards.cu"]
     load(name="rlhf_engine_C", sources=[str(s) for s in sources], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
@@ -90,6 +91,16 @@ for _op, _fn in (("gae", gae), ("shape_rewards", shape_rewards)):
 if has_kernel("token_logprobs_fwd", "CPU"):
     register("token_logprobs", "cpu")(token_logprobs)
 
+_GROUP_MODES = {"grpo": 0, "drgrpo": 1, "rloo": 2}
+
+
+def group_advantages(scores, n: int, mode: str, eps: float = 1e-6):
+    return torch.ops.rlhf_engine.group_advantages(scores, int(n), _GROUP_MODES[mode], float(eps))
+
+
+if has_kernel("group_advantages", "CPU"):
+    register("group_advantages", "cpu")(group_advantages)
+
 
 @torch.library.register_fake("rlhf_engine::gae")
 def _gae_fake(rewards, values, mask, gamma, lam):
@@ -112,3 +123,8 @@ def _token_logprobs_fwd_fake(logits, tokens, inv_t, entropy):
 @torch.library.register_fake("rlhf_engine::token_logprobs_bwd")
 def _token_logprobs_bwd_fake(logits, tokens, lse, ent, grad_logp, grad_ent, inv_t):
     return torch.empty(logits.shape[0] * logits.shape[1], logits.shape[2], dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.register_fake("rlhf_engine::group_advantages")
+def _group_advantages_fake(scores, n, mode, eps):
+    return torch.empty(scores.shape, dtype=compute_dtype(scores), device=scores.device)

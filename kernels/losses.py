@@ -1,31 +1,70 @@
-"""The three losses of InstructGPT's recipe as pure functions: clipped policy, clipped value, K-way ranking."""
+"""The losses as pure functions: InstructGPT's three (clipped policy, clipped value, K-way ranking), with the
+options of the critic-free recipes: DAPO's decoupled clipping (clip_low, clip_high) and token-level mean,
+GRPO's per-sequence mean, Dr. GRPO's constant normaliser (`aggregate`), and GRPO's KL term in the loss
+(`kl_loss`)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .checks import check_loss_args
+from .checks import check_estimator, check_loss_args, check_positive
+from .reference import kl_penalty
 from .stats import masked_mean
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
+              norm_len: float | None = None) -> torch.Tensor:
+    """A per-token loss [B, T] reduced to a scalar over the valid tokens (mask [B, T]).
+
+    token-mean:              sum over valid tokens / their number (DAPO: every token weighs the same)
+    seq-mean-token-mean:     the mean over sequences of each one's token mean (GRPO as published: a long
+                             answer's tokens weigh less)
+    seq-mean-token-sum-norm: the mean over sequences of each one's token sum / norm_len (Dr. GRPO: a constant
+                             in place of the length; norm_len defaults to T, the longest the batch allows)
+    Sequences without a valid token are left out of the per-sequence means.
+    """
+    if mode not in LOSS_AGGS:
+        raise ValueError(f"`loss_agg` must be one of {LOSS_AGGS}, got {mode!r}")
+    if mode == "token-mean":
+        return masked_mean(per_token, mask)
+    m = mask.to(per_token.dtype)
+    sums, counts = (per_token * m).sum(dim=1), m.sum(dim=1)
+    has = counts > 0
+    if mode == "seq-mean-token-mean":
+        per_seq = sums / counts.clamp(min=1)
+    else:
+        norm = float(norm_len) if norm_len is not None else float(per_token.shape[1])
+        check_positive("norm_len", norm)
+        per_seq = sums / norm
+    return (per_seq * has).sum() / has.sum().clamp(min=1)
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float = 0.2,
-                is_weights: torch.Tensor | None = None):
+                is_weights: torch.Tensor | None = None, *, clip_low: float | None = None,
+                clip_high: float | None = None, loss_agg: str = "token-mean", norm_len: float | None = None):
     """PPO's clipped surrogate, all [B, T]. Returns (loss, stats).
 
-    ratio = exp(logprobs - old_logprobs); loss = mean over valid tokens of
-    max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)). `is_weights` (optional, [B, T], no grad) multiplies
-    each token's loss: the truncated importance-sampling correction for rollouts whose log-probs came
-    from another engine.
+    ratio = exp(logprobs - old_logprobs); per token max(-A * ratio, -A * clip(ratio, 1 - clip_low,
+    1 + clip_high)), clip_low and clip_high defaulting to clip_eps (DAPO's clip-higher raises clip_high
+    alone), reduced by `aggregate(.., loss_agg, norm_len)`. `is_weights` (optional, [B, T], no grad)
+    multiplies each token's loss: the truncated importance-sampling correction for rollouts whose
+    log-probs came from another engine.
     """
+    low = clip_eps if clip_low is None else clip_low
+    high = clip_eps if clip_high is None else clip_high
     check_loss_args(mask, "clip_eps", clip_eps, logprobs=logprobs, old_logprobs=old_logprobs,
                     advantages=advantages, is_weights=is_weights)
+    check_positive("clip_low", low)
+    check_positive("clip_high", high)
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
     per_token = torch.maximum(unclipped, clipped)
     if is_weights is not None:
         per_token = per_token * is_weights
-    loss = masked_mean(per_token, mask)
+    loss = aggregate(per_token, mask, loss_agg, norm_len)
     with torch.no_grad():
         log_ratio = logprobs - old_logprobs
         stats = {
@@ -74,3 +113,15 @@ def ranking_loss(scores: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor)
     with torch.no_grad():
         acc = ((diff > 0) & better).sum() / better.sum().clamp(min=1)
     return loss, acc.item()
+
+
+def kl_loss(logprobs, ref_logprobs, mask, *, estimator: str = "k3", loss_agg: str = "token-mean",
+            norm_len: float | None = None):
+    """GRPO's KL term in the loss: the per-token estimate of KL(policy || reference) (k3 by default, as
+    DeepSeekMath; k1, k2 too), reduced like the policy loss; differentiable in `logprobs`. Returns (loss,
+    stats)."""
+    check_loss_args(mask, "norm_len", 1.0 if norm_len is None else norm_len, logprobs=logprobs,
+                    ref_logprobs=ref_logprobs)
+    check_estimator(estimator)
+    loss = aggregate(kl_penalty(logprobs, ref_logprobs, estimator), mask, loss_agg, norm_len)
+    return loss, {"kl_loss": loss.item()}

@@ -12,6 +12,7 @@ register("kl_penalty", "torch")(reference.kl_penalty)
 register("shape_rewards", "torch")(reference.shape_rewards)
 register("gae", "torch")(reference.gae)
 register("linear_token_logprobs", "torch")(linear_logprobs_ref.linear_token_logprobs)
+register("group_advantages", "torch")(reference.group_advantages)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,
@@ -80,3 +81,16 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
     checks.check_linear_token_logprobs_args(hidden, weight, tokens, bias, temperature)
     _, fn = resolve("linear_token_logprobs", backend, hidden.device.type)
     return fn(hidden, weight, tokens, bias, float(temperature), bool(return_entropy))
+
+
+def group_advantages(scores: torch.Tensor, n: int, *, mode: str, eps: float = 1e-6,
+                     backend: str = "auto") -> torch.Tensor:
+    """Critic-free advantages: each of B = prompts x n scores (prompt-major) against its own prompt's group.
+
+    mode "grpo" ((s - mean) / (std + eps), Bessel-corrected std), "drgrpo" (s - mean) or "rloo" (s - mean of
+    the other n - 1). scores [B] -> [B] float32 (float64 for float64). n >= 2; a group whose scores are all
+    equal gets zeros (never NaN). See kernels.reference.group_advantages.
+    """
+    checks.check_group_args(scores, n, mode, eps)
+    _, fn = resolve("group_advantages", backend, scores.device.type)
+    return fn(scores, n, mode, float(eps))

@@ -220,3 +220,28 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         adv[:, i] = torch.where(mi, a, torch.zeros((), dtype=dtype))
     returns = torch.where(m, adv + v, torch.zeros((), dtype=dtype))
     return adv, returns
+
+
+GROUP_MODES = ("grpo", "drgrpo", "rloo")
+
+
+def group_advantages(scores: torch.Tensor, n: int, mode: str, eps: float = 1e-6) -> torch.Tensor:
+    """Critic-free advantages of B = prompts x n scores, prompt-major (each prompt's n samples adjacent, as
+    generate(n=...) returns them), each against its own group. [B] -> [B] float32 (float64 for float64).
+
+    grpo:   (s - mean) / (std + eps), std with Bessel's correction (DeepSeekMath; TRL and verl alike)
+    drgrpo: s - mean (Dr. GRPO: no division by the std)
+    rloo:   s - mean of the other n - 1 = n / (n - 1) * (s - mean) (Ahmadian et al.'s leave-one-out)
+    A group whose scores are all equal gets zeros.
+    """
+    dtype = compute_dtype(scores)
+    g = scores.to(dtype).view(-1, n)
+    centred = g - g.mean(dim=1, keepdim=True)
+    if mode == "drgrpo":
+        out = centred
+    elif mode == "rloo":
+        out = centred * (n / (n - 1))
+    else:
+        den = (centred.square().sum(dim=1, keepdim=True) / (n - 1)).sqrt() + eps
+        out = torch.where(den > 0, centred / den.clamp(min=torch.finfo(dtype).tiny), torch.zeros((), dtype=dtype))
+    return out.reshape(-1)

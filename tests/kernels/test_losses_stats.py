@@ -94,3 +94,45 @@ def test_shapes_that_would_broadcast_are_refused(call, match):
     """A mask or advantage that merely broadcasts would average over the wrong positions without a word."""
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_decoupled_clipping_clips_above_at_clip_high():
+    """DAPO's clip-higher: with A > 0 a ratio of 1.3 is clipped at 1 + clip_high (0.28), not 1 + clip_eps."""
+    new = torch.log(torch.tensor([[1.3, 0.7]]))
+    adv, mask = torch.tensor([[1.0, -1.0]]), torch.ones(1, 2)
+    symmetric, _ = policy_loss(new, torch.zeros(1, 2), adv, mask, 0.2)
+    decoupled, stats = policy_loss(new, torch.zeros(1, 2), adv, mask, 0.2, clip_high=0.28)
+    assert symmetric.item() == pytest.approx((-1.2 + 0.8) / 2)
+    assert decoupled.item() == pytest.approx((-1.28 + 0.8) / 2)
+    lowered, _ = policy_loss(new, torch.zeros(1, 2), adv, mask, 0.2, clip_low=0.1, clip_high=0.28)
+    assert lowered.item() == pytest.approx((-1.28 + 0.9) / 2)
+
+
+def test_loss_aggregations_weigh_tokens_as_each_recipe_does():
+    """token-mean: every token alike; seq-mean-token-mean: every answer alike; seq-mean-token-sum-norm: token
+    sums over a constant (Dr. GRPO). Row 3 has no valid token and is left out of the per-answer means."""
+    from kernels import aggregate
+
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
+    m = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    assert aggregate(x, m, "token-mean").item() == pytest.approx(10 / 4)
+    assert aggregate(x, m, "seq-mean-token-mean").item() == pytest.approx((2.0 + 4.0) / 2)
+    assert aggregate(x, m, "seq-mean-token-sum-norm").item() == pytest.approx((6 / 3 + 4 / 3) / 2)
+    assert aggregate(x, m, "seq-mean-token-sum-norm", norm_len=10).item() == pytest.approx((0.6 + 0.4) / 2)
+    with pytest.raises(ValueError, match="`loss_agg` must be one of"):
+        aggregate(x, m, "sum")
+
+
+def test_kl_loss_is_k3_of_policy_against_reference_and_has_its_gradient():
+    from kernels import kl_loss
+
+    lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0]])
+    loss, stats = kl_loss(lp, ref, torch.ones(1, 2))
+    r = lp.detach() - ref
+    want = (torch.exp(-r) - 1 + r).mean()
+    assert loss.item() == pytest.approx(want.item()) and stats["kl_loss"] == pytest.approx(want.item())
+    loss.backward()
+    torch.testing.assert_close(lp.grad, (1 - torch.exp(-r)) / 2)  # d/dr (e^-r - 1 + r) = 1 - e^-r
+    with pytest.raises(ValueError, match="`estimator` must be one of"):
+        kl_loss(lp, ref, torch.ones(1, 2), estimator="k4")

@@ -8,7 +8,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels.triton_kernels import gae, linear_logprobs, rewards, token_logprobs  # noqa: E402
+from kernels.triton_kernels import gae, groups, linear_logprobs, rewards, token_logprobs  # noqa: E402
 
 CASES = {
     "token_logprobs fwd": (token_logprobs._fwd_kernel, dict(
@@ -28,6 +28,8 @@ CASES = {
         s_lp="i64", s_ref="i64", s_mask="i64", kl_coef="fp32"), dict(EST=1, BLOCK_T=2048, SINGLE=False)),
     "gae": (gae._gae_kernel, dict(r_ptr="*fp32", v_ptr="*fp32", m_ptr="*u8", adv_ptr="*fp32", ret_ptr="*fp32", T="i32",
                                   s_r="i64", s_v="i64", s_m="i64", gamma="fp32", gl="fp32"), dict(BLOCK_T=2048)),
+    "group advantages": (groups._group_kernel, dict(s_ptr="*fp32", out_ptr="*fp32", n="i32", eps="fp32"),
+                         dict(MODE=0, BLOCK=16)),
     "linear fold": (linear_logprobs._fold_kernel, dict(
         z_ptr="*bf16", tok_ptr="*i64", m_ptr="*fp32", s_ptr="*fp32", t_ptr="*fp32", zt_ptr="*fp32", C="i32",
         stride_z="i64", v0="i32", inv_t="fp32"), dict(ENTROPY=True, BLOCK=8192)),
