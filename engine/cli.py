@@ -14,12 +14,12 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from .commands import COMMANDS, SECTIONS, unread
 from .config import (Config, DataConfig, EvalConfig, FrozenModelConfig, LMTrainConfig, ModelConfig, PPOConfig,
-                     RewardConfig, RolloutConfig, RunConfig, TaskConfig, TrainedModelConfig)
+                     RewardConfig, RewardSourceConfig, RolloutConfig, RunConfig, TaskConfig, TrainedModelConfig)
 
 TYPES = {"run": RunConfig, "task": TaskConfig, "model": ModelConfig, "pretrain": LMTrainConfig,
          "sft": LMTrainConfig, "rm": RewardConfig, "ppo": PPOConfig, "rollout": RolloutConfig,
          "eval": EvalConfig, "policy": TrainedModelConfig, "reference": FrozenModelConfig,
-         "reward": FrozenModelConfig, "value": TrainedModelConfig, "data": DataConfig}
+         "reward": RewardSourceConfig, "value": TrainedModelConfig, "data": DataConfig}
 
 
 def build_parser() -> ArgumentParser:

@@ -76,6 +76,17 @@ def unread(command: str, cfg: Config, ptx: bool = False) -> list[str]:
         refuse("policy", ("lora_rank", "gradient_checkpointing", *LORA_DETAILS),
                "the reward model is trained with the --value.* settings")
         refuse("value", ("path",), "`rm` starts from --reward.path or the policy")
+        refuse("reward", ("fn",), "`rm` trains a reward model; a reward function is PPO's")
+    if "ppo" in offered:
+        estimator = cfg.ppo.advantage_estimator
+        if estimator != "gae":  # critic-free: no value model, no GAE
+            why = f"--ppo.advantage_estimator {estimator} trains no value model"
+            refuse("value", fields["value"], why)
+            refuse("ppo", ("value_lr", "vf_coef", "value_clip_eps", "lam", "whiten_advantages"), why)
+            if estimator != "reinforce_pp":
+                refuse("ppo", ("gamma",), f"{estimator} compares whole answers; gamma discounts along one")
+        if cfg.ppo.kl_loss_coef == 0:
+            refuse("ppo", ("kl_loss_estimator",), "the KL term in the loss is off: set --ppo.kl_loss_coef")
     if command == "ppo" and not ptx:
         refuse("ppo", ("ptx_coef", "ptx_batch"), "only PPO-ptx reads it: add --ptx true")
         refuse("data", ("pretrain",), "only PPO-ptx reads it: add --ptx true")
@@ -84,9 +95,11 @@ def unread(command: str, cfg: Config, ptx: bool = False) -> list[str]:
                "eval samples with transformers at --eval.temperature")
     if "ppo" in offered and not cfg.ppo.adaptive_kl:
         refuse("ppo", ("target_kl", "kl_horizon"), "only the adaptive KL controller reads it: add --ppo.adaptive_kl true")
+    critic_free = "ppo" in offered and cfg.ppo.advantage_estimator != "gae"
     for role in ("policy", "value"):
-        policy_refused = role == "policy" and command in ("rm", "pretrain", "eval")  # refused whole above
-        if role in offered and getattr(cfg, role).lora_rank == 0 and not policy_refused:
+        refused_whole = (role == "policy" and command in ("rm", "pretrain", "eval")) or (role == "value" and
+                                                                                       critic_free)
+        if role in offered and getattr(cfg, role).lora_rank == 0 and not refused_whole:
             refuse(role, LORA_DETAILS, f"LoRA is off: set --{role}.lora_rank")
     if "rollout" in offered and command != "eval" and (cfg.run.device != "cuda" or cfg.rollout.backend == "hf"):
         refuse("rollout", ("gpu_memory_utilization", "sleep"), "for vLLM colocated on a GPU only")

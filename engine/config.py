@@ -110,6 +110,23 @@ class TrainedModelConfig:
 
 
 @dataclass
+class RewardSourceConfig:
+    """Where PPO's rewards come from: the `reward` section.
+
+    path: the reward model (`rm` writes one; for `rm` itself, where its training starts: default the policy).
+    fn: a Python function `package.module:function` taking (prompts, responses), two lists of texts, and
+    returning one float per response (a verifiable reward: the built-in task's is
+    `engine.task.rewards:exact_answer`). Alone it is the reward; with `path` too, the two are summed.
+    """
+    path: Optional[str] = None
+    fn: Optional[str] = None
+
+    def __post_init__(self):
+        _require(self.fn is None or (":" in self.fn and all(self.fn.split(":", 1))),
+                 f"reward.fn must be package.module:function, got {self.fn!r}")
+
+
+@dataclass
 class FrozenModelConfig:
     """A frozen model from a local directory: the `reference` and `reward` sections.
 
@@ -181,9 +198,12 @@ class RewardConfig:
 
 @dataclass
 class PPOConfig:
+    """PPO and the critic-free estimators on the same loop (advantage_estimator, verl's name for the switch)."""
     iterations: int = 250
-    rollout_batch: int = 64             # prompts per iteration (one sample each)
-    minibatch: int = 32
+    rollout_batch: int = 64             # prompts per iteration
+    samples_per_prompt: int = 1         # answers sampled per prompt (n: >= 2 for grpo, drgrpo, rloo)
+    advantage_estimator: str = "gae"    # gae (with a value model) | grpo | drgrpo | rloo | reinforce_pp
+    minibatch: int = 32                 # answers per gradient step
     epochs: int = 2
     lr: float = 1e-4
     value_lr: float = 1e-3
@@ -193,7 +213,12 @@ class PPOConfig:
     target_kl: float = 6.0              # per sequence, for the adaptive controller
     kl_horizon: int = 10000
     kl_estimator: str = "k1"
-    clip_eps: float = 0.2
+    clip_eps: float = 0.2               # the policy ratio is clipped to [1 - clip_eps, 1 + clip_high]
+    clip_high: float = 0.0              # 0: clip_eps (DAPO's clip-higher: e.g. 0.28)
+    loss_agg: str = "token-mean"        # token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm
+    kl_loss_coef: float = 0.0           # KL to the reference in the loss, GRPO's way (kl_coef puts it in the reward)
+    kl_loss_estimator: str = "k3"
+    drop_constant_groups: bool = False  # DAPO's dynamic sampling: groups that all score the same are resampled
     value_clip_eps: float = 0.2
     vf_coef: float = 0.5
     gamma: float = 1.0
@@ -209,16 +234,30 @@ class PPOConfig:
     backend: str = "auto"               # kernels backend
 
     def __post_init__(self):
-        _require(self.kl_estimator in ("k1", "k2", "k3"), f"ppo.kl_estimator must be k1, k2 or k3, got "
-                 f"{self.kl_estimator!r}")
-        _positive(self, "ppo", "iterations", "rollout_batch", "minibatch", "epochs", "ptx_batch", "eval_prompts",
-                  "checkpoint_every", "kl_horizon")
+        from kernels import ESTIMATORS
+        from kernels.losses import LOSS_AGGS
+
+        for name in ("kl_estimator", "kl_loss_estimator"):
+            _require(getattr(self, name) in ("k1", "k2", "k3"), f"ppo.{name} must be k1, k2 or k3, got "
+                     f"{getattr(self, name)!r}")
+        _require(self.advantage_estimator in ESTIMATORS, f"ppo.advantage_estimator must be one of "
+                 f"{', '.join(ESTIMATORS)}, got {self.advantage_estimator!r}")
+        _require(self.loss_agg in LOSS_AGGS, f"ppo.loss_agg must be one of {', '.join(LOSS_AGGS)}, got "
+                 f"{self.loss_agg!r}")
+        _positive(self, "ppo", "iterations", "rollout_batch", "samples_per_prompt", "minibatch", "epochs",
+                  "ptx_batch", "eval_prompts", "checkpoint_every", "kl_horizon")
+        _require(self.samples_per_prompt >= 2 or self.advantage_estimator in ("gae", "reinforce_pp"),
+                 f"ppo.advantage_estimator {self.advantage_estimator} compares each answer with the other answers to "
+                 f"its prompt: set ppo.samples_per_prompt >= 2 (got {self.samples_per_prompt})")
+        _require(self.samples_per_prompt >= 2 or not self.drop_constant_groups,
+                 "ppo.drop_constant_groups needs groups: set ppo.samples_per_prompt >= 2")
         for name in ("lr", "value_lr", "target_kl", "clip_eps", "value_clip_eps", "max_grad_norm"):
             _require(getattr(self, name) > 0, f"ppo.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("kl_coef", "vf_coef", "ptx_coef", "eval_every", "weight_decay"):
+        for name in ("kl_coef", "vf_coef", "ptx_coef", "eval_every", "weight_decay", "clip_high", "kl_loss_coef"):
             _require(getattr(self, name) >= 0, f"ppo.{name} must be >= 0, got {getattr(self, name)}")
-        _require(self.minibatch >= 1 and self.rollout_batch % self.minibatch == 0,
-                 f"ppo.rollout_batch ({self.rollout_batch}) must be a multiple of ppo.minibatch ({self.minibatch})")
+        answers = self.rollout_batch * self.samples_per_prompt
+        _require(answers % self.minibatch == 0, f"ppo.rollout_batch x ppo.samples_per_prompt ({answers} answers) must "
+                 f"be a multiple of ppo.minibatch ({self.minibatch})")
         _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
         _require(self.tis_cap == 0 or self.tis_cap >= 1, f"ppo.tis_cap must be 0 (off) or >= 1, got {self.tis_cap}")
         _require(self.backend in ("auto", "torch", "triton", "cuda", "cpu"), f"unknown ppo.backend {self.backend!r}")
@@ -268,7 +307,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     policy: TrainedModelConfig = field(default_factory=TrainedModelConfig)
     reference: FrozenModelConfig = field(default_factory=FrozenModelConfig)
-    reward: FrozenModelConfig = field(default_factory=FrozenModelConfig)
+    reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
     value: TrainedModelConfig = field(default_factory=TrainedModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
 

@@ -20,12 +20,15 @@ import json
 import logging
 from pathlib import Path
 
+from kernels import needs_critic
+
 from .batch import make_batch
 from .config import TrainedModelConfig
 from .data.encode import make_encoder, special_texts, text_examples
 from .data.formats import load
 from .loading import load_model, load_tokenizer, resolve_dtype, same_vocabulary
 from .models import SequenceScores
+from .reward_fn import call_reward_fn, load_reward_fn, prompt_text
 from .trainers.lm import train_lm
 from .trainers.ppo import PPOSetup, train_ppo
 from .trainers.reward import pairwise_accuracy, train_reward
@@ -140,6 +143,34 @@ def rm(ctx) -> Path:
                         demos, evaluate)
 
 
+def _reward_model(ctx):
+    """(the reward model, its tokenizer) of --reward.path, or None."""
+    cfg = ctx.cfg
+    if not cfg.reward.path:
+        return None
+    rm_tok = load_tokenizer(cfg.reward.path, "--reward.path")
+    return SequenceScores(load_model(cfg.reward.path, flag="--reward.path", scalar=True, device=ctx.device,
+                                     run=cfg.run, tokenizer=rm_tok, head_required=True)), rm_tok
+
+
+def _scorer(ctx, reward_model, prompts, enc):
+    """score(batch, prompt index of each row, results) -> rewards [B]: the reward model's (--reward.path) plus
+    the reward function's (--reward.fn), whichever are given."""
+    cfg, parts = ctx.cfg, []
+    if reward_model is not None:
+        parts.append(_reward_scorer(ctx, *reward_model, cfg.reward.path, prompts, enc))
+    if cfg.reward.fn:
+        fn, spec = load_reward_fn(cfg.reward.fn), cfg.reward.fn
+
+        def by_function(batch, idx, results):
+            texts = [prompt_text(prompts[i]) for i in idx]
+            return call_reward_fn(fn, spec, texts, [enc.text_of(r.token_ids) for r in results]).to(ctx.device)
+        parts.append(by_function)
+    if len(parts) == 1:
+        return parts[0]
+    return lambda batch, idx, results: sum(part(batch, idx, results) for part in parts)
+
+
 def _reward_scorer(ctx, reward, rm_tok, rm_path, prompts, enc):
     """score(batch, prompt indices, results): RM scores, re-tokenizing text when the RM has its own tokenizer."""
     if same_vocabulary(ctx.tokenizer, rm_tok):
@@ -159,21 +190,35 @@ def _reward_scorer(ctx, reward, rm_tok, rm_path, prompts, enc):
     return score
 
 
+def _value_start(cfg) -> tuple[str, str] | None:
+    """(path, flag) the value model starts from: --value.path, else the RM (InstructGPT), else the policy (a
+    reward function alone); None for a critic-free estimator."""
+    if not needs_critic(cfg.ppo.advantage_estimator):
+        return None
+    if cfg.value.path:
+        return cfg.value.path, "--value.path"
+    return (cfg.reward.path, "--reward.path") if cfg.reward.path else (cfg.policy.path, "--policy.path")
+
+
 def ppo(ctx, ptx: bool = False) -> Path:
-    ctx = _from_run(ctx, policy=("sft", "policy"), reward=("rm", "reward"))
+    """PPO, or a critic-free estimator (--ppo.advantage_estimator), scored by the RM and/or --reward.fn."""
+    runs = {"policy": ("sft", "policy")}
+    if ctx.cfg.reward.fn is None:  # a reward function alone needs no RM; --reward.path adds one to it
+        runs["reward"] = ("rm", "reward")
+    ctx = _from_run(ctx, **runs)
     cfg = ctx.cfg
     path = _need(cfg.data.prompts, "--data.prompts FILE", "ppo", "the prompts to sample answers for")
-    rm_path = _need(cfg.reward.path, "--reward.path DIR", "ppo",
-                    "the reward model to score answers (`python -m engine rm` writes OUT/rm/final/reward)")
+    if cfg.reward.path is None and cfg.reward.fn is None:
+        raise ValueError("ppo with --policy.path needs --reward.path DIR (the reward model: `python -m engine rm` "
+                         "writes OUT/rm/final/reward) or --reward.fn package.module:function, or both")
     tok, dev = ctx.tokenizer, ctx.device
-    rm_tok = load_tokenizer(rm_path, "--reward.path")
-    reward = SequenceScores(load_model(rm_path, flag="--reward.path", scalar=True, device=dev, run=cfg.run,
-                                       tokenizer=rm_tok, head_required=True))
-    value_path, value_flag = (cfg.value.path, "--value.path") if cfg.value.path else (rm_path, "--reward.path")
-    _same_tokenizer(tok, value_path, value_flag,
-                    "the value model scores every policy token, so it needs the policy's tokenizer"
-                    + ("" if cfg.value.path else " (it starts from the reward model unless --value.path is given: "
-                       "give --value.path, e.g. the SFT policy)"))
+    reward_model = _reward_model(ctx)
+    value = _value_start(cfg)
+    if value is not None:
+        _same_tokenizer(tok, value[0], value[1],
+                        "the value model scores every policy token, so it needs the policy's tokenizer"
+                        + ("" if cfg.value.path else " (it starts from the reward model unless --value.path is "
+                           "given: give --value.path, e.g. the SFT policy)"))
     if cfg.reference.path:
         _same_tokenizer(tok, cfg.reference.path, "--reference.path",
                         "the KL penalty compares the two models token by token")
@@ -206,9 +251,9 @@ def ppo(ctx, ptx: bool = False) -> Path:
         evaluate = ctx.task.ppo_evaluator(ctx, sft_policy)
     setup = PPOSetup(
         load_policy=_loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=tok),
-        load_value=_loader(ctx, value_path, value_flag, scalar=True, train=cfg.value, tokenizer=tok),
+        load_value=_loader(ctx, *value, scalar=True, train=cfg.value, tokenizer=tok) if value else None,
         reference=reference,
-        score=_reward_scorer(ctx, reward, rm_tok, rm_path, records, enc),
+        score=_scorer(ctx, reward_model, records, enc),
         policy_dir=Path(cfg.policy.path),
         prompts=prompts,
         ptx_examples=ptx_examples,

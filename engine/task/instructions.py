@@ -11,6 +11,7 @@ can judge what a policy writes, however malformed.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from .vocab import NOUN_COLOR, NOUNS, NUMBERS
@@ -44,6 +45,32 @@ def sample_instruction(rng: random.Random) -> Instruction:
     noun = rng.choice(NOUNS)
     form = rng.choice(["what color is the {w} ?", "tell me the color of the {w}", "what is the color of the {w} ?"])
     return Instruction(family, form.format(w=noun), ("the", noun, "is", NOUN_COLOR[noun]))
+
+
+_FORMS = (  # (family, pattern) of every form sample_instruction writes; "reverse the words" before "reverse"
+    ("repeat", re.compile(r"(?:repeat|please say|say) (\w+) (\w+) times")),
+    ("count", re.compile(r"(?:count to|please count to|count from one to) (\w+)")),
+    ("reverse", re.compile(r"(?:reverse the words|please reverse|reverse) ((?:\w+ ?)+)")),
+    ("color", re.compile(r"(?:what color is the|tell me the color of the|what is the color of the) (\w+)(?: \?)?")),
+)
+
+
+def parse_instruction(prompt: str) -> Instruction | None:
+    """The instruction a prompt of this task states (what its answer is checked against), or None."""
+    text = " ".join(prompt.split())
+    for family, pattern in _FORMS:
+        m = pattern.fullmatch(text)
+        if not m:
+            continue
+        if family == "repeat" and m.group(1) in NOUNS and m.group(2) in NUMBERS:
+            return Instruction(family, text, (m.group(1),) * (NUMBERS.index(m.group(2)) + 1))
+        if family == "count" and m.group(1) in NUMBERS:
+            return Instruction(family, text, tuple(NUMBERS[:NUMBERS.index(m.group(1)) + 1]))
+        if family == "reverse" and all(w in NOUNS for w in m.group(1).split()):
+            return Instruction(family, text, tuple(reversed(m.group(1).split())))
+        if family == "color" and m.group(1) in NOUNS:
+            return Instruction(family, text, ("the", m.group(1), "is", NOUN_COLOR[m.group(1)]))
+    return None
 
 
 def edit_distance(a, b) -> int:

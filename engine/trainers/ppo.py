@@ -1,11 +1,15 @@
-"""PPO against the reward model (InstructGPT section 3.5), and PPO-ptx.
+"""PPO against the reward model (InstructGPT section 3.5), PPO-ptx, and the critic-free estimators (GRPO,
+Dr. GRPO, RLOO, REINFORCE++, with DAPO's loss options) on the same loop.
 
-One iteration (`ppo_iteration`, read it top to bottom): sample prompts; generate one answer each with the
-current policy; score them with the RM; per-token log-probs of the policy (old) and of the SFT reference,
-and values; shaped rewards (`kernels.shape_rewards`: RM score at the last token minus beta * KL to the SFT
-model); advantages (`kernels.gae`), whitened; several epochs of minibatches with the clipped policy and
-value losses, plus gamma times the pretraining LM loss for PPO-ptx; the new weights into the rollout
-engine; beta adapts (`KLController`). The value model starts as the RM.
+One iteration (`ppo_iteration`, read it top to bottom): sample prompts and generate n answers each with the
+current policy, and score them (the RM and/or a reward function; with drop_constant_groups, groups that all
+score the same are dropped and refilled, DAPO's dynamic sampling); per-token log-probs of the policy (old)
+and of the SFT reference, and values (with a critic); shaped rewards (`kernels.shape_rewards`: the score at
+the last token minus beta * KL to the SFT model); advantages by the configured estimator
+(`kernels.estimate_advantages`: the one place it is chosen); several epochs of minibatches with the clipped
+policy loss (+ the clipped value loss with a critic, + GRPO's KL term, + gamma times the pretraining LM loss
+for PPO-ptx); the new weights into the rollout engine; beta adapts (`KLController`). The value model starts
+as the RM.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from typing import Callable
 import torch
 
 import kernels
-from kernels import masked_mean, policy_loss, value_loss
+from kernels import kl_loss, masked_mean, policy_loss, value_loss
 
 from ..batch import SequenceBatch, make_batch
 from ..checkpoint import save_models
@@ -42,27 +46,28 @@ class Experience:
     batch: SequenceBatch
     old_logprobs: torch.Tensor   # [B, R] policy at sampling time
     ref_logprobs: torch.Tensor   # [B, R] SFT reference
-    old_values: torch.Tensor     # [B, R]
-    scores: torch.Tensor         # [B] RM score of each whole answer
+    old_values: torch.Tensor     # [B, R] (zeros without a critic)
+    scores: torch.Tensor         # [B] reward of each whole answer
     rewards: torch.Tensor        # [B, R] shaped
     kl: torch.Tensor             # [B, R] per-token KL estimate
     advantages: torch.Tensor     # [B, R]
-    returns: torch.Tensor        # [B, R]
+    returns: torch.Tensor | None  # [B, R] the value loss's target (GAE only)
     engine_logprobs: torch.Tensor | None = None  # [B, R] what the rollout engine reported when sampling
 
 
 @torch.no_grad()
-def make_experience(policy: PolicyLogprobs, ref: PolicyLogprobs | None, value: TokenValues, score: Callable,
-                    batch: SequenceBatch, *, kl_coef: float, cfg, temperature: float, phase=no_phases) -> Experience:
-    """Score one batch of rollouts and compute rewards and advantages. cfg: PPOConfig.
+def make_experience(policy: PolicyLogprobs, ref: PolicyLogprobs | None, value: TokenValues | None,
+                    batch: SequenceBatch, scores: torch.Tensor, *, kl_coef: float, cfg, temperature: float,
+                    phase=no_phases) -> Experience:
+    """Log-probs, values, rewards and advantages of one batch of scored rollouts. cfg: PPOConfig.
 
     ref: the frozen SFT policy, or None for the policy with its LoRA adapters disabled (one base in memory).
-    score(batch) -> RM scores [B] (a SequenceScores model, or a function that re-tokenizes for an RM with its
-    own tokenizer). phase(name): a context timing each part (engine.trainers.phases.Phases).
+    value: the critic, or None for a critic-free estimator. scores [B]: each answer's reward; rows are
+    prompt-major, cfg.samples_per_prompt per prompt. phase(name): a context timing each part
+    (engine.trainers.phases.Phases).
     """
-    was = policy.training, value.training
+    was = policy.training, value is not None and value.training
     policy.eval()
-    value.eval()
     mask = batch.response_mask
     with phase("logprobs"):
         old_lp = policy(batch, temperature)
@@ -72,23 +77,27 @@ def make_experience(policy: PolicyLogprobs, ref: PolicyLogprobs | None, value: T
                 ref_lp = policy(batch, temperature)
         else:
             ref_lp = ref(batch, temperature)
-    with phase("values"):
-        values = value(batch) * mask
-    with phase("score"):
-        scores = score(batch)
+    values = torch.zeros_like(old_lp)
+    if value is not None:
+        with phase("values"):
+            value.eval()
+            values = value(batch) * mask
+            value.train(was[1])
     with phase("advantages"):
         rewards, kl = kernels.shape_rewards(scores, old_lp, ref_lp, mask, kl_coef=kl_coef,
                                             estimator=cfg.kl_estimator, backend=cfg.backend)
-        adv, ret = kernels.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam, backend=cfg.backend,
-                               whiten=cfg.whiten_advantages)
+        adv, ret = kernels.estimate_advantages(cfg.advantage_estimator, rewards, mask, values=values,
+                                               n=cfg.samples_per_prompt, gamma=cfg.gamma, lam=cfg.lam,
+                                               whiten=cfg.whiten_advantages, backend=cfg.backend)
     policy.train(was[0])
-    value.train(was[1])
     return Experience(batch, old_lp, ref_lp, values, scores, rewards, kl, adv, ret)
 
 
-def ppo_minibatch_loss(policy: PolicyLogprobs, value: TokenValues, exp: Experience, idx, cfg, temperature: float,
-                       ptx: Callable[[], torch.Tensor] | None = None):
-    """Loss of one minibatch: clipped policy loss + vf_coef * clipped value loss (+ ptx_coef * LM loss)."""
+def ppo_minibatch_loss(policy: PolicyLogprobs, value: TokenValues | None, exp: Experience, idx, cfg,
+                       temperature: float, ptx: Callable[[], torch.Tensor] | None = None, norm_len: float | None = None):
+    """Loss of one minibatch: the clipped policy loss (+ vf_coef * the clipped value loss with a critic,
+    + kl_loss_coef * KL to the reference, + ptx_coef * the LM loss). norm_len: the constant of
+    loss_agg="seq-mean-token-sum-norm" (the longest answer allowed)."""
     mb = exp.batch.select(idx)
     mask = mb.response_mask
     lp, ent = policy(mb, temperature, return_entropy=True)
@@ -98,11 +107,19 @@ def ppo_minibatch_loss(policy: PolicyLogprobs, value: TokenValues, exp: Experien
         # trainer's; reweight by min(pi_trainer / pi_engine, cap) (as TRL, OpenRLHF and verl do).
         is_weights = torch.exp(exp.old_logprobs[idx] - exp.engine_logprobs[idx]).clamp(max=cfg.tis_cap) * mask
     pg, pg_stats = policy_loss(lp, exp.old_logprobs[idx], exp.advantages[idx], mask, cfg.clip_eps,
-                               is_weights=is_weights)
-    vf, vf_stats = value_loss(value(mb), exp.old_values[idx], exp.returns[idx], mask, cfg.value_clip_eps)
-    loss = pg + cfg.vf_coef * vf
-    stats = {"pg_loss": pg.item(), "vf_loss": vf.item(), "entropy": masked_mean(ent, mask).item(),
-             **pg_stats, **vf_stats}
+                               is_weights=is_weights, clip_high=cfg.clip_high or None, loss_agg=cfg.loss_agg,
+                               norm_len=norm_len)
+    loss = pg
+    stats = {"pg_loss": pg.item(), "entropy": masked_mean(ent, mask).item(), **pg_stats}
+    if value is not None:
+        vf, vf_stats = value_loss(value(mb), exp.old_values[idx], exp.returns[idx], mask, cfg.value_clip_eps)
+        loss = loss + cfg.vf_coef * vf
+        stats.update(vf_loss=vf.item(), **vf_stats)
+    if cfg.kl_loss_coef > 0:
+        kl, kl_stats = kl_loss(lp, exp.ref_logprobs[idx], mask, estimator=cfg.kl_loss_estimator,
+                               loss_agg=cfg.loss_agg, norm_len=norm_len)
+        loss = loss + cfg.kl_loss_coef * kl
+        stats.update(kl_stats)
     if ptx is not None:
         ptx_loss = ptx()
         loss = loss + cfg.ptx_coef * ptx_loss
@@ -132,12 +149,13 @@ class PPOSetup:
     """What a PPO run trains and on what, built by the `ppo` stage (engine/stages.py).
 
     load_policy/load_value(resume): the model, from a checkpoint's model directory (full weights or LoRA
-    adapters) or, with None, from where PPO starts (the SFT policy; the RM for the value model).
+    adapters) or, with None, from where PPO starts (the SFT policy; the RM for the value model). load_value
+    is None for a critic-free estimator.
     """
     load_policy: Callable
-    load_value: Callable
+    load_value: Callable | None
     reference: torch.nn.Module | None      # frozen SFT policy; None: the policy with its adapters disabled
-    score: Callable                        # score(batch, prompt indices, results) -> RM scores [B]
+    score: Callable                        # score(batch, prompt index of each row, results) -> rewards [B]
     policy_dir: Path                       # the starting weights (a vLLM engine loads them)
     prompts: list[list[int]]               # prompt token ids
     ptx_examples: list | None = None       # (prompt ids, response ids) of pretraining text, for PPO-ptx
@@ -156,8 +174,8 @@ class PPORun:
     setup: PPOSetup
     policy: PolicyLogprobs
     ref: PolicyLogprobs | None
-    value: TokenValues
-    optims: dict[str, Optim]               # "policy", "value"
+    value: TokenValues | None              # None: a critic-free estimator
+    optims: dict[str, Optim]               # "policy" (and "value")
     kl: KLController
     engine: object                         # the rollout backend (engine.rollout)
     pad_id: int
@@ -169,29 +187,70 @@ class PPORun:
 
 def ppo_iteration(run: PPORun, step: int, gen: torch.Generator) -> dict:
     """One PPO iteration; returns its metrics."""
-    cfg, rcfg, setup = run.cfg, run.rollout_cfg, run.setup
-    phase = run.phases
-    idx = torch.randint(0, len(setup.prompts), (cfg.rollout_batch,), generator=gen).tolist()
-    prompts = [setup.prompts[i] for i in idx]
-    with phase("generate"):
-        results = run.engine.generate(prompts, max_tokens=rcfg.max_new_tokens, temperature=rcfg.temperature,
-                                      top_p=rcfg.top_p, top_k=rcfg.top_k, seed=step_seed(run.seed, run.stage, step) + 2)
+    cfg, rcfg, setup, phase = run.cfg, run.rollout_cfg, run.setup, run.phases
+    rollouts = collect_rollouts(run, step, gen)
     with engine_asleep(run):
-        batch = make_batch(prompts, [r.token_ids for r in results], run.pad_id).to(run.device)
-        exp = make_experience(run.policy, run.ref, run.value, lambda b: setup.score(b, idx, results), batch,
-                              kl_coef=run.kl.coef, cfg=cfg, temperature=rcfg.temperature, phase=phase)
-        exp.engine_logprobs = engine_logprobs(results, exp.old_logprobs)
+        exp = make_experience(run.policy, run.ref, run.value, rollouts.batch, rollouts.scores, kl_coef=run.kl.coef,
+                              cfg=cfg, temperature=rcfg.temperature, phase=phase)
+        exp.engine_logprobs = engine_logprobs(rollouts.results, exp.old_logprobs)
         with phase("update"):
             stats = ppo_update(run, exp, gen)
     with phase("sync"):
         sync_weights(run)
-    metrics = iteration_metrics(exp, results, stats, run.kl.coef)
-    run.kl.update(metrics["kl"], cfg.rollout_batch)
+    metrics = iteration_metrics(exp, rollouts.results, stats, run.kl.coef)
+    if cfg.drop_constant_groups:
+        metrics.update(groups_dropped=rollouts.groups_dropped, answers=len(rollouts.results))
+    run.kl.update(metrics["kl"], len(rollouts.results))
     if setup.evaluate is not None and ((step + 1) % cfg.eval_every == 0 or step == 0):
         with phase("evaluate"):
             metrics["win_rate_vs_sft"] = setup.evaluate(run.policy.lm)
     metrics.update(phase.pop())
     return metrics
+
+
+@dataclass
+class Rollouts:
+    """One iteration's scored answers, prompt-major (samples_per_prompt per prompt)."""
+    results: list                          # RolloutResult of each answer
+    batch: SequenceBatch
+    scores: torch.Tensor                   # [B] each answer's reward
+    groups_dropped: int = 0
+
+
+MAX_ROUNDS = 8  # dynamic sampling gives up refilling after this many rounds (and trains on what it has)
+
+
+def collect_rollouts(run: PPORun, step: int, gen: torch.Generator) -> Rollouts:
+    """rollout_batch prompts with samples_per_prompt answers each, scored. With drop_constant_groups (DAPO's
+    dynamic sampling), a prompt whose answers all score the same teaches a group estimator nothing: it is
+    dropped and more prompts are sampled until rollout_batch prompts are kept (at most MAX_ROUNDS rounds)."""
+    cfg, rcfg, setup, phase = run.cfg, run.rollout_cfg, run.setup, run.phases
+    n, kept, dropped = cfg.samples_per_prompt, [], 0
+    for round_ in range(MAX_ROUNDS if cfg.drop_constant_groups else 1):
+        idx = torch.randint(0, len(setup.prompts), (cfg.rollout_batch,), generator=gen).tolist()
+        with phase("generate"):
+            results = run.engine.generate([setup.prompts[i] for i in idx], n=n, max_tokens=rcfg.max_new_tokens,
+                                          temperature=rcfg.temperature, top_p=rcfg.top_p, top_k=rcfg.top_k,
+                                          seed=step_seed(run.seed, run.stage, step) + 2 + 7919 * round_)
+        rows = [idx[r.prompt_index] for r in results]
+        batch = make_batch([setup.prompts[i] for i in rows], [r.token_ids for r in results], run.pad_id).to(run.device)
+        with phase("score"):
+            scores = setup.score(batch, rows, results).to(run.device)
+        if not cfg.drop_constant_groups:
+            return Rollouts(results, batch, scores)
+        groups = scores.view(-1, n)
+        live = (groups != groups[:, :1]).any(dim=1).tolist()
+        dropped += live.count(False)
+        kept += [(rows[g * n:(g + 1) * n], results[g * n:(g + 1) * n], groups[g]) for g, ok in enumerate(live) if ok]
+        if len(kept) >= cfg.rollout_batch:
+            break
+    if not kept:  # every group scored flat: train on the last round (its advantages are zero)
+        kept = [(rows[g * n:(g + 1) * n], results[g * n:(g + 1) * n], groups[g]) for g in range(cfg.rollout_batch)]
+    kept = kept[:cfg.rollout_batch]
+    rows = [i for group in kept for i in group[0]]
+    results = [r for group in kept for r in group[1]]
+    batch = make_batch([setup.prompts[i] for i in rows], [r.token_ids for r in results], run.pad_id).to(run.device)
+    return Rollouts(results, batch, torch.cat([group[2] for group in kept]), dropped)
 
 
 def ppo_update(run: PPORun, exp: Experience, gen: torch.Generator) -> dict[str, list]:
@@ -200,8 +259,9 @@ def ppo_update(run: PPORun, exp: Experience, gen: torch.Generator) -> dict[str, 
     ptx = (lambda: ptx_loss(run, gen)) if run.ptx else None
     stats: dict[str, list] = {}
     for _ in range(cfg.epochs):
-        for mb in torch.randperm(cfg.rollout_batch, generator=gen).split(cfg.minibatch):
-            loss, s = ppo_minibatch_loss(run.policy, run.value, exp, mb, cfg, run.rollout_cfg.temperature, ptx)
+        for mb in torch.randperm(exp.batch.input_ids.shape[0], generator=gen).split(cfg.minibatch):
+            loss, s = ppo_minibatch_loss(run.policy, run.value, exp, mb.to(run.device), cfg,
+                                         run.rollout_cfg.temperature, ptx, norm_len=run.rollout_cfg.max_new_tokens)
             for optim in run.optims.values():
                 optim.zero_grad()
             loss.backward()
@@ -256,8 +316,9 @@ def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) 
     tok, dev = ctx.tokenizer, ctx.device
     heads = dict(backend=cfg.backend, fused=run_cfg.fused_lm_head)
     optim = dict(weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
-    optims = {"policy": Optim.adamw(policy_model, lr=cfg.lr, flag="--ppo.lr", **optim),
-              "value": Optim.adamw(value_model, lr=cfg.value_lr, flag="--ppo.value_lr", **optim)}
+    optims = {"policy": Optim.adamw(policy_model, lr=cfg.lr, flag="--ppo.lr", **optim)}
+    if value_model is not None:
+        optims["value"] = Optim.adamw(value_model, lr=cfg.value_lr, flag="--ppo.value_lr", **optim)
     gpu = dict(gpu_memory_utilization=rcfg.gpu_memory_utilization, enable_sleep_mode=rcfg.sleep) \
         if dev.type == "cuda" else {}
     engine = make_rollout(rcfg.backend, policy=policy_model, model_dir=setup.policy_dir, seed=run_cfg.seed,
@@ -266,7 +327,8 @@ def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) 
                           max_model_len=setup.max_model_len, **gpu)
     return PPORun("ppo_ptx" if ptx else "ppo", run_cfg.seed, cfg, rcfg, setup, PolicyLogprobs(policy_model, **heads),
                   PolicyLogprobs(setup.reference, **heads) if setup.reference is not None else None,
-                  TokenValues(value_model), optims, KLController.from_config(cfg), engine, tok.pad_token_id, dev, ptx,
+                  TokenValues(value_model) if value_model is not None else None, optims,
+                  KLController.from_config(cfg), engine, tok.pad_token_id, dev, ptx,
                   Phases(dev), engine_sleeps=bool(gpu.get("enable_sleep_mode")) and hasattr(engine, "sleep"))
 
 
@@ -283,10 +345,11 @@ def train_ppo(ctx, setup: PPOSetup, *, ptx: bool) -> Path:
     if not setup.prompts:
         raise ValueError("ppo: no prompts (every one was dropped by the length rule?)")
     policy_model = setup.load_policy(ckpt / "policy" if ckpt else None).to(ctx.device).train()
-    value_model = setup.load_value(ckpt / "value" if ckpt else None).to(ctx.device).train()
-    run = make_ppo_run(ctx, setup, policy_model, value_model, ptx=ptx)
-    state = TrainState(stage_dir, {"policy": policy_model, "value": value_model}, run.optims, ctx.tokenizer,
-                       extra=lambda: {"kl_coef": run.kl.coef})
+    models = {"policy": policy_model}
+    if setup.load_value is not None:  # a critic (GAE); the critic-free estimators train the policy alone
+        models["value"] = setup.load_value(ckpt / "value" if ckpt else None).to(ctx.device).train()
+    run = make_ppo_run(ctx, setup, policy_model, models.get("value"), ptx=ptx)
+    state = TrainState(stage_dir, models, run.optims, ctx.tokenizer, extra=lambda: {"kl_coef": run.kl.coef})
     start = 0
     if ckpt is not None:
         saved = state.restore(ckpt)
@@ -302,6 +365,6 @@ def train_ppo(ctx, setup: PPOSetup, *, ptx: bool) -> Path:
               step_fn=lambda step, gen: ppo_iteration(run, step, gen), state=state, log_every=1,
               checkpoint_every=cfg.checkpoint_every, progress=run_cfg.progress, lr=cfg.lr)
     run.engine.close()
-    save_models(stage_dir / "final", {"policy": plain(policy_model), "value": plain(value_model)}, ctx.tokenizer)
+    save_models(stage_dir / "final", {name: plain(m) for name, m in models.items()}, ctx.tokenizer)
     (stage_dir / "summary.json").write_text(json.dumps({"ptx": ptx, "kl_coef_final": run.kl.coef}, indent=2))
     return final

@@ -16,8 +16,11 @@ OTHER = {
     "ppo.tis_cap": 2.0, "ppo.gamma": 0.5, "rollout.backend": "auto", "rollout.top_k": 5, "rollout.top_p": 0.5,
     "policy.lora_targets": "q_proj", "value.lora_targets": "q_proj", "policy.lora_dropout": 0.1,
     "value.lora_dropout": 0.1, "data.long_prompts": "drop", "model.num_heads": 4, "model.hidden_size": 256,
-    "task.n_heldout_labelers": 5, "run.resume": True,
+    "task.n_heldout_labelers": 5, "run.resume": True, "reward.fn": "my_rewards:exact",
+    "ppo.advantage_estimator": "reinforce_pp", "ppo.loss_agg": "seq-mean-token-mean", "ppo.kl_loss_estimator": "k2",
 }
+# fields whose other value needs a companion to be valid, or to be read at all
+WITH = {"ppo.drop_constant_groups": ["--ppo.samples_per_prompt", "2"]}
 
 
 def other(key: str, default):
@@ -50,8 +53,9 @@ def trained(role):  # what a command that trains `role` reads of it (LoRA detail
     return {f"{role}.{n}" for n in ("path", "lora_rank", "gradient_checkpointing")}
 
 
-PPO_READS = (set(fields("ppo")) - {"ppo.ptx_coef", "ppo.ptx_batch", "ppo.target_kl", "ppo.kl_horizon"}) | \
-    (set(fields("rollout")) - {"rollout.gpu_memory_utilization", "rollout.sleep"})
+PPO_READS = (set(fields("ppo")) - {"ppo.ptx_coef", "ppo.ptx_batch", "ppo.target_kl", "ppo.kl_horizon",
+                                   "ppo.kl_loss_estimator"}) | \
+    (set(fields("rollout")) - {"rollout.gpu_memory_utilization", "rollout.sleep"}) | {"reward.fn"}
 READS = {  # command -> (read on the built-in task, read on a user's checkpoint)
     "pretrain": (RUN | set(fields("task")) | set(fields("model")) | set(fields("pretrain")), RUN | {"policy.path"}),
     "sft": (RUN | set(fields("task")) | trained("policy") | LENGTHS | set(fields("sft")),
@@ -67,10 +71,11 @@ READS = {  # command -> (read on the built-in task, read on a user's checkpoint)
     "eval": (RUN | set(fields("task")) | set(fields("eval")) | {"rollout.max_new_tokens"}, RUN | {"policy.path"}),
     "pipeline": (ALL - FILES - {f"{r}.{d}" for r in ("policy", "value") for d in LORA_DETAILS}
                  - {"ppo.target_kl", "ppo.kl_horizon", "rollout.gpu_memory_utilization", "rollout.sleep",
-                    "policy.path"},
+                    "policy.path", "ppo.kl_loss_estimator"},
                  ALL - BUILTIN_ONLY - set(fields("model")) - set(fields("pretrain"))
                  - {f"{r}.{d}" for r in ("policy", "value") for d in LORA_DETAILS}
-                 - {"ppo.target_kl", "ppo.kl_horizon", "rollout.gpu_memory_utilization", "rollout.sleep"}),
+                 - {"ppo.target_kl", "ppo.kl_horizon", "rollout.gpu_memory_utilization", "rollout.sleep",
+                    "ppo.kl_loss_estimator"}),
 }
 
 
@@ -90,7 +95,7 @@ def test_every_field_a_command_does_not_read_is_refused_by_name(parser, command,
             continue
         section, name = key.split(".")
         value = other(key, getattr(getattr(Config(), section), name))
-        argv = base + [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+        argv = base + [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)] + WITH.get(key, [])
         try:
             parse(argv, parser)
             refused = None
@@ -112,8 +117,13 @@ def test_a_section_a_command_does_not_have_is_an_unknown_argument(parser, comman
 
 
 def test_conditional_fields_are_read_once_their_switch_is_on(parser):
-    """ptx_coef with --ptx true, target_kl with the adaptive controller, LoRA details with a rank."""
+    """ptx_coef with --ptx true, target_kl with the adaptive controller, LoRA details with a rank, the KL loss's
+    estimator with its coefficient; a critic-free estimator refuses the value model's fields."""
     parse(["ppo", "--ptx", "true", "--ppo.ptx_coef", "0.5", "--ppo.adaptive_kl", "true", "--ppo.target_kl", "3",
-           "--policy.lora_rank", "4", "--policy.lora_alpha", "8"], parser)
+           "--policy.lora_rank", "4", "--policy.lora_alpha", "8", "--ppo.kl_loss_coef", "0.1",
+           "--ppo.kl_loss_estimator", "k2"], parser)
+    with pytest.raises(ValueError, match=r"--value.path \(--ppo.advantage_estimator grpo trains no value model\)"):
+        parse(["ppo", "--ppo.advantage_estimator", "grpo", "--ppo.samples_per_prompt", "4", "--value.path", "/v"],
+              parser)
     with pytest.raises(ValueError, match=r"--ppo.ptx_coef \(only PPO-ptx reads it: add --ptx true\)"):
         parse(["ppo", "--ppo.ptx_coef", "0.5"], parser)

@@ -54,8 +54,8 @@ def test_ppo_step_loss_and_gradients_match_plain_path(device):
     for fused in (True, False):
         torch.manual_seed(1)
         lp, v = PolicyLogprobs(policy, fused=fused), TokenValues(value)
-        exp = make_experience(lp, PolicyLogprobs(ref, fused=fused), v, SequenceScores(reward), batch, kl_coef=0.1,
-                              cfg=cfg, temperature=0.9)
+        exp = make_experience(lp, PolicyLogprobs(ref, fused=fused), v, batch, SequenceScores(reward)(batch),
+                              kl_coef=0.1, cfg=cfg, temperature=0.9)
         policy.zero_grad(set_to_none=True)
         value.zero_grad(set_to_none=True)
         loss, stats = ppo_minibatch_loss(lp, v, exp, torch.arange(4, device=device), cfg, 0.9)
@@ -86,7 +86,7 @@ def test_ppo_step_same_on_every_kernel_backend(device):
             continue
         cfg = dataclasses.replace(PPOConfig(), backend=backend)
         lp, v = PolicyLogprobs(policy, backend=backend), TokenValues(value)
-        exp = make_experience(lp, PolicyLogprobs(ref, backend=backend), v, SequenceScores(reward), batch,
+        exp = make_experience(lp, PolicyLogprobs(ref, backend=backend), v, batch, SequenceScores(reward)(batch),
                               kl_coef=0.1, cfg=cfg, temperature=1.0)
         loss, _ = ppo_minibatch_loss(lp, v, exp, torch.arange(3, device=device), cfg, 1.0)
         out[backend] = (loss.detach(), exp.rewards, exp.advantages, exp.returns, exp.old_logprobs)

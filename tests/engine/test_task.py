@@ -78,3 +78,21 @@ def test_tokenizer_round_trip_through_the_users_encoder():
     assert words == d["response"] and finished
     cut = enc.response(d["prompt"], d["response"], len(prompt), finished=False)
     assert cut == ids[:-1] and decode_response(tok, cut) == (d["response"], False)
+
+
+def test_verifiable_reward_checks_the_exact_answer():
+    """engine.task.rewards:exact_answer: every prompt the task writes parses back to its instruction, and an
+    answer scores 1 exactly when its core is the target, whatever its opener or full stop."""
+    import random
+
+    from engine.task.instructions import parse_instruction, sample_instruction
+    from engine.task.rewards import exact_answer
+
+    rng = random.Random(0)
+    insts = [sample_instruction(rng) for _ in range(2000)]
+    assert all(parse_instruction(i.prompt) == i for i in insts)
+    right = [f"sure , {' '.join(i.target)} ." for i in insts[:50]]
+    wrong = [" ".join(i.target[:-1]) for i in insts[:50]]
+    assert exact_answer([i.prompt for i in insts[:50]], right) == [1.0] * 50
+    assert exact_answer([i.prompt for i in insts[:50]], wrong) == [0.0] * 50
+    assert exact_answer(["not an instruction of this task"], ["one two"]) == [0.0]
