@@ -46,7 +46,7 @@ class BuiltinTask:
                 raise ValueError(f"{out} holds the built-in task's data made with {', '.join(changed)} ({made}); "
                                  f"give the same --task.* values, or another --out")
         data = make_task_data(cfg)
-        if not made.is_file():
+        if not made.is_file() or not all((data_dir / f).is_file() for f in FILES.values()):
             save_task_data(data, data_dir)
             write_text_atomic(made, json.dumps(settings, indent=2))
         if not (tok_dir / "chat_template.jinja").is_file():
