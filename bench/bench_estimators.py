@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -43,13 +42,17 @@ REWARDS = {"RM": [], "exact answers": ["--reward.fn", "engine.task.rewards:exact
 
 
 def engine(argv: list[str]) -> tuple[float, float]:
-    """`python -m engine ARGV` in its own process -> (wall seconds, peak resident MiB)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "engine", *argv], stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"python -m engine {' '.join(argv)} failed")
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+    """`python -m engine ARGV` in its own process -> (wall seconds, peak resident MiB). The peak is GNU time's
+    (%M) of the engine's process alone: a child's own rusage would count the pages it shares with this
+    process between its fork and its exec."""
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        t0 = time.perf_counter()
+        done = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, sys.executable, "-m", "engine", *argv],
+                              stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise RuntimeError(f"python -m engine {' '.join(argv)} failed")
+        return seconds, int(rss.read().split()[-1]) / 1024
 
 
 @torch.no_grad()
@@ -170,7 +173,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0].axhline(0.5, color="gray", ls="--", lw=1)
     axes[1].axhline(next(r["exact"] for r in rows if r["estimator"] == "SFT"), color="gray", ls="--", lw=1,
                     label="SFT")
-    axes[1].legend()
+    axes[1].legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -58,8 +58,9 @@ class _Ids:
 
 
 def measure(size: str, device: str, *, batch: int, prompt_len: int, new_tokens: int, iterations: int, fused: bool,
-            backend: str, minibatch: int) -> dict:
-    """The median seconds and peak GiB of each phase over iterations 2..n, and the parameter count."""
+            backend: str, minibatch: int, estimator: str = "gae") -> dict:
+    """The median seconds and peak GiB of each phase over iterations 2..n, and the parameter count. A
+    critic-free estimator samples 4 answers to each of batch / 4 prompts and has no value model."""
     from engine.config import Config, PPOConfig, RolloutConfig, RunConfig
     from engine.context import RunContext
     from engine.loading import compute_precision
@@ -72,24 +73,26 @@ def measure(size: str, device: str, *, batch: int, prompt_len: int, new_tokens: 
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, spec["vocab"], (prompt_len,), generator=g).tolist() for _ in range(batch * 4)]
     with tempfile.TemporaryDirectory() as out:
+        n = 1 if estimator in ("gae", "reinforce_pp") else 4
         cfg = Config(run=RunConfig(out=out, device=device, progress=False, fused_lm_head=fused,
                                    dtype="bfloat16" if device == "cuda" else "float32"),
-                     ppo=PPOConfig(iterations=iterations, rollout_batch=batch, minibatch=minibatch, epochs=1,
-                                   eval_every=0, backend=backend),
+                     ppo=PPOConfig(iterations=iterations, rollout_batch=batch // n, samples_per_prompt=n,
+                                   advantage_estimator=estimator, minibatch=minibatch, epochs=1, eval_every=0,
+                                   backend=backend),
                      rollout=RolloutConfig(backend="hf", max_new_tokens=new_tokens))
         setup = PPOSetup(load_policy=None, load_value=None, reference=reference,
                          score=lambda b, idx, results: rm(b), policy_dir=Path(out), prompts=prompts,
                          max_model_len=prompt_len + new_tokens)
         ctx = RunContext(cfg, Path(out), _Ids(), None)
         with compute_precision(cfg.run):
-            run = make_ppo_run(ctx, setup, policy.train(), value.train(), ptx=False)
+            run = make_ppo_run(ctx, setup, policy.train(), value.train() if estimator == "gae" else None, ptx=False)
             rows = [ppo_iteration(run, step, torch.Generator().manual_seed(step)) for step in range(iterations)]
         run.engine.close()
     rest = rows[1:] or rows
     out = {"params": sum(p.numel() for p in policy.parameters()), "tokens": batch * (prompt_len + new_tokens),
            "response_len": statistics.median(r["response_len"] for r in rest)}
-    for phase in PHASES:
-        out[phase] = {"s": statistics.median(r[f"time/{phase}"] for r in rest),
+    for phase in PHASES:  # a critic-free run has no "values" phase
+        out[phase] = {"s": statistics.median(r.get(f"time/{phase}", 0.0) for r in rest),
                       "gib": max((r.get(f"mem_gib/{phase}", 0.0) for r in rest), default=0.0)}
     return out
 
@@ -118,7 +121,7 @@ def render(results: list[dict], meta: dict) -> str:
              "whichever is larger (generation: every step reads the weights).", ""]
     for r in results:
         lines += [f"## {r['size']}, {r['params'] / 1e6:.1f}M parameters, fused LM head {'on' if r['fused'] else 'off'}, "
-                  f"kernels `{r['backend']}`", "",
+                  f"kernels `{r['backend']}`, estimator `{r['estimator']}`", "",
                   f"{r['batch']} prompts x {r['prompt_len']} tokens, up to {r['new_tokens']} new (median answer "
                   f"{r['response_len']:.0f}); median of iterations 2..{r['iterations']}.", "",
                   "| phase | seconds | floor s | x floor | peak GiB |", "|---|---|---|---|---|"]
@@ -142,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--backends", default="auto", help="comma-separated kernel backends (auto,torch,triton,cuda)")
     ap.add_argument("--fused", default="on,off", help="fused LM head: on, off or on,off")
+    ap.add_argument("--estimators", default="gae", help="comma-separated advantage estimators (gae = PPO with a "
+                                                         "value model; grpo etc. have none)")
     ap.add_argument("--dry-run", action="store_true", help="tiny size, 2 iterations, nothing saved")
     args = ap.parse_args(argv)
     if args.dry_run:
@@ -153,17 +158,19 @@ def main(argv=None) -> int:
     tflops = matmul_tflops(dev, low, n=512 if args.dry_run else 4096)
     copy_gbps = copy_bandwidth_gbps(dev, mib=16 if args.dry_run else 256)
     results = []
-    for backend in args.backends.split(","):
-        for fused in [f == "on" for f in args.fused.split(",")]:
-            shape = dict(batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                         iterations=args.iterations)
-            m = measure(args.size, dev, fused=fused, backend=backend, minibatch=max(1, args.batch // 4), **shape)
-            results.append({"size": args.size, "fused": fused, "backend": backend, **shape, "params": m["params"],
-                            "response_len": m["response_len"], "phases": {p: m[p] for p in PHASES},
-                            "floors": floors(m, batch=args.batch, new_tokens=args.new_tokens, tflops=tflops,
-                                             copy_gbps=copy_gbps, low_bytes=torch.finfo(low).bits // 8)})
-            if dev == "cuda":
-                torch.cuda.empty_cache()
+    combos = [(b, f == "on", "gae") for b in args.backends.split(",") for f in args.fused.split(",")]
+    combos += [(args.backends.split(",")[0], True, e) for e in args.estimators.split(",") if e != "gae"]
+    for backend, fused, estimator in combos:
+        shape = dict(batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                     iterations=args.iterations)
+        m = measure(args.size, dev, fused=fused, backend=backend, minibatch=max(1, args.batch // 4),
+                    estimator=estimator, **shape)
+        results.append({"size": args.size, "fused": fused, "backend": backend, "estimator": estimator, **shape,
+                        "params": m["params"], "response_len": m["response_len"], "phases": {p: m[p] for p in PHASES},
+                        "floors": floors(m, batch=args.batch, new_tokens=args.new_tokens, tflops=tflops,
+                                         copy_gbps=copy_gbps, low_bytes=torch.finfo(low).bits // 8)})
+        if dev == "cuda":
+            torch.cuda.empty_cache()
     meta = provenance("python -m bench.bench_ppo " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])), dev)
     meta.update(matmul_tflops=tflops, copy_gbps=copy_gbps, dtype=str(low).split(".")[-1])
     text = render(results, meta)

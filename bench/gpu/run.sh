@@ -67,9 +67,10 @@ step_kernels() {
 
 step_ppo() {
   if [ $DRY = 1 ]; then
-    "$PY" -m bench.bench_ppo --dry-run --backends auto,torch
+    "$PY" -m bench.bench_ppo --dry-run --backends auto,torch --estimators gae,grpo
   else
     "$PY" -m bench.bench_ppo --backends "${PPO_BACKENDS:-auto,torch,triton}" --size "${PPO_SIZE:-qwen2.5-0.5b}" \
+      --estimators gae,grpo \
       && keep "$RES"/ppo*.md "$RES"/ppo*.json
   fi
 }
