@@ -1,6 +1,6 @@
 """`python -m bench`: every kernel against its naive path and peers, as one table, saved under
 bench/results/<device>/kernels.{md,json}. `--quick` uses small sizes (a smoke run, not for the record);
-`python -m bench.bench_gae` (and _token_logprobs, _rewards, _linear_logprobs) prints one kernel's rows."""
+`python -m bench.bench_gae` (and _token_logprobs, _rewards, _linear_logprobs, _groups) prints one kernel's rows."""
 from __future__ import annotations
 
 import argparse
@@ -9,19 +9,22 @@ import sys
 
 import torch
 
-from . import bench_gae, bench_linear_logprobs, bench_rewards, bench_token_logprobs
+from . import bench_gae, bench_groups, bench_linear_logprobs, bench_rewards, bench_token_logprobs
 from .harness import copy_bandwidth_gbps, provenance, save, table
 
 
-SIZES = {  # per kernel: (token log-probs N, V, dtype), (GAE B, T), (rewards B, T), (fused head N, H, V, dtype)
-    "quick": dict(lp=(64, 1001, torch.float32), gae=(8, 64), rew=(8, 64), lin=(64, 32, 1001, torch.float32)),
+SIZES = {  # per kernel: (token log-probs N, V, dtype), (GAE B, T), (rewards B, T), (fused head N, H, V, dtype),
+           # (group advantages prompts, n)
+    "quick": dict(lp=(64, 1001, torch.float32), gae=(8, 64), rew=(8, 64), lin=(64, 32, 1001, torch.float32),
+                  grp=(16, 4)),
     # the fused head at Liger-Kernel's published size (M 8192, H 4096, V 131072) and at the memory target's
     "cuda": dict(lp=(16384, 151936, torch.bfloat16), gae=(256, 2048), rew=(1024, 8192),
-                 lin=[(8192, 4096, 131072, torch.bfloat16), (16384, 3584, 151936, torch.bfloat16)]),
+                 lin=[(8192, 4096, 131072, torch.bfloat16), (16384, 3584, 151936, torch.bfloat16)], grp=(4096, 16)),
     "cpu": dict(lp=(2048, 32000, torch.float32), gae=(256, 2048), rew=(1024, 8192),
-                lin=(4096, 512, 32000, torch.float32)),
+                lin=(4096, 512, 32000, torch.float32), grp=(4096, 16)),
 }
-KERNELS = {"lp": bench_token_logprobs, "gae": bench_gae, "rew": bench_rewards, "lin": bench_linear_logprobs}
+KERNELS = {"lp": bench_token_logprobs, "gae": bench_gae, "rew": bench_rewards, "lin": bench_linear_logprobs,
+           "grp": bench_groups}
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,7 @@ import pytest
 
 @pytest.mark.parametrize("module,kernel", [
     ("bench_token_logprobs", "token_logprobs"), ("bench_gae", "gae"), ("bench_rewards", "shape_rewards"),
-    ("bench_linear_logprobs", "linear_token_logprobs fwd+bwd"),
+    ("bench_linear_logprobs", "linear_token_logprobs fwd+bwd"), ("bench_groups", "group_advantages grpo"),
 ])
 def test_each_kernel_benchmark_runs_alone_and_prints_its_rows(module, kernel, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", [f"bench/{module}.py", "--quick"])
