@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.cli import main
 from flag_bundles import cli_with_bundles as cli
 from engine.data.formats import Comparison, DataError, Demonstration, Prompt, load
 
