@@ -40,15 +40,20 @@ def check_finite(value: float, *, what: str, stage: str, step: int, stage_dir: P
 
 
 @torch.no_grad()
+def _magnitudes(models: dict):
+    """(model name, parameter name, its largest |weight|) for every non-empty parameter."""
+    for name, model in models.items():
+        for pname, p in model.named_parameters():
+            if p.numel():
+                yield name, pname, p.detach().abs().max().item()
+
+
 def weight_scale(models: dict) -> float:
     """The largest |weight| over the models' parameters (inf or nan when one is not finite)."""
     worst = 0.0
-    for model in models.values():
-        for p in model.parameters():
-            if p.numel():
-                m = p.detach().abs().max().item()
-                if not m <= worst:  # also takes nan
-                    worst = m
+    for _, _, m in _magnitudes(models):
+        if not m <= worst:  # also takes nan
+            worst = m
     return worst
 
 
@@ -56,15 +61,11 @@ def check_weights(models: dict, start_scale: float, *, stage: str, step: int, st
                   lr: float | None = None) -> None:
     """Raise DivergedError when a weight is not finite or grew past GROWTH x max(start_scale, 1)."""
     limit = GROWTH * max(start_scale, 1.0)
-    for name, model in models.items():
-        for pname, p in model.named_parameters():
-            if not p.numel():
-                continue
-            m = p.detach().abs().max().item()
-            if not math.isfinite(m):
-                raise DivergedError(f"{stage}: the {name} model's weight {pname} is not finite after step {step}; "
-                                    f"{_advice(stage, stage_dir, lr)}")
-            if m > limit:
-                raise DivergedError(
-                    f"{stage}: the {name} model's weights diverged by step {step} (|{pname}| reached {m:.3g}, over "
-                    f"{GROWTH:g}x the largest weight at the start, {start_scale:.3g}); {_advice(stage, stage_dir, lr)}")
+    for name, pname, m in _magnitudes(models):
+        if not math.isfinite(m):
+            raise DivergedError(f"{stage}: the {name} model's weight {pname} is not finite after step {step}; "
+                                f"{_advice(stage, stage_dir, lr)}")
+        if m > limit:
+            raise DivergedError(
+                f"{stage}: the {name} model's weights diverged by step {step} (|{pname}| reached {m:.3g}, over "
+                f"{GROWTH:g}x the largest weight at the start, {start_scale:.3g}); {_advice(stage, stage_dir, lr)}")

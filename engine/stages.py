@@ -230,7 +230,7 @@ def ppo(ctx, ptx: bool = False) -> Path:
         reference = load_model(cfg.policy.path, flag="--policy.path", scalar=False, device=dev, run=cfg.run,
                                tokenizer=tok)
     context = _context_length(cfg.policy.path)
-    enc = _encoder(tok, cfg, cfg.policy.path, "--policy.path", reserve=cfg.rollout.max_new_tokens)
+    enc = make_encoder(tok, cfg.data, context, cfg.rollout.max_new_tokens, "--policy.path")
     records, prompts = [], []
     for rec in _load(path, "prompts", enc):
         ids = enc.prompt(rec.prompt)
