@@ -9,6 +9,12 @@ Layout of a stage directory:
 Every directory is written under a temporary name and renamed into place, and `latest` is replaced
 atomically, so a crash at any moment leaves the previous checkpoint intact; the temporary folders a crash
 leaves behind are removed when the stage next starts.
+
+With more than one process (engine.distributed) a checkpoint holds the models and optimizers as one DCP
+(torch.distributed.checkpoint) folder, each rank writing its shards, plus the same trainer.json:
+    checkpoints/step-000200/{dcp/, trainer.json, trainer.safetensors}
+DCP reshards on load, so such a checkpoint resumes with any number of processes, one included. Final models
+are always plain transformers directories, written by the main rank from the gathered weights.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
+from . import distributed as dist
 from .state_file import StateFileError, has_state, read_state, write_state
 
 log = logging.getLogger("engine")
@@ -105,15 +112,21 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise CheckpointWriteError(exc.errno or errno.EIO, f"could not write {path}: {_reason(exc)}") from exc
 
 
-def _write_models(tmp: Path, models: dict, tokenizer) -> None:
+def _write_models(tmp: Path, models: dict, tokenizer, states: dict | None = None) -> None:
     for name, model in models.items():
-        model.save_pretrained(tmp / name, safe_serialization=True)
+        state = (states or {}).get(name)
+        model.save_pretrained(tmp / name, safe_serialization=True, **({"state_dict": state} if state else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / name)
 
 
 def save_models(target: Path, models: dict, tokenizer=None) -> None:
-    _atomic_dir(target, lambda tmp: _write_models(tmp, models, tokenizer))
+    """Plain transformers directories (with the tokenizer), atomically. With several processes every rank
+    calls it (the weights are gathered), the main rank writes."""
+    states = {name: dist.full_state_dict(model) for name, model in models.items()}
+    if dist.world().main:
+        _atomic_dir(target, lambda tmp: _write_models(tmp, models, tokenizer, states))
+    dist.barrier()
 
 
 def save_checkpoint(stage_dir: Path, step: int, models: dict, state: dict, tokenizer=None) -> Path:
@@ -130,6 +143,82 @@ def save_checkpoint(stage_dir: Path, step: int, models: dict, state: dict, token
     for old in sorted(p for p in ckpts.glob("step-*") if p.is_dir() and STEP_NAME.fullmatch(p.name))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+SHARDED = "dcp"
+
+
+def is_sharded(ckpt: Path) -> bool:
+    """A checkpoint written by several processes (DCP shards)."""
+    return (ckpt / SHARDED).is_dir()
+
+
+def _sharded_state(models: dict, optimizers: dict) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    out = {f"model.{name}": get_model_state_dict(m) for name, m in models.items()}
+    out.update({f"optim.{name}": get_optimizer_state_dict(models[name], o) for name, o in optimizers.items()})
+    return out
+
+
+def save_sharded_checkpoint(stage_dir: Path, step: int, models: dict, optimizers: dict, state: dict) -> Path:
+    """Every rank writes its shards of the models and optimizers (torch optimizers, by model name) into one
+    DCP folder under a temporary name; after a barrier the main rank adds the trainer state, renames it into
+    place and points `latest` at it."""
+    import torch.distributed.checkpoint as dcp
+
+    ckpts = stage_dir / "checkpoints"
+    target = ckpts / f"step-{step:06d}"
+    tmp = None
+    if dist.world().main:
+        ckpts.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=ckpts)
+    tmp = Path(dist.broadcast(tmp))
+    try:
+        try:
+            dcp.save(_sharded_state(models, optimizers), checkpoint_id=str(tmp / SHARDED))
+            if dist.world().main:
+                write_state(tmp, {**state, "step": step, "rng": rng_state(), "world_size": dist.world().size})
+        except (OSError, SafetensorError) as exc:
+            code = getattr(exc, "errno", None) or errno.EIO
+            raise CheckpointWriteError(code, f"could not write {target}: {_reason(exc)}") from exc
+        dist.barrier()
+        if dist.world().main:
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                target.rename(old)
+                tmp.rename(target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(target)
+            write_text_atomic(ckpts / "latest", target.name)
+            for old in sorted(p for p in ckpts.glob("step-*") if p.is_dir() and STEP_NAME.fullmatch(p.name))[:-KEEP]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+    except BaseException:
+        if dist.world().main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_sharded(ckpt: Path, models: dict, optimizers: dict) -> None:
+    """Load a DCP checkpoint's models and optimizers into `models` / `optimizers` (sharded or not: DCP
+    reshards to however many processes read it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = _sharded_state(models, optimizers)
+    try:
+        dcp.load(state, checkpoint_id=str(ckpt / SHARDED))
+    except Exception as exc:  # noqa: BLE001 - DCP raises its own wrappers around missing keys or files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{ckpt / SHARDED}: cannot be read into this stage's models ({first[:300]}). "
+                              f"Resume from an earlier checkpoint or start over with --run.overwrite true.") from None
+    for name, m in models.items():
+        set_model_state_dict(m, state[f"model.{name}"])
+    for name, o in optimizers.items():
+        set_optimizer_state_dict(models[name], o, state[f"optim.{name}"])
 
 
 def _no_links(ckpt: Path) -> None:

@@ -6,6 +6,7 @@ is set (engine/commands.py)."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -78,11 +79,18 @@ def parse(argv: list[str] | None = None, parser: ArgumentParser | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from . import distributed as dist
+
+    # Under torchrun every process runs this; the main one logs, the others only warn.
+    rank = int(os.environ.get("RANK", "0")) if dist.launched() else 0
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, datefmt="%H:%M:%S",
+                        format="%(asctime)s %(levelname)s " + (f"[rank {rank}] " if dist.launched() else "")
+                        + "%(message)s")
     try:
         command = parse(argv)
     except ValueError as exc:  # a config value failed validation, or a field the command does not read
-        print(f"error: {exc}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     from .checkpoint import CheckpointWriteError
     from .guard import DivergedError
@@ -90,15 +98,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(command)
-    except DivergedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except DivergedError as exc:  # every process stops at the same step: one message
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
         return 3
     except CheckpointWriteError as exc:
         print(f"error: {exc.strerror}; nothing written before it was changed (the last complete checkpoint "
               f"stays): make room, then rerun the same command with --run.resume true", file=sys.stderr)
         return 4
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}" if not dist.launched() else f"error (rank {rank}): {exc}", file=sys.stderr)
         return 2
     except StoppedAtStepBoundary:
         print("interrupted: the last finished step is saved; rerun the same command with --run.resume true",
@@ -132,9 +141,15 @@ def run(command: Command) -> None:
     from .context import make_context
     from .loading import compute_precision
 
-    ctx = make_context(cfg)
-    with compute_precision(cfg.run):
-        if name == "ppo":
-            stages.ppo(ctx, ptx=args.ptx)
-        else:
-            getattr(stages, {"eval": "evaluate"}.get(name, name))(ctx)
+    from . import distributed as dist
+
+    dist.init(cfg.run.device, cfg.run.dist_timeout)
+    try:
+        ctx = make_context(cfg)
+        with compute_precision(cfg.run):
+            if name == "ppo":
+                stages.ppo(ctx, ptx=args.ptx)
+            else:
+                getattr(stages, {"eval": "evaluate"}.get(name, name))(ctx)
+    finally:
+        dist.close()

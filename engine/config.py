@@ -33,6 +33,8 @@ class RunConfig:
                                        # LM head then kernels.token_logprobs, kept for comparison
     dtype: str = "auto"                # weights of loaded checkpoints: auto = bfloat16 on cuda, float32 on cpu
     attention: str = "auto"            # auto = flash_attention_2 on cuda when flash-attn is installed, else sdpa
+    dist_timeout: float = 600.0        # under torchrun: seconds a process waits for the others in a collective
+                                       # before the job stops (a rank that died cannot hang the rest)
 
     def __post_init__(self):
         _require(self.device in ("cpu", "cuda"), f"run.device must be 'cpu' or 'cuda', got {self.device!r}")
@@ -41,6 +43,7 @@ class RunConfig:
         _require(self.attention in ("auto", "sdpa", "eager", "flash_attention_2"),
                  f"run.attention must be auto, sdpa, eager or flash_attention_2, got {self.attention!r}")
         _require(self.threads >= 1, f"run.threads must be >= 1, got {self.threads}")
+        _require(self.dist_timeout > 0, f"run.dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         _require(not (self.resume and self.overwrite), "run.resume and run.overwrite exclude each other: resume "
                  "continues a stage, overwrite deletes it and starts over")
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import yaml
 
+from . import distributed as dist
 from .checkpoint import remove_leftovers
 from .config import Config
 from .loading import load_tokenizer
@@ -37,7 +38,7 @@ class RunContext:
 
     @property
     def device(self) -> torch.device:
-        return torch.device(self.cfg.run.device)
+        return dist.device_of(self.cfg.run.device)
 
     def stage_dir(self, stage: str) -> Path:
         return self.out / stage
@@ -47,6 +48,12 @@ class RunContext:
         interrupted write left); with --run.overwrite emptied first; otherwise it must be new or empty, so
         that no earlier result or file of the user's is deleted without being asked."""
         path = self.stage_dir(stage)
+        with dist.main_first():  # the main process checks and cleans; the others find it ready
+            if dist.world().main:
+                self._prepare(stage, path)
+        return path
+
+    def _prepare(self, stage: str, path: Path) -> None:
         run = self.cfg.run
         if path.is_dir() and any(path.iterdir()) and not run.resume:
             if not run.overwrite:
@@ -58,7 +65,6 @@ class RunContext:
         path.mkdir(parents=True, exist_ok=True)
         remove_leftovers(path)
         remove_leftovers(path / "checkpoints")
-        return path
 
     def final(self, stage: str, model: str) -> Path:
         path = self.stage_dir(stage) / "final" / model
@@ -101,14 +107,16 @@ def make_context(cfg: Config) -> RunContext:
     torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
     out = Path(cfg.run.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     task = None
-    if not cfg.local:  # the built-in task makes what a user would bring
-        from .task.builtin import BuiltinTask
+    with dist.main_first():  # the main process writes the files, the others read them
+        if dist.world().main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        if not cfg.local:  # the built-in task makes what a user would bring
+            from .task.builtin import BuiltinTask
 
-        task = BuiltinTask.open(cfg.task, out)
-        cfg = dataclasses.replace(cfg, data=task.data_config(cfg.data))
+            task = BuiltinTask.open(cfg.task, out)
+            cfg = dataclasses.replace(cfg, data=task.data_config(cfg.data))
     tokenizer = load_tokenizer(cfg.policy.path, "--policy.path") if cfg.local else \
         load_tokenizer(task.tokenizer_dir, "the built-in task's tokenizer", model=False)
     return RunContext(cfg, out, tokenizer, task)

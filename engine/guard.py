@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed as dist
 from .checkpoint import latest_checkpoint
 
 GROWTH = 100.0
@@ -41,11 +42,18 @@ def check_finite(value: float, *, what: str, stage: str, step: int, stage_dir: P
 
 @torch.no_grad()
 def _magnitudes(models: dict):
-    """(model name, parameter name, its largest |weight|) for every non-empty parameter."""
+    """(model name, parameter name, its largest |weight|) for every non-empty parameter; with several
+    processes the max over every rank's shard (one collective), so every rank stops at the same step."""
+    names, maxima = [], []
     for name, model in models.items():
         for pname, p in model.named_parameters():
             if p.numel():
-                yield name, pname, p.detach().abs().max().item()
+                shard = dist.local(p.detach())
+                names.append((name, pname))
+                maxima.append(shard.abs().max().float() if shard.numel() else torch.zeros((), device=shard.device))
+    values = dist.all_max(torch.stack(maxima).cpu()).tolist() if maxima else []
+    for (name, pname), m in zip(names, values):
+        yield name, pname, m
 
 
 def weight_scale(models: dict) -> float:

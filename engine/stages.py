@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kernels import needs_critic
 
+from . import distributed as dist
 from .batch import make_batch
 from .config import TrainedModelConfig
 from .data.encode import make_encoder, special_texts, text_examples
@@ -149,8 +150,9 @@ def _reward_model(ctx):
     if not cfg.reward.path:
         return None
     rm_tok = load_tokenizer(cfg.reward.path, "--reward.path")
-    return SequenceScores(load_model(cfg.reward.path, flag="--reward.path", scalar=True, device=ctx.device,
-                                     run=cfg.run, tokenizer=rm_tok, head_required=True)), rm_tok
+    rm = load_model(cfg.reward.path, flag="--reward.path", scalar=True, device=ctx.device, run=cfg.run,
+                    tokenizer=rm_tok, head_required=True)
+    return dist.shard(SequenceScores(rm), train=False), rm_tok
 
 
 def _scorer(ctx, reward_model, prompts, enc):
@@ -285,8 +287,11 @@ def evaluate(ctx) -> dict:
         raise ValueError("eval judges with the built-in task's held-out labelers, which your data does not have; "
                          "export the policy (`python -m engine export`) and judge its answers with your own "
                          "labelers")
-    report = ctx.task.report(ctx)
-    log.info("report: %s", json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}))
+    report = {}
+    with dist.main_first():  # the report samples from whole models, with no collective: the main rank writes it
+        if dist.world().main:
+            report = ctx.task.report(ctx)
+            log.info("report: %s", json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}))
     return report
 
 

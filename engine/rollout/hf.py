@@ -7,7 +7,7 @@ import torch
 
 import kernels
 
-from .base import RolloutResult
+from .base import RolloutResult, prompt_seeds
 
 
 class SampledLogprobs:
@@ -36,6 +36,32 @@ class SampledLogprobs:
         return torch.stack(self.steps, dim=1)
 
 
+class SeededSampler:
+    """A logits processor that turns generate()'s greedy pick into a sample from softmax(logits / T) cut by
+    top-k and top-p (transformers' own warpers), by the Gumbel-max trick: argmax(logits / T + G) with G
+    standard Gumbel noise. Each row draws its noise from its own generator, seeded by (its prompt's seed,
+    its sample index), so a row's answer does not depend on which other rows share the batch.
+    rows: (prompt seed, sample index) of each row, in batch order."""
+
+    def __init__(self, temperature: float, top_p: float, top_k: int, rows: list[tuple[int, int]]):
+        from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+        self.temperature = temperature
+        self.warpers = ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + \
+                       ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+        self.generators = [torch.Generator().manual_seed(((s << 16) + j) & (2**63 - 1)) for s, j in rows]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.temperature <= 0:
+            return scores
+        scores = scores.float() / self.temperature
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        vocab = scores.shape[-1]
+        u = torch.stack([torch.rand(vocab, generator=g) for g in self.generators]).clamp_(min=1e-20)
+        return scores - torch.log(-torch.log(u)).to(scores.device)
+
+
 class HFRollout:
     """Generate with a transformers causal LM.
 
@@ -57,9 +83,11 @@ class HFRollout:
 
     @torch.no_grad()
     def generate(self, prompt_token_ids, *, n=1, max_tokens, temperature=1.0, top_p=1.0, top_k=-1,
-                 stop_token_ids=None, seed: int | None = None) -> list[RolloutResult]:
-        """Sample n continuations per prompt (prompt-major). `seed` makes this call reproducible on its own
-        (a resumed run draws the same samples); without it, draws continue this backend's seeded stream."""
+                 stop_token_ids=None, seed: int | None = None, seeds: list[int] | None = None) -> list[RolloutResult]:
+        """Sample n continuations per prompt (prompt-major). seed: prompt i samples with seed + i; seeds: one
+        seed per prompt. A prompt's answers depend only on its seed (`SeededSampler`), so a resumed run, or
+        one split across another number of processes, draws the same answers; without a seed, draws continue
+        this backend's seeded stream."""
         if not prompt_token_ids:
             return []
         device = next(self.model.parameters()).device
@@ -71,17 +99,18 @@ class HFRollout:
         for i, p in enumerate(prompts):
             ids[i, p_len - len(p):] = torch.tensor(p)
             attn[i, p_len - len(p):] = 1
-        # Seed torch's global RNG from our own generator so results depend only on this backend's seed.
-        if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
-        torch.manual_seed(seed)
+        per_prompt = prompt_seeds(len(prompt_token_ids), seed, seeds)
+        if per_prompt is None:
+            base = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+            per_prompt = [base + i for i in range(len(prompt_token_ids))]
         was_training = self.model.training
         self.model.eval()
         recorder = SampledLogprobs(temperature)
+        sampler = SeededSampler(temperature, top_p, top_k, [(s, j) for s in per_prompt for j in range(n)])
+        # greedy over the sampler's Gumbel-perturbed scores is a draw from softmax(logits / T), top-k/top-p
         sequences = self.model.generate(
-            input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True, temperature=temperature,
-            top_p=top_p, top_k=top_k if top_k > 0 else 0, max_new_tokens=max_tokens,
-            eos_token_id=sorted(stops), pad_token_id=self.pad_id, logits_processor=[recorder],
+            input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=False, max_new_tokens=max_tokens,
+            eos_token_id=sorted(stops), pad_token_id=self.pad_id, logits_processor=[recorder, sampler],
         )
         self.model.train(was_training)
         new = sequences[:, p_len:]

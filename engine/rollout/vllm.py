@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch
 
-from .base import RolloutResult
+from .base import RolloutResult, prompt_seeds as _prompt_seeds
 
 WORKER_EXTENSION = "engine.rollout.vllm_worker.WeightSyncExtension"
 DEFAULT_BUCKET_BYTES = 512 * 2**20
@@ -81,19 +81,21 @@ class VLLMRollout:
 
     def generate(self, prompt_token_ids, *, n: int = 1, max_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = -1, stop_token_ids=None,
-                 seed: int | None = None) -> list[RolloutResult]:
-        """n samples per prompt, prompt-major, with the sampled tokens' log-probs."""
+                 seed: int | None = None, seeds: list[int] | None = None) -> list[RolloutResult]:
+        """n samples per prompt, prompt-major, with the sampled tokens' log-probs. seed: prompt i samples with
+        seed + i (reproducible, yet independent streams); seeds: one seed per prompt instead."""
         from vllm import SamplingParams
 
         if not prompt_token_ids:
             return []
-        def params(i: int):
-            # A call-level seed becomes one seed per prompt (seed + i): reproducible, yet independent streams.
+        seeds = _prompt_seeds(len(prompt_token_ids), seed, seeds)
+
+        def params(s: int | None):
             return SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                   top_k=top_k if top_k > 0 else -1, stop_token_ids=list(stop_token_ids or []),
-                                  logprobs=0, seed=None if seed is None else seed + i, detokenize=False)
+                                  logprobs=0, seed=s, detokenize=False)
         prompts = [{"prompt_token_ids": list(map(int, p))} for p in prompt_token_ids]
-        sampling = params(0) if seed is None else [params(i) for i in range(len(prompts))]
+        sampling = params(None) if seeds is None else [params(s) for s in seeds]
         outputs = self.llm.generate(prompts, sampling, use_tqdm=False)
         results = []
         for i, out in enumerate(outputs):

@@ -8,13 +8,14 @@ import torch
 
 from kernels import masked_mean
 
+from .. import distributed as dist
 from ..batch import make_batch
 from ..checkpoint import save_models
 from ..lora import plain
 from ..models import PolicyLogprobs
 from .loop import run_steps
 from .optim import Optim
-from .state import TrainState, open_stage
+from .state import TrainState, open_stage, saved_model
 
 log = logging.getLogger("engine")
 
@@ -34,14 +35,15 @@ def train_lm(ctx, stage: str, examples: list[tuple[list[int], list[int]]], load_
     (weights, optimizer, schedule, data order and RNG).
     """
     stage_dir, final, ckpt = open_stage(ctx, stage, "policy")
+    dist.check_divisible(cfg.batch_size, "the batch", f"--{stage}.batch_size")
     if final.is_dir():
         log.info("%s: already done (%s)", stage, final)
         return final
     if not examples:
         raise ValueError(f"{stage}: no training examples (every one was dropped by the length rule?)")
     pad = ctx.tokenizer.pad_token_id
-    model = load_model(ckpt / "policy" if ckpt else None).to(ctx.device).train()
-    policy = PolicyLogprobs(model, fused=ctx.cfg.run.fused_lm_head)
+    model = load_model(saved_model(ckpt, "policy")).to(ctx.device).train()
+    policy = dist.shard(PolicyLogprobs(model, fused=ctx.cfg.run.fused_lm_head))
     optim = Optim.adamw(model, lr=cfg.lr, flag=f"--{stage}.lr", weight_decay=cfg.weight_decay,
                         max_grad_norm=cfg.max_grad_norm, warmup=cfg.warmup, total=cfg.steps)
     state = TrainState(stage_dir, {"policy": model}, {"policy": optim}, ctx.tokenizer)
@@ -51,11 +53,13 @@ def train_lm(ctx, stage: str, examples: list[tuple[list[int], list[int]]], load_
 
     def step_fn(step: int, gen: torch.Generator) -> dict:
         idx = torch.randint(0, len(examples), (cfg.batch_size,), generator=gen).tolist()
-        loss = lm_loss(policy, [examples[i][0] for i in idx], [examples[i][1] for i in idx], pad)
+        mine = [idx[i] for i in dist.rows(len(idx))]  # this process's rows of the global batch
+        loss = lm_loss(policy, [examples[i][0] for i in mine], [examples[i][1] for i in mine], pad)
+        loss = dist.part(loss, sum(len(examples[i][1]) for i in mine), sum(len(examples[i][1]) for i in idx))
         optim.zero_grad()
-        loss.backward()
+        dist.backward(loss)
         grad_norm = optim.step()
-        return {"loss": loss.item(), "grad_norm": grad_norm, "lr": optim.current_lr}
+        return {**dist.all_sum({"loss": loss.item()}), "grad_norm": grad_norm, "lr": optim.current_lr}
 
     run_steps(stage=stage, seed=ctx.cfg.run.seed, start=start, total=cfg.steps, step_fn=step_fn, state=state,
               log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=ctx.cfg.run.progress,

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -13,6 +14,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed as dist
 from ..guard import check_finite, check_weights, weight_scale
 from ..metrics import MetricsLogger
 from .state import TrainState
@@ -65,10 +67,13 @@ def run_steps(*, stage: str, seed: int, start: int, total: int, step_fn: Callabl
     saves nothing, so the last checkpoint stays the resume point. `lr` only goes into messages.
     """
     stage_dir, models = state.stage_dir, state.models
-    metrics = MetricsLogger(stage_dir, stage, start=start)
+    main = dist.world().main  # with several processes the main rank logs; every rank checks and saves
+    metrics = MetricsLogger(stage_dir, stage, start=start) if main else None
     start_scale = weight_scale(models)
+    held = None
     saved = start
-    bar = tqdm(total=total, initial=start, desc=stage, disable=not progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=total, initial=start, desc=stage, disable=not (progress and main), dynamic_ncols=True,
+               leave=False)
 
     def save(done: int) -> Path:
         nonlocal saved
@@ -81,18 +86,22 @@ def run_steps(*, stage: str, seed: int, start: int, total: int, step_fn: Callabl
         with deferred_interrupt(stage) as interrupted:
             for step in range(start, total):
                 torch.manual_seed(step_seed(seed, stage, step))
+                began = time.perf_counter()
                 m = step_fn(step, torch.Generator().manual_seed(step_seed(seed, stage, step) + 1))
+                if held is None:  # parameters + optimizer state this process holds (FSDP2: its shards, 1/W)
+                    held = dist.held_bytes(models.values(), [o.optimizer for o in state.optims.values()]) / 2**20
+                m = {**m, "time/step": time.perf_counter() - began, "held_mib": held}
                 check_finite(float(m[loss_key]), what=loss_key, stage=stage, step=step + 1, stage_dir=stage_dir,
                              lr=lr)
                 done = step + 1
-                if done % log_every == 0 or done == total:
+                if main and (done % log_every == 0 or done == total):
                     metrics.log(done, **m)
                 if done % checkpoint_every == 0 or done == total:
                     save(done)
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in m.items() if isinstance(v, float) and "/" not in k},
                                 refresh=False)
-                if interrupted():
+                if dist.any_rank(interrupted()):
                     path = save(done) if saved != done else stage_dir / "checkpoints" / f"step-{done:06d}"
                     log.warning("%s interrupted: saved step %d to %s; resume with --run.resume true", stage, done,
                                 path)
@@ -104,4 +113,5 @@ def run_steps(*, stage: str, seed: int, start: int, total: int, step_fn: Callabl
         raise
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()

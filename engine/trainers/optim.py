@@ -55,22 +55,24 @@ class Optim:
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        return float(norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     @property
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
-        out = {"optimizer": self.optimizer.state_dict()}
-        if self.scheduler is not None:
-            out["scheduler"] = self.scheduler.state_dict()
-        return out
+        return {"optimizer": self.optimizer.state_dict(), **self.schedule_state()}
+
+    def schedule_state(self) -> dict:
+        """The schedule's position (what a sharded checkpoint keeps beside the optimizer's DCP shards)."""
+        return {"scheduler": self.scheduler.state_dict()} if self.scheduler is not None else {}
 
     def load_state_dict(self, saved: dict) -> None:
-        """A checkpoint's state; then the configured peak rate: a rate changed between runs is used, and
-        the log says so."""
-        self.optimizer.load_state_dict(saved["optimizer"])
+        """A checkpoint's state (without "optimizer" when a sharded checkpoint already loaded it); then the
+        configured peak rate: a rate changed between runs is used, and the log says so."""
+        if "optimizer" in saved:
+            self.optimizer.load_state_dict(_sharded_like(saved["optimizer"], self.params))
         if self.scheduler is not None:
             self.scheduler.load_state_dict(saved["scheduler"])
         before = self.scheduler.base_lrs[0] if self.scheduler is not None else self.optimizer.param_groups[0]["lr"]
@@ -87,3 +89,17 @@ class Optim:
             group["initial_lr"] = self.lr
             group["lr"] = self.lr * factor(sched.last_epoch)
         sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
+def _sharded_like(state: dict, params: list) -> dict:
+    """A one-process optimizer state read by several processes: each whole moment tensor cut like its
+    (sharded) parameter. Unchanged when the parameters are whole."""
+    if not params or not hasattr(params[0], "device_mesh"):
+        return state
+    from ..distributed import shard_like
+
+    ids = [i for g in state["param_groups"] for i in g["params"]]
+    by_id = dict(zip(ids, params))
+    moments = {i: {k: (shard_like(v, by_id[i]) if torch.is_tensor(v) and v.shape == by_id[i].shape else v)
+                   for k, v in s.items()} for i, s in state["state"].items()}
+    return {**state, "state": moments}

@@ -14,6 +14,7 @@ as the RM.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import torch
 import kernels
 from kernels import kl_loss, masked_mean, policy_loss, value_loss
 
+from .. import distributed as dist
 from ..batch import SequenceBatch, make_batch
 from ..checkpoint import save_models
 from ..kl_control import KLController
@@ -35,7 +37,7 @@ from .lm import lm_loss
 from .loop import run_steps, step_seed
 from .optim import Optim
 from .phases import Phases, no_phases
-from .state import TrainState, open_stage
+from .state import TrainState, open_stage, saved_model
 
 log = logging.getLogger("engine")
 
@@ -68,20 +70,23 @@ def make_experience(policy: PolicyLogprobs, ref: PolicyLogprobs | None, value: T
     """
     was = policy.training, value is not None and value.training
     policy.eval()
-    mask = batch.response_mask
+    mask, n = batch.response_mask, batch.input_ids.shape[0]
+
+    def per_rank(model, **kw):  # each process its rows; the [B, R] result gathered onto every process
+        return dist.map_rows(lambda ix: model(batch.select(ix), **kw), n)
     with phase("logprobs"):
-        old_lp = policy(batch, temperature)
+        old_lp = per_rank(policy, temperature=temperature)
     with phase("ref_logprobs"):
         if ref is None:
             with policy.lm.disable_adapter():
-                ref_lp = policy(batch, temperature)
+                ref_lp = per_rank(policy, temperature=temperature)
         else:
-            ref_lp = ref(batch, temperature)
+            ref_lp = per_rank(ref, temperature=temperature)
     values = torch.zeros_like(old_lp)
     if value is not None:
         with phase("values"):
             value.eval()
-            values = value(batch) * mask
+            values = per_rank(value) * mask
             value.train(was[1])
     with phase("advantages"):
         rewards, kl = kernels.shape_rewards(scores, old_lp, ref_lp, mask, kl_coef=kl_coef,
@@ -93,13 +98,27 @@ def make_experience(policy: PolicyLogprobs, ref: PolicyLogprobs | None, value: T
     return Experience(batch, old_lp, ref_lp, values, scores, rewards, kl, adv, ret)
 
 
+def _count(mask: torch.Tensor, loss_agg: str) -> float:
+    """What a loss aggregation averages over: tokens (token-mean) or answers with a token."""
+    return float(mask.sum() if loss_agg == "token-mean" else (mask.sum(1) > 0).sum())
+
+
 def ppo_minibatch_loss(policy: PolicyLogprobs, value: TokenValues | None, exp: Experience, idx, cfg,
-                       temperature: float, ptx: Callable[[], torch.Tensor] | None = None, norm_len: float | None = None):
+                       temperature: float, ptx: Callable[[], torch.Tensor] | None = None, norm_len: float | None = None,
+                       whole=None):
     """Loss of one minibatch: the clipped policy loss (+ vf_coef * the clipped value loss with a critic,
     + kl_loss_coef * KL to the reference, + ptx_coef * the LM loss). norm_len: the constant of
-    loss_agg="seq-mean-token-sum-norm" (the longest answer allowed)."""
+    loss_agg="seq-mean-token-sum-norm" (the longest answer allowed).
+
+    whole: the rows of the global minibatch when `idx` is this process's share of it (engine.distributed):
+    each term and statistic is then this process's part of the global one (the parts sum to it); ptx()
+    returns its own part. None: idx is the whole minibatch."""
     mb = exp.batch.select(idx)
     mask = mb.response_mask
+    whole_mask = mask if whole is None else exp.batch.response_mask[whole]
+
+    def part(x, agg="token-mean"):
+        return dist.part(x, _count(mask, agg), _count(whole_mask, agg))
     lp, ent = policy(mb, temperature, return_entropy=True)
     is_weights = None
     if cfg.tis_cap > 0 and exp.engine_logprobs is not None:
@@ -109,17 +128,20 @@ def ppo_minibatch_loss(policy: PolicyLogprobs, value: TokenValues | None, exp: E
     pg, pg_stats = policy_loss(lp, exp.old_logprobs[idx], exp.advantages[idx], mask, cfg.clip_eps,
                                is_weights=is_weights, clip_high=cfg.clip_high or None, loss_agg=cfg.loss_agg,
                                norm_len=norm_len)
-    loss = pg
-    stats = {"pg_loss": pg.item(), "entropy": masked_mean(ent, mask).item(), **pg_stats}
+    loss = part(pg, cfg.loss_agg)
+    stats = {"pg_loss": loss.item(), "entropy": part(masked_mean(ent, mask)).item(),
+             **{k: part(v) for k, v in pg_stats.items()}}
     if value is not None:
         vf, vf_stats = value_loss(value(mb), exp.old_values[idx], exp.returns[idx], mask, cfg.value_clip_eps)
+        vf = part(vf)
         loss = loss + cfg.vf_coef * vf
-        stats.update(vf_loss=vf.item(), **vf_stats)
+        stats.update(vf_loss=vf.item(), **{k: part(v) for k, v in vf_stats.items()})
     if cfg.kl_loss_coef > 0:
-        kl, kl_stats = kl_loss(lp, exp.ref_logprobs[idx], mask, estimator=cfg.kl_loss_estimator,
-                               loss_agg=cfg.loss_agg, norm_len=norm_len)
+        kl, _ = kl_loss(lp, exp.ref_logprobs[idx], mask, estimator=cfg.kl_loss_estimator,
+                        loss_agg=cfg.loss_agg, norm_len=norm_len)
+        kl = part(kl, cfg.loss_agg)
         loss = loss + cfg.kl_loss_coef * kl
-        stats.update(kl_stats)
+        stats["kl_loss"] = kl.item()
     if ptx is not None:
         ptx_loss = ptx()
         loss = loss + cfg.ptx_coef * ptx_loss
@@ -183,6 +205,12 @@ class PPORun:
     ptx: bool
     phases: Phases
     engine_sleeps: bool = False            # vLLM colocated on a GPU frees its memory during the trainer's passes
+    sampler: torch.nn.Module | None = None  # the whole policy the HF backend samples from (None: vLLM's own)
+
+    def plain_policy(self):
+        """A whole policy to sample from outside the trainer's passes (the win-rate evaluation): the trained
+        one in one process, the HF backend's synced copy with several; None with vLLM across processes."""
+        return self.sampler if self.sampler is not None else (self.policy.lm if dist.world().size == 1 else None)
 
 
 def ppo_iteration(run: PPORun, step: int, gen: torch.Generator) -> dict:
@@ -201,9 +229,9 @@ def ppo_iteration(run: PPORun, step: int, gen: torch.Generator) -> dict:
     if cfg.drop_constant_groups:
         metrics.update(groups_dropped=rollouts.groups_dropped, answers=len(rollouts.results))
     run.kl.update(metrics["kl"], len(rollouts.results))
-    if setup.evaluate is not None and ((step + 1) % cfg.eval_every == 0 or step == 0):
-        with phase("evaluate"):
-            metrics["win_rate_vs_sft"] = setup.evaluate(run.policy.lm)
+    if setup.evaluate is not None and ((step + 1) % cfg.eval_every == 0 or step == 0) and run.plain_policy():
+        with phase("evaluate"):  # every process evaluates the same whole policy the same way
+            metrics["win_rate_vs_sft"] = setup.evaluate(run.plain_policy())
     metrics.update(phase.pop())
     return metrics
 
@@ -229,13 +257,12 @@ def collect_rollouts(run: PPORun, step: int, gen: torch.Generator) -> Rollouts:
     for round_ in range(MAX_ROUNDS if cfg.drop_constant_groups else 1):
         idx = torch.randint(0, len(setup.prompts), (cfg.rollout_batch,), generator=gen).tolist()
         with phase("generate"):
-            results = run.engine.generate([setup.prompts[i] for i in idx], n=n, max_tokens=rcfg.max_new_tokens,
-                                          temperature=rcfg.temperature, top_p=rcfg.top_p, top_k=rcfg.top_k,
-                                          seed=step_seed(run.seed, run.stage, step) + 2 + 7919 * round_)
+            results = generate(run, idx, seed=step_seed(run.seed, run.stage, step) + 2 + 7919 * round_)
         rows = [idx[r.prompt_index] for r in results]
         batch = make_batch([setup.prompts[i] for i in rows], [r.token_ids for r in results], run.pad_id).to(run.device)
-        with phase("score"):
-            scores = setup.score(batch, rows, results).to(run.device)
+        with phase("score"):  # each process scores its rows (the RM's forward is sharded)
+            scores = dist.map_rows(lambda ix: setup.score(batch.select(ix), [rows[i] for i in ix],
+                                                          [results[i] for i in ix]).to(run.device), len(rows))
         if not cfg.drop_constant_groups:
             return Rollouts(results, batch, scores)
         groups = scores.view(-1, n)
@@ -253,31 +280,52 @@ def collect_rollouts(run: PPORun, step: int, gen: torch.Generator) -> Rollouts:
     return Rollouts(results, batch, torch.cat([group[2] for group in kept]), dropped)
 
 
+def generate(run: PPORun, idx: list[int], *, seed: int) -> list:
+    """Answers to prompts `idx` (samples_per_prompt each, prompt-major), each process generating for its share
+    of the prompts with its own engine. Prompt k of the call samples with seed + k whichever process holds
+    it, so the answers do not depend on the number of processes."""
+    cfg, rcfg = run.cfg, run.rollout_cfg
+    mine = dist.rows(len(idx))
+    results = run.engine.generate([run.setup.prompts[idx[k]] for k in mine], n=cfg.samples_per_prompt,
+                                  max_tokens=rcfg.max_new_tokens, temperature=rcfg.temperature, top_p=rcfg.top_p,
+                                  top_k=rcfg.top_k, seeds=[seed + k for k in mine])
+    groups = [[] for _ in mine]
+    for r in results:
+        r.prompt_index = mine[r.prompt_index]
+        groups[mine.index(r.prompt_index)].append(r)
+    return [r for group in dist.gather_objects(groups) for r in group]
+
+
 def ppo_update(run: PPORun, exp: Experience, gen: torch.Generator) -> dict[str, list]:
-    """cfg.epochs passes over the rollouts in minibatches; each minibatch one step of both optimizers."""
+    """cfg.epochs passes over the rollouts in minibatches; each minibatch one step of both optimizers. Every
+    process draws the same global minibatches and computes its share of each one's rows."""
     cfg = run.cfg
     ptx = (lambda: ptx_loss(run, gen)) if run.ptx else None
     stats: dict[str, list] = {}
     for _ in range(cfg.epochs):
         for mb in torch.randperm(exp.batch.input_ids.shape[0], generator=gen).split(cfg.minibatch):
-            loss, s = ppo_minibatch_loss(run.policy, run.value, exp, mb.to(run.device), cfg,
-                                         run.rollout_cfg.temperature, ptx, norm_len=run.rollout_cfg.max_new_tokens)
+            mb = mb.to(run.device)
+            loss, s = ppo_minibatch_loss(run.policy, run.value, exp, mb[dist.rows(len(mb))], cfg,
+                                         run.rollout_cfg.temperature, ptx, norm_len=run.rollout_cfg.max_new_tokens,
+                                         whole=mb)
             for optim in run.optims.values():
                 optim.zero_grad()
-            loss.backward()
+            dist.backward(loss)
             for optim in run.optims.values():
                 optim.step()
             s["loss"] = loss.item()
-            for k, v in s.items():
+            for k, v in dist.all_sum(s).items():
                 stats.setdefault(k, []).append(v)
     return stats
 
 
 def ptx_loss(run: PPORun, gen: torch.Generator) -> torch.Tensor:
-    """PPO-ptx: the LM loss on a batch of pretraining text."""
+    """PPO-ptx: the LM loss on a batch of pretraining text (this process's part of it)."""
     corpus = run.setup.ptx_examples
     idx = torch.randint(0, len(corpus), (run.cfg.ptx_batch,), generator=gen).tolist()
-    return lm_loss(run.policy, [corpus[i][0] for i in idx], [corpus[i][1] for i in idx], run.pad_id)
+    mine = [idx[i] for i in dist.rows(len(idx))]
+    loss = lm_loss(run.policy, [corpus[i][0] for i in mine], [corpus[i][1] for i in mine], run.pad_id)
+    return dist.part(loss, sum(len(corpus[i][1]) for i in mine), sum(len(corpus[i][1]) for i in idx))
 
 
 @contextlib.contextmanager
@@ -293,9 +341,11 @@ def engine_asleep(run: PPORun):
 
 
 def sync_weights(run: PPORun) -> None:
-    """The HF backend samples from the policy object itself; an engine gets the merged weights."""
+    """The HF backend of one process samples from the policy object itself; an engine gets the merged
+    weights, with several processes gathered one tensor at a time from the shards (a collective: every
+    process pushes into its own engine)."""
     if getattr(run.engine, "model", None) is not run.policy.lm:
-        run.engine.update_weights(merged_named_weights(run.policy.lm))
+        run.engine.update_weights(dist.full_named(merged_named_weights(run.policy.lm)))
 
 
 def iteration_metrics(exp: Experience, results, stats: dict[str, list], kl_coef: float) -> dict:
@@ -314,22 +364,31 @@ def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) 
     (bench/bench_ppo.py) builds its run here too."""
     cfg, rcfg, run_cfg = ctx.cfg.ppo, ctx.cfg.rollout, ctx.cfg.run
     tok, dev = ctx.tokenizer, ctx.device
+    dist.check_divisible(cfg.rollout_batch, "each iteration's prompts", "--ppo.rollout_batch")
+    dist.check_divisible(cfg.minibatch, "each minibatch", "--ppo.minibatch")
     heads = dict(backend=cfg.backend, fused=run_cfg.fused_lm_head)
+    gpu = dict(gpu_memory_utilization=rcfg.gpu_memory_utilization, enable_sleep_mode=rcfg.sleep) \
+        if dev.type == "cuda" else {}
+    # With several processes the HF backend samples from a whole copy of the policy (the trained one is
+    # sharded), which every sync refreshes like any engine.
+    sampler = policy_model if dist.world().size == 1 else copy.deepcopy(policy_model)
+    engine = make_rollout(rcfg.backend, policy=sampler, model_dir=setup.policy_dir, seed=run_cfg.seed,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                          dtype=setup.engine_dtype or str(next(policy_model.parameters()).dtype).split(".")[-1],
+                          max_model_len=setup.max_model_len, **gpu)
+    if getattr(engine, "model", None) is not sampler:
+        sampler = None  # an engine holds its own copy
+    policy = dist.shard(PolicyLogprobs(policy_model, **heads))
+    value = dist.shard(TokenValues(value_model)) if value_model is not None else None
+    ref = dist.shard(PolicyLogprobs(setup.reference, **heads), train=False) if setup.reference is not None else None
     optim = dict(weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
     optims = {"policy": Optim.adamw(policy_model, lr=cfg.lr, flag="--ppo.lr", **optim)}
     if value_model is not None:
         optims["value"] = Optim.adamw(value_model, lr=cfg.value_lr, flag="--ppo.value_lr", **optim)
-    gpu = dict(gpu_memory_utilization=rcfg.gpu_memory_utilization, enable_sleep_mode=rcfg.sleep) \
-        if dev.type == "cuda" else {}
-    engine = make_rollout(rcfg.backend, policy=policy_model, model_dir=setup.policy_dir, seed=run_cfg.seed,
-                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                          dtype=setup.engine_dtype or str(next(policy_model.parameters()).dtype).split(".")[-1],
-                          max_model_len=setup.max_model_len, **gpu)
-    return PPORun("ppo_ptx" if ptx else "ppo", run_cfg.seed, cfg, rcfg, setup, PolicyLogprobs(policy_model, **heads),
-                  PolicyLogprobs(setup.reference, **heads) if setup.reference is not None else None,
-                  TokenValues(value_model) if value_model is not None else None, optims,
+    return PPORun("ppo_ptx" if ptx else "ppo", run_cfg.seed, cfg, rcfg, setup, policy, ref, value, optims,
                   KLController.from_config(cfg), engine, tok.pad_token_id, dev, ptx,
-                  Phases(dev), engine_sleeps=bool(gpu.get("enable_sleep_mode")) and hasattr(engine, "sleep"))
+                  Phases(dev), engine_sleeps=bool(gpu.get("enable_sleep_mode")) and hasattr(engine, "sleep"),
+                  sampler=sampler)
 
 
 def train_ppo(ctx, setup: PPOSetup, *, ptx: bool) -> Path:
@@ -344,10 +403,10 @@ def train_ppo(ctx, setup: PPOSetup, *, ptx: bool) -> Path:
                          "records)")
     if not setup.prompts:
         raise ValueError("ppo: no prompts (every one was dropped by the length rule?)")
-    policy_model = setup.load_policy(ckpt / "policy" if ckpt else None).to(ctx.device).train()
+    policy_model = setup.load_policy(saved_model(ckpt, "policy")).to(ctx.device).train()
     models = {"policy": policy_model}
     if setup.load_value is not None:  # a critic (GAE); the critic-free estimators train the policy alone
-        models["value"] = setup.load_value(ckpt / "value" if ckpt else None).to(ctx.device).train()
+        models["value"] = setup.load_value(saved_model(ckpt, "value")).to(ctx.device).train()
     run = make_ppo_run(ctx, setup, policy_model, models.get("value"), ptx=ptx)
     state = TrainState(stage_dir, models, run.optims, ctx.tokenizer, extra=lambda: {"kl_coef": run.kl.coef})
     start = 0
@@ -364,7 +423,8 @@ def train_ppo(ctx, setup: PPOSetup, *, ptx: bool) -> Path:
     run_steps(stage=stage, seed=run_cfg.seed, start=start, total=cfg.iterations,
               step_fn=lambda step, gen: ppo_iteration(run, step, gen), state=state, log_every=1,
               checkpoint_every=cfg.checkpoint_every, progress=run_cfg.progress, lr=cfg.lr)
-    run.engine.close()
     save_models(stage_dir / "final", {name: plain(m) for name, m in models.items()}, ctx.tokenizer)
-    (stage_dir / "summary.json").write_text(json.dumps({"ptx": ptx, "kl_coef_final": run.kl.coef}, indent=2))
+    run.engine.close()
+    if dist.world().main:
+        (stage_dir / "summary.json").write_text(json.dumps({"ptx": ptx, "kl_coef_final": run.kl.coef}, indent=2))
     return final

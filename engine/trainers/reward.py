@@ -16,11 +16,12 @@ from kernels import ranking_loss
 
 from ..batch import make_batch
 from ..checkpoint import save_models, write_text_atomic
-from ..lora import plain, unwrap
+from .. import distributed as dist
+from ..lora import is_peft, plain, unwrap
 from ..models import SequenceScores
 from .loop import run_steps
 from .optim import Optim
-from .state import TrainState, open_stage
+from .state import TrainState, open_stage, saved_model
 
 log = logging.getLogger("engine")
 
@@ -44,6 +45,12 @@ def score_comparisons(rm: SequenceScores, rows: list[dict], pad_id: int):
         valid[b, :k] = True
         i += k
     return scores, ranks, valid
+
+
+def n_pairs(row: dict) -> int:
+    """The ranked pairs of one comparison row (K-choose-2 without ties)."""
+    ranks = row["ranks"]
+    return sum(a < b for a in ranks for b in ranks)
 
 
 @torch.no_grad()
@@ -87,10 +94,11 @@ def train_reward(ctx, load_model, cfg, rows: list[dict], demos: tuple[list, list
         return final
     if not rows:
         raise ValueError("rm: no comparisons to train on (every one was dropped by the length rule?)")
+    dist.check_divisible(cfg.batch_size, "the batch of prompts", "--rm.batch_size")
     tok, pad = ctx.tokenizer, ctx.tokenizer.pad_token_id
-    model = load_model(ckpt / "reward" if ckpt else None).to(ctx.device).train()
+    model = load_model(saved_model(ckpt, "reward")).to(ctx.device).train()
     unwrap(model).config.score_offset = 0.0
-    rm = SequenceScores(model)
+    rm = dist.shard(SequenceScores(model))
     optim = Optim.adamw(model, lr=cfg.lr, flag="--rm.lr", weight_decay=cfg.weight_decay,
                         max_grad_norm=cfg.max_grad_norm, warmup=cfg.warmup, total=cfg.steps)
     state = TrainState(stage_dir, {"reward": model}, {"reward": optim}, tok)
@@ -98,17 +106,23 @@ def train_reward(ctx, load_model, cfg, rows: list[dict], demos: tuple[list, list
 
     def step_fn(step: int, gen: torch.Generator) -> dict:
         idx = torch.randint(0, len(rows), (cfg.batch_size,), generator=gen).tolist()
-        loss, acc = ranking_loss(*score_comparisons(rm, [rows[i] for i in idx], pad))
+        mine = [idx[i] for i in dist.rows(len(idx))]  # this process's prompts of the global batch
+        loss, acc = ranking_loss(*score_comparisons(rm, [rows[i] for i in mine], pad))
+        pairs, all_pairs = [n_pairs(rows[i]) for i in mine], [n_pairs(rows[i]) for i in idx]
+        # the loss is a mean over prompts that have a pair, the accuracy one over pairs
+        loss = dist.part(loss, sum(p > 0 for p in pairs), sum(p > 0 for p in all_pairs))
         optim.zero_grad()
-        loss.backward()
+        dist.backward(loss)
         optim.step()
-        return {"loss": loss.item(), "accuracy": acc, "lr": optim.current_lr}
+        shares = dist.all_sum({"loss": loss.item(), "accuracy": acc * sum(pairs) / max(sum(all_pairs), 1)})
+        return {**shares, "lr": optim.current_lr}
 
     run_steps(stage="rm", seed=ctx.cfg.run.seed, start=start, total=cfg.steps, step_fn=step_fn, state=state,
               log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=ctx.cfg.run.progress,
               lr=cfg.lr)
 
-    rm = SequenceScores(plain(model))
+    if is_peft(model):
+        rm = SequenceScores(plain(model))  # adapters merged
     result = {"rm_train_accuracy": pairwise_accuracy(rm, rows[:500], pad)}
     if demos is not None:
         # Normalise: the labelers' demonstrations score 0 on average (the paper's bias fix before PPO).

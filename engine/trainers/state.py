@@ -6,14 +6,19 @@ scalars (PPO's KL coefficient).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from torch import nn
 
-from ..checkpoint import CheckpointError, latest_checkpoint, load_trainer_state, save_checkpoint
+from .. import distributed as dist
+from ..checkpoint import (CheckpointError, is_sharded, latest_checkpoint, load_sharded, load_trainer_state,
+                          save_checkpoint, save_sharded_checkpoint)
 from .optim import Optim
+
+log = logging.getLogger("engine")
 
 def open_stage(ctx, stage: str, result: str) -> tuple[Path, Path, Path | None]:
     """(stage directory, its final result directory `final/<result>`, the checkpoint to resume from or None).
@@ -23,6 +28,13 @@ def open_stage(ctx, stage: str, result: str) -> tuple[Path, Path, Path | None]:
     stage_dir = ctx.fresh_stage_dir(stage)
     ckpt = latest_checkpoint(stage_dir) if ctx.cfg.run.resume and not (stage_dir / "final").is_dir() else None
     return stage_dir, stage_dir / "final" / result, ckpt
+
+
+def saved_model(ckpt: Path | None, name: str) -> Path | None:
+    """The model directory a checkpoint holds for `name` (what the stage's loader resumes from), or None: no
+    checkpoint, or one written by several processes, whose weights `TrainState.restore` loads (DCP) into
+    the model built from the stage's start."""
+    return None if ckpt is None or is_sharded(ckpt) else ckpt / name
 
 
 @dataclass
@@ -38,19 +50,28 @@ class TrainState:
     extra: Callable[[], dict] = field(default=dict)
 
     def save(self, step: int) -> Path:
+        if dist.world().size > 1:  # each rank its shards (DCP); the schedules beside them in trainer.json
+            state = {"optimizers": {name: o.schedule_state() for name, o in self.optims.items()}, **self.extra()}
+            return save_sharded_checkpoint(self.stage_dir, step, self.models,
+                                           {n: o.optimizer for n, o in self.optims.items()}, state)
         state = {"optimizers": {name: o.state_dict() for name, o in self.optims.items()}, **self.extra()}
         return save_checkpoint(self.stage_dir, step, self.models, state, self.tokenizer)
 
     def restore(self, ckpt: Path) -> dict:
-        """Load the optimizers' state (and the RNG streams) of checkpoint `ckpt`; returns the whole trainer
-        state ("step", the extras)."""
+        """Load the optimizers' state (and the RNG streams) of checkpoint `ckpt`, and with a checkpoint of
+        several processes the models' weights too; returns the whole trainer state ("step", the extras)."""
         state = load_trainer_state(ckpt)
+        if is_sharded(ckpt):
+            load_sharded(ckpt, self.models, {n: o.optimizer for n, o in self.optims.items()})
         saved = state.get("optimizers") or _legacy_optimizers(state, list(self.optims))
         for name, optim in self.optims.items():
             if name not in saved:
                 raise CheckpointError(f"{ckpt}: no optimizer state for the {name} model; it was written by another "
                                       f"stage or version. Start the stage over with --run.overwrite true.")
             optim.load_state_dict(saved[name])
+        if state.get("world_size", 1) != dist.world().size:
+            log.info("resuming a checkpoint of %d process(es) with %d", state.get("world_size", 1),
+                     dist.world().size)
         return state
 
 

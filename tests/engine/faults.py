@@ -1,0 +1,14 @@
+"""A reward function (`--reward.fn faults:zero_reward`) for the multi-process tests: it adds nothing to the
+RM's scores, and, when RLHF_TEST_FAIL_CALL=N is set, raises on its N-th call in the process of rank
+RLHF_TEST_FAIL_RANK: a bug in user code that hits one rank only."""
+import os
+
+_calls = {"n": 0}
+
+
+def zero_reward(prompts, responses):
+    _calls["n"] += 1
+    fail_at = int(os.environ.get("RLHF_TEST_FAIL_CALL", "0"))
+    if fail_at and _calls["n"] == fail_at and os.environ.get("RANK") == os.environ.get("RLHF_TEST_FAIL_RANK", "1"):
+        raise RuntimeError(f"injected failure on rank {os.environ['RANK']} at call {fail_at}")
+    return [0.0] * len(responses)
