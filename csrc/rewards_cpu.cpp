@@ -1,8 +1,11 @@
 // KL-shaped rewards on the CPU: a backward scan finds each row's last valid token (it stops at the first one
-// it meets), one pass writes kl and -kl_coef * kl, and the score is added at the last valid token.
+// it meets), one pass writes kl and -kl_coef * kl, and the score is added at the last valid token. float32
+// rows run 8 lanes at a time under AVX2 (the estimator chosen once per row, the mask applied as bits, k3's
+// exp vectorised): one read of logprobs, ref and mask, one write of each output.
 #include <ATen/Parallel.h>
 
 #include "ops.h"
+#include "simd_cpu.h"
 
 namespace rlhf_engine {
 
@@ -21,6 +24,64 @@ static void shape_row(T score, const T* __restrict__ lp, const T* __restrict__ r
   if (last >= 0) rew[last] += score;
 }
 
+#ifdef __AVX2__
+// 8 lanes of the mask (bytes, nonzero = valid) as float bit masks.
+inline __m256 mask8(const uint8_t* m) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m)));
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(b, _mm256_setzero_si256()));
+}
+
+template <int64_t Est>
+inline __m256 estimate8(__m256 d) {
+  if constexpr (Est == 1) return d;
+  else if constexpr (Est == 2) return _mm256_mul_ps(_mm256_set1_ps(0.5f), _mm256_mul_ps(d, d));
+  else return k3_8(d);
+}
+
+template <int64_t Est>
+static int64_t shape_row_avx2(const float* __restrict__ lp, const float* __restrict__ ref,
+                              const uint8_t* __restrict__ m, float* __restrict__ rew, float* __restrict__ kl,
+                              int64_t len, float coef) {
+  const __m256 vcoef = _mm256_set1_ps(-coef);
+  int64_t t = 0;
+  for (; t + 8 <= len; t += 8) {
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(lp + t), _mm256_loadu_ps(ref + t));
+    const __m256 valid = mask8(m + t);
+    __m256 k = _mm256_and_ps(estimate8<Est>(d), valid);  // 0 where masked, whatever lp and ref hold there
+    _mm256_storeu_ps(kl + t, k);
+    _mm256_storeu_ps(rew + t, _mm256_mul_ps(vcoef, k));
+    if constexpr (Est == 3) {  // |d| >= 80 or NaN: exp8 saturates there; redo those lanes exactly
+      const __m256 ad = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), d);
+      const int far = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(ad, _mm256_set1_ps(80.0f), _CMP_NLT_UQ), valid));
+      if (far) {
+        for (int i = 0; i < 8; ++i) {
+          if (far >> i & 1) {
+            kl[t + i] = kl_estimate<float>(lp[t + i] - ref[t + i], Est);
+            rew[t + i] = -coef * kl[t + i];
+          }
+        }
+      }
+    }
+  }
+  return t;
+}
+#endif
+
+// One float32 row: the vector body, then the scalar tail (and the whole row without AVX2).
+static void shape_row_f32(float score, const float* lp, const float* ref, const uint8_t* m, float* rew, float* kl,
+                          int64_t len, float coef, int64_t est) {
+  int64_t t = 0;
+#ifdef __AVX2__
+  t = est == 1 ? shape_row_avx2<1>(lp, ref, m, rew, kl, len, coef)
+      : est == 2 ? shape_row_avx2<2>(lp, ref, m, rew, kl, len, coef)
+                 : shape_row_avx2<3>(lp, ref, m, rew, kl, len, coef);
+#endif
+  shape_row<float>(0.0f, lp + t, ref + t, m + t, rew + t, kl + t, len - t, coef, est);
+  for (int64_t i = len - 1; i >= 0; --i) {
+    if (m[i]) { rew[i] += score; break; }
+  }
+}
+
 // Rows run in parallel; each is its own restrict-qualified call (pointers captured by value: a lambda that
 // captures them by reference hides the no-alias facts from the compiler, which was 4x slower for GAE).
 template <typename T>
@@ -29,7 +90,11 @@ static void shape_rows(const T* s, const T* lp, const T* ref, const uint8_t* m, 
   at::parallel_for(0, rows, 8, [=](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t o = b * len;
-      shape_row<T>(s[b], lp + o, ref + o, m + o, rew + o, kl + o, len, coef, est);
+      if constexpr (std::is_same_v<T, float>) {
+        shape_row_f32(s[b], lp + o, ref + o, m + o, rew + o, kl + o, len, coef, est);
+      } else {
+        shape_row<T>(s[b], lp + o, ref + o, m + o, rew + o, kl + o, len, coef, est);
+      }
     }
   });
 }

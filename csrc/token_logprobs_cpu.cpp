@@ -19,6 +19,8 @@
 
 #ifdef __AVX2__
 #include <immintrin.h>
+
+#include "simd_cpu.h"
 #endif
 
 #include "ops.h"
@@ -26,7 +28,6 @@
 namespace rlhf_engine {
 namespace {
 
-constexpr float kExpUnderflow = -87.33654f;  // exp of anything below is 0 in float32 (denormals aside)
 
 struct RowOut {
   double logp, lse, ent;
@@ -68,26 +69,6 @@ RowOut row_forward_scalar(Load z, int64_t vocab, int64_t tok, bool entropy) {
 }
 
 #ifdef __AVX2__
-// exp of 8 floats (Cephes' range reduction and polynomial, ~1 ulp); 0 below the underflow point, NaN kept.
-inline __m256 exp8(__m256 x) {
-  const __m256 below = _mm256_cmp_ps(x, _mm256_set1_ps(kExpUnderflow), _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);  // NaN stays NaN (min returns its 2nd operand)
-  x = _mm256_max_ps(_mm256_set1_ps(kExpUnderflow), x);
-  __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
-  return _mm256_andnot_ps(below, y);
-}
-
 // Double accumulators for 8 float lanes: each value is widened and added exactly as a double would be.
 struct Acc8 {
   __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();

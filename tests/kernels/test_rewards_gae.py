@@ -182,3 +182,28 @@ def test_shape_rewards_keep_the_score_exact_whatever_the_logprobs_dtype(backend,
     rew, kl = kernels.shape_rewards(scores, lp, lp, mask, kl_coef=0.1, backend=backend)
     assert rew.dtype == want and kl.dtype == want
     assert rew[:, -1].tolist() == scores.to(want).tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS["shape_rewards"])
+def test_shape_rewards_k3_keeps_small_and_extreme_log_ratios(backend, rng):
+    """k3 = expm1(-d) + d is ~d^2/2 for small d, where exp(-d) - 1 would cancel: relative accuracy there, and
+    the exact limits where |d| is huge or infinite (the vector kernels' exp saturates near 88)."""
+    small = (torch.rand(3, 67, generator=rng) - 0.5) * torch.logspace(-4, 0, 67)  # |d| from 1e-4 to 0.5
+    ref = -torch.rand(3, 67, generator=rng) * 3
+    lp = ref + small
+    mask = torch.ones(3, 67, dtype=torch.bool)
+    _, kl = kernels.shape_rewards(torch.zeros(3), lp, ref, mask, kl_coef=0.1, estimator="k3", backend=backend)
+    d = lp.double() - ref.double()  # the float32 inputs' own difference
+    want = torch.expm1(-d) + d
+    err = ((kl.double() - want).abs() / want).max().item()
+    plain = ((torch.expm1(-(lp - ref)) + (lp - ref)).double() - want).abs().div(want).max().item()
+    assert err <= 2 * plain, (err, plain)  # FlashAttention's rule: no worse than twice plain float32 torch
+    if backend == "cpu":  # its vector k3 takes the series near 0: float32 accuracy throughout
+        assert err < 2e-5, err
+
+    lp = torch.tensor([[-1.0, -95.0, -1.0, float("-inf"), -1.0, float("nan"), -1.0, -1.0, -200.0, -1.0, -3.0]])
+    ref = torch.tensor([[-90.0, -1.0, float("-inf"), -1.0, -1.0, -1.0, -100.0, -81.0, -1.0, -1.0, -2.0]])
+    mask = torch.ones_like(lp, dtype=torch.bool)
+    _, kl = kernels.shape_rewards(torch.zeros(1), lp, ref, mask, kl_coef=0.1, estimator="k3", backend=backend)
+    _, want = kernels.reference.shape_rewards(torch.zeros(1).double(), lp.double(), ref.double(), mask, 0.1, "k3")
+    torch.testing.assert_close(kl, want.float(), rtol=1e-6, atol=0, equal_nan=True)  # inf where f32 overflows
