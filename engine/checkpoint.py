@@ -74,16 +74,21 @@ def _atomic_dir(target: Path, write) -> None:
         except (OSError, SafetensorError) as exc:
             code = getattr(exc, "errno", None) or errno.EIO
             raise CheckpointWriteError(code, f"could not write {target}: {_reason(exc)}") from exc
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        _rename_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _rename_into_place(tmp: Path, target: Path) -> None:
+    """tmp becomes target; an old target is moved aside first and removed after."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)
 
 
 def _reason(exc: BaseException) -> str:
@@ -184,13 +189,7 @@ def save_sharded_checkpoint(stage_dir: Path, step: int, models: dict, optimizers
             raise CheckpointWriteError(code, f"could not write {target}: {_reason(exc)}") from exc
         dist.barrier()
         if dist.world().main:
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                target.rename(old)
-                tmp.rename(target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(target)
+            _rename_into_place(tmp, target)
             write_text_atomic(ckpts / "latest", target.name)
             for old in sorted(p for p in ckpts.glob("step-*") if p.is_dir() and STEP_NAME.fullmatch(p.name))[:-KEEP]:
                 shutil.rmtree(old, ignore_errors=True)

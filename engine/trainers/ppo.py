@@ -252,7 +252,7 @@ def collect_rollouts(run: PPORun, step: int, gen: torch.Generator) -> Rollouts:
     """rollout_batch prompts with samples_per_prompt answers each, scored. With drop_constant_groups (DAPO's
     dynamic sampling), a prompt whose answers all score the same teaches a group estimator nothing: it is
     dropped and more prompts are sampled until rollout_batch prompts are kept (at most MAX_ROUNDS rounds)."""
-    cfg, rcfg, setup, phase = run.cfg, run.rollout_cfg, run.setup, run.phases
+    cfg, setup, phase = run.cfg, run.setup, run.phases
     n, kept, dropped = cfg.samples_per_prompt, [], 0
     for round_ in range(MAX_ROUNDS if cfg.drop_constant_groups else 1):
         idx = torch.randint(0, len(setup.prompts), (cfg.rollout_batch,), generator=gen).tolist()
