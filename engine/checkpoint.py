@@ -18,6 +18,7 @@ are always plain transformers directories, written by the main rank from the gat
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -69,15 +70,22 @@ def _atomic_dir(target: Path, write) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        try:
+        with _write_errors(target):
             write(tmp)
-        except (OSError, SafetensorError) as exc:
-            code = getattr(exc, "errno", None) or errno.EIO
-            raise CheckpointWriteError(code, f"could not write {target}: {_reason(exc)}") from exc
         _rename_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _write_errors(target: Path):
+    """A failed write (a full disk, a read-only folder) as CheckpointWriteError naming `target`."""
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        code = getattr(exc, "errno", None) or errno.EIO
+        raise CheckpointWriteError(code, f"could not write {target}: {_reason(exc)}") from exc
 
 
 def _rename_into_place(tmp: Path, target: Path) -> None:
@@ -144,10 +152,15 @@ def save_checkpoint(stage_dir: Path, step: int, models: dict, state: dict, token
         write_state(tmp, {**state, "step": step, "rng": rng_state()})
 
     _atomic_dir(target, write)
+    _publish(ckpts, target)
+    return target
+
+
+def _publish(ckpts: Path, target: Path) -> None:
+    """Point `latest` at the checkpoint just written and keep only the newest KEEP."""
     write_text_atomic(ckpts / "latest", target.name)
     for old in sorted(p for p in ckpts.glob("step-*") if p.is_dir() and STEP_NAME.fullmatch(p.name))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 SHARDED = "dcp"
@@ -180,19 +193,14 @@ def save_sharded_checkpoint(stage_dir: Path, step: int, models: dict, optimizers
         tmp = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=ckpts)
     tmp = Path(dist.broadcast(tmp))
     try:
-        try:
+        with _write_errors(target):
             dcp.save(_sharded_state(models, optimizers), checkpoint_id=str(tmp / SHARDED))
             if dist.world().main:
                 write_state(tmp, {**state, "step": step, "rng": rng_state(), "world_size": dist.world().size})
-        except (OSError, SafetensorError) as exc:
-            code = getattr(exc, "errno", None) or errno.EIO
-            raise CheckpointWriteError(code, f"could not write {target}: {_reason(exc)}") from exc
         dist.barrier()
         if dist.world().main:
             _rename_into_place(tmp, target)
-            write_text_atomic(ckpts / "latest", target.name)
-            for old in sorted(p for p in ckpts.glob("step-*") if p.is_dir() and STEP_NAME.fullmatch(p.name))[:-KEEP]:
-                shutil.rmtree(old, ignore_errors=True)
+            _publish(ckpts, target)
         dist.barrier()
     except BaseException:
         if dist.world().main:

@@ -178,7 +178,7 @@ def rows(n: int) -> list[int]:
     return list(range(_WORLD.rank, n, _WORLD.size))
 
 
-def check_divisible(n: int, what: str, flag: str) -> None:
+def require_rows(n: int, what: str, flag: str) -> None:
     """Every rank needs rows of every batch (FSDP's collectives run once per forward on every rank)."""
     if n < _WORLD.size:
         raise ValueError(f"{flag} {n} is smaller than the number of processes ({_WORLD.size}): {what} is split "

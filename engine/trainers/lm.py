@@ -26,6 +26,15 @@ def lm_loss(policy: PolicyLogprobs, prompts, responses, pad_id: int) -> torch.Te
     return -masked_mean(policy(batch), batch.response_mask)
 
 
+def lm_loss_part(policy: PolicyLogprobs, examples, idx: list[int], pad_id: int) -> torch.Tensor:
+    """This process's part of the LM loss of the global batch examples[idx] ((prompt ids, response ids)
+    pairs): its rows' loss weighted by their share of the batch's response tokens (engine.distributed.part);
+    the whole loss in one process."""
+    mine = [idx[i] for i in dist.rows(len(idx))]
+    loss = lm_loss(policy, [examples[i][0] for i in mine], [examples[i][1] for i in mine], pad_id)
+    return dist.part(loss, sum(len(examples[i][1]) for i in mine), sum(len(examples[i][1]) for i in idx))
+
+
 def train_lm(ctx, stage: str, examples: list[tuple[list[int], list[int]]], load_model, cfg) -> Path:
     """Train a causal LM on (prompt ids, response ids) pairs; returns the directory of the final model.
 
@@ -35,7 +44,7 @@ def train_lm(ctx, stage: str, examples: list[tuple[list[int], list[int]]], load_
     (weights, optimizer, schedule, data order and RNG).
     """
     stage_dir, final, ckpt = open_stage(ctx, stage, "policy")
-    dist.check_divisible(cfg.batch_size, "the batch", f"--{stage}.batch_size")
+    dist.require_rows(cfg.batch_size, "the batch", f"--{stage}.batch_size")
     if final.is_dir():
         log.info("%s: already done (%s)", stage, final)
         return final
@@ -53,9 +62,7 @@ def train_lm(ctx, stage: str, examples: list[tuple[list[int], list[int]]], load_
 
     def step_fn(step: int, gen: torch.Generator) -> dict:
         idx = torch.randint(0, len(examples), (cfg.batch_size,), generator=gen).tolist()
-        mine = [idx[i] for i in dist.rows(len(idx))]  # this process's rows of the global batch
-        loss = lm_loss(policy, [examples[i][0] for i in mine], [examples[i][1] for i in mine], pad)
-        loss = dist.part(loss, sum(len(examples[i][1]) for i in mine), sum(len(examples[i][1]) for i in idx))
+        loss = lm_loss_part(policy, examples, idx, pad)
         optim.zero_grad()
         dist.backward(loss)
         grad_norm = optim.step()

@@ -88,9 +88,10 @@ def run_steps(*, stage: str, seed: int, start: int, total: int, step_fn: Callabl
                 torch.manual_seed(step_seed(seed, stage, step))
                 began = time.perf_counter()
                 m = step_fn(step, torch.Generator().manual_seed(step_seed(seed, stage, step) + 1))
+                m = {**m, "time/step": time.perf_counter() - began}
                 if held is None:  # parameters + optimizer state this process holds (FSDP2: its shards, 1/W)
                     held = dist.held_bytes(models.values(), [o.optimizer for o in state.optims.values()]) / 2**20
-                m = {**m, "time/step": time.perf_counter() - began, "held_mib": held}
+                m["held_mib"] = held
                 check_finite(float(m[loss_key]), what=loss_key, stage=stage, step=step + 1, stage_dir=stage_dir,
                              lr=lr)
                 done = step + 1

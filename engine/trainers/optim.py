@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import full, shard_like
+
 log = logging.getLogger("engine")
 
 
@@ -55,7 +57,7 @@ class Optim:
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return float(full(norm))  # a sharded model's norm is a DTensor
 
     @property
     def current_lr(self) -> float:
@@ -96,8 +98,6 @@ def _sharded_like(state: dict, params: list) -> dict:
     (sharded) parameter. Unchanged when the parameters are whole."""
     if not params or not hasattr(params[0], "device_mesh"):
         return state
-    from ..distributed import shard_like
-
     ids = [i for g in state["param_groups"] for i in g["params"]]
     by_id = dict(zip(ids, params))
     moments = {i: {k: (shard_like(v, by_id[i]) if torch.is_tensor(v) and v.shape == by_id[i].shape else v)

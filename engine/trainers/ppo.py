@@ -32,8 +32,8 @@ from ..checkpoint import save_models
 from ..kl_control import KLController
 from ..lora import is_peft, merged_named_weights, plain
 from ..models import PolicyLogprobs, TokenValues
-from ..rollout import make_rollout
-from .lm import lm_loss
+from ..rollout import make_rollout, resolve_backend
+from .lm import lm_loss_part
 from .loop import run_steps, step_seed
 from .optim import Optim
 from .phases import Phases, no_phases
@@ -290,9 +290,9 @@ def generate(run: PPORun, idx: list[int], *, seed: int) -> list:
                                   max_tokens=rcfg.max_new_tokens, temperature=rcfg.temperature, top_p=rcfg.top_p,
                                   top_k=rcfg.top_k, seeds=[seed + k for k in mine])
     groups = [[] for _ in mine]
-    for r in results:
+    for r in results:  # prompt_index: the call's local index, made the global one
+        groups[r.prompt_index].append(r)
         r.prompt_index = mine[r.prompt_index]
-        groups[mine.index(r.prompt_index)].append(r)
     return [r for group in dist.gather_objects(groups) for r in group]
 
 
@@ -323,9 +323,7 @@ def ptx_loss(run: PPORun, gen: torch.Generator) -> torch.Tensor:
     """PPO-ptx: the LM loss on a batch of pretraining text (this process's part of it)."""
     corpus = run.setup.ptx_examples
     idx = torch.randint(0, len(corpus), (run.cfg.ptx_batch,), generator=gen).tolist()
-    mine = [idx[i] for i in dist.rows(len(idx))]
-    loss = lm_loss(run.policy, [corpus[i][0] for i in mine], [corpus[i][1] for i in mine], run.pad_id)
-    return dist.part(loss, sum(len(corpus[i][1]) for i in mine), sum(len(corpus[i][1]) for i in idx))
+    return lm_loss_part(run.policy, corpus, idx, run.pad_id)
 
 
 @contextlib.contextmanager
@@ -364,20 +362,20 @@ def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) 
     (bench/bench_ppo.py) builds its run here too."""
     cfg, rcfg, run_cfg = ctx.cfg.ppo, ctx.cfg.rollout, ctx.cfg.run
     tok, dev = ctx.tokenizer, ctx.device
-    dist.check_divisible(cfg.rollout_batch, "each iteration's prompts", "--ppo.rollout_batch")
-    dist.check_divisible(cfg.minibatch, "each minibatch", "--ppo.minibatch")
+    dist.require_rows(cfg.rollout_batch, "each iteration's prompts", "--ppo.rollout_batch")
+    dist.require_rows(cfg.minibatch, "each minibatch", "--ppo.minibatch")
     heads = dict(backend=cfg.backend, fused=run_cfg.fused_lm_head)
     gpu = dict(gpu_memory_utilization=rcfg.gpu_memory_utilization, enable_sleep_mode=rcfg.sleep) \
         if dev.type == "cuda" else {}
-    # With several processes the HF backend samples from a whole copy of the policy (the trained one is
-    # sharded), which every sync refreshes like any engine.
-    sampler = policy_model if dist.world().size == 1 else copy.deepcopy(policy_model)
-    engine = make_rollout(rcfg.backend, policy=sampler, model_dir=setup.policy_dir, seed=run_cfg.seed,
+    # The HF backend samples from a whole policy: the trained one in one process; with several (where the
+    # trained one is sharded) a copy, which every sync refreshes like any engine. vLLM holds its own.
+    backend, sampler = resolve_backend(rcfg.backend), None
+    if backend == "hf":
+        sampler = policy_model if dist.world().size == 1 else copy.deepcopy(policy_model)
+    engine = make_rollout(backend, policy=sampler, model_dir=setup.policy_dir, seed=run_cfg.seed,
                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                           dtype=setup.engine_dtype or str(next(policy_model.parameters()).dtype).split(".")[-1],
                           max_model_len=setup.max_model_len, **gpu)
-    if getattr(engine, "model", None) is not sampler:
-        sampler = None  # an engine holds its own copy
     policy = dist.shard(PolicyLogprobs(policy_model, **heads))
     value = dist.shard(TokenValues(value_model)) if value_model is not None else None
     ref = dist.shard(PolicyLogprobs(setup.reference, **heads), train=False) if setup.reference is not None else None

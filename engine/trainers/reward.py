@@ -94,7 +94,7 @@ def train_reward(ctx, load_model, cfg, rows: list[dict], demos: tuple[list, list
         return final
     if not rows:
         raise ValueError("rm: no comparisons to train on (every one was dropped by the length rule?)")
-    dist.check_divisible(cfg.batch_size, "the batch of prompts", "--rm.batch_size")
+    dist.require_rows(cfg.batch_size, "the batch of prompts", "--rm.batch_size")
     tok, pad = ctx.tokenizer, ctx.tokenizer.pad_token_id
     model = load_model(saved_model(ckpt, "reward")).to(ctx.device).train()
     unwrap(model).config.score_offset = 0.0
