@@ -29,6 +29,27 @@ inline __m256 exp8(__m256 x) {
   return _mm256_andnot_ps(below, y);
 }
 
+// 2^t of 8 floats for t <= 0 (log-probabilities in base 2): t = n + f with n = round(t), 2^f by a degree-5
+// polynomial on [-1/2, 1/2] (relative error < 3.5e-7, float rounding included), 2^n put into the exponent.
+// t below -125 (and -inf) gives 2^-125 at most rather than 0: below any float sum's resolution, and no
+// NaN from -inf * 0; callers that need exact zeros mask them. NaN stays NaN.
+inline __m256 exp2_nonpos8(__m256 t) {
+  t = _mm256_max_ps(_mm256_set1_ps(-125.0f), t);  // max(c, NaN) is NaN: the second operand wins
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.2915669940e-3f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6685308963e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5516887456e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022264779e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314646721e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i scale = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), scale));
+}
+
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr double kLn2 = 0.693147180559945309;
+
 // k3(d) = expm1(-d) + d, the KL estimate of a log-ratio d = logp - ref_logp, for 8 floats. For |d| < 0.5
 // its Taylor series to d^8 (error < 2e-9 relative): exp(-d) - 1 would lose the small value to cancellation.
 // Beyond, exp8(-d) - 1 + d. Lanes with |d| >= 80 or NaN are the caller's to redo (exp8 saturates near 88).
