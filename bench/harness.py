@@ -156,7 +156,8 @@ def provenance(command: str, device: str) -> dict:
         commit = os.environ.get("RLHF_ENGINE_COMMIT")
     info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
             "command": command, "device": device_name(device), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0")}
     if device == "cpu":
         info["cpu"] = _cpu_model()
     else:

@@ -12,6 +12,9 @@ TORCH_LIBRARY(rlhf_engine, m) {
   // scores [B]; logprobs, ref_logprobs [B, T] float; mask [B, T]; estimator 1|2|3 -> (rewards, kl)
   m.def("shape_rewards(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor mask, float kl_coef, "
         "int estimator) -> (Tensor, Tensor)");
+  // the same into rewards, kl: contiguous [B, T] of the compute dtype (float32, float64 for float64 inputs)
+  m.def("shape_rewards_out(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor mask, float kl_coef, "
+        "int estimator, Tensor(a!) rewards, Tensor(b!) kl) -> ()");
   // logits [A, B, V] (unit stride over V); tokens int64 [A*B] -> (logp, lse, entropy) [A*B] float32/float64
   m.def("token_logprobs_fwd(Tensor logits, Tensor tokens, float inv_t, bool entropy) -> (Tensor, Tensor, Tensor)");
   // -> d loss / d logits [A*B, V] in the logits' dtype
@@ -24,6 +27,7 @@ TORCH_LIBRARY(rlhf_engine, m) {
 TORCH_LIBRARY_IMPL(rlhf_engine, CPU, m) {
   m.impl("gae", &rlhf_engine::gae_cpu);
   m.impl("shape_rewards", &rlhf_engine::shape_rewards_cpu);
+  m.impl("shape_rewards_out", &rlhf_engine::shape_rewards_out_cpu);
   m.impl("token_logprobs_fwd", &rlhf_engine::token_logprobs_fwd_cpu);
   m.impl("token_logprobs_bwd", &rlhf_engine::token_logprobs_bwd_cpu);
   m.impl("group_advantages", &rlhf_engine::group_advantages_cpu);

@@ -30,6 +30,9 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
 std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, const at::Tensor& logprobs,
                                                      const at::Tensor& ref_logprobs, const at::Tensor& mask,
                                                      double kl_coef, int64_t estimator);
+void shape_rewards_out_cpu(const at::Tensor& scores, const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
+                           const at::Tensor& mask, double kl_coef, int64_t estimator, at::Tensor rewards,
+                           at::Tensor kl);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(const at::Tensor& logits, const at::Tensor& tokens,
                                                                       double inv_t, bool entropy);
@@ -39,12 +42,14 @@ at::Tensor token_logprobs_bwd_cpu(const at::Tensor& logits, const at::Tensor& to
 
 at::Tensor group_advantages_cpu(const at::Tensor& scores, int64_t n, int64_t mode, double eps);
 
-// KL estimators on r = logprobs - ref_logprobs: k1 = r, k2 = r^2/2, k3 = exp(-r) - 1 + r.
+// KL estimators on r = logprobs - ref_logprobs: k1 = r, k2 = r^2/2, k3 = exp(-r) - 1 + r. k3 in double even
+// for float r: near 0, expm1(-r) and r cancel to ~r^2/2, which a float sum would keep to ~ulp(r) / r^2 only.
 template <typename T>
 inline T kl_estimate(T r, int64_t estimator) {
   if (estimator == 1) return r;
   if (estimator == 2) return T(0.5) * r * r;
-  return std::expm1(-r) + r;
+  const double d = r;
+  return T(std::expm1(-d) + d);
 }
 
 }  // namespace rlhf_engine

@@ -8,6 +8,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+
+# Transparent huge pages for torch's CPU tensors of 2 MiB and more (PyTorch's own switch, read at the first
+# such allocation): a fresh [tokens x vocab] gradient or a [B, T] reward tensor otherwise costs one page fault
+# per 4 KiB, which on the 2-core CPU machine made writing fresh memory 3x slower than writing reused memory
+# (bench/results/cpu-2core/kernels.md). A value the user set wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 from dataclasses import dataclass
 from typing import Optional
 

@@ -127,6 +127,21 @@ def check_shape_rewards_args(scores, logprobs, ref_logprobs, mask, kl_coef, esti
         raise ValueError(f"`kl_coef` must be a float, got {type(kl_coef).__name__}")
 
 
+def check_out_pair(out, logprobs) -> None:
+    """`out` = (rewards, kl): two distinct contiguous [B, T] tensors of the compute dtype on the inputs' device."""
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise ValueError(f"`out` must be a (rewards, kl) pair of tensors, got {type(out).__name__}")
+    dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
+    for name, t in zip(("out[0] (rewards)", "out[1] (kl)"), out):
+        check_tensor(name, t, dtypes=(dtype,))
+        check_same_shape(name, t, "logprobs", logprobs)
+        check_same_device(name, t, "logprobs", logprobs)
+        if not t.is_contiguous():
+            raise ValueError(f"`{name}` must be contiguous (allocate it with torch.empty_like(logprobs, dtype={dtype}))")
+    if out[0].data_ptr() == out[1].data_ptr() and out[0].numel():
+        raise ValueError("`out[0]` and `out[1]` share memory; give two separate tensors")
+
+
 def check_gae_args(rewards, values, mask, gamma, lam) -> None:
     check_tensor("rewards", rewards, floating=True)
     check_tensor("values", values, floating=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .dispatch import register
-from .reference import compute_dtype, rows_view
+from .reference import compute_dtype, into, rows_view
 
 _ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -49,9 +49,13 @@ def gae(rewards, values, mask, gamma: float, lam: float):
     return torch.ops.rlhf_engine.gae(rewards.to(dtype), values.to(dtype), mask, float(gamma), float(lam))
 
 
-def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, estimator: str = "k1"):
-    return torch.ops.rlhf_engine.shape_rewards(scores, logprobs, ref_logprobs, mask, float(kl_coef),
-                                               _ESTIMATORS[estimator])
+def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, estimator: str = "k1", out=None):
+    if out is not None and logprobs.device.type == "cpu":
+        torch.ops.rlhf_engine.shape_rewards_out(scores, logprobs, ref_logprobs, mask, float(kl_coef),
+                                                _ESTIMATORS[estimator], out[0], out[1])
+        return tuple(out)
+    return into(out, torch.ops.rlhf_engine.shape_rewards(scores, logprobs, ref_logprobs, mask, float(kl_coef),
+                                                         _ESTIMATORS[estimator]))
 
 
 class _CPUTokenLogprobs(torch.autograd.Function):
@@ -111,6 +115,11 @@ def _gae_fake(rewards, values, mask, gamma, lam):
 def _shape_rewards_fake(scores, logprobs, ref_logprobs, mask, kl_coef, estimator):
     out = torch.empty(logprobs.shape, dtype=compute_dtype(logprobs), device=logprobs.device)
     return out, torch.empty_like(out)
+
+
+@torch.library.register_fake("rlhf_engine::shape_rewards_out")
+def _shape_rewards_out_fake(scores, logprobs, ref_logprobs, mask, kl_coef, estimator, rewards, kl):
+    return None
 
 
 @torch.library.register_fake("rlhf_engine::token_logprobs_fwd")

@@ -40,15 +40,20 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator:
 
 
 def shape_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                  mask: torch.Tensor, *, kl_coef: float, estimator: str = "k1", backend: str = "auto"):
+                  mask: torch.Tensor, *, kl_coef: float, estimator: str = "k1", backend: str = "auto",
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Per-token PPO rewards: -kl_coef * KL, plus scores[b] at the last valid position of row b.
 
     scores [B]; logprobs, ref_logprobs, mask [B, T] -> (rewards [B, T], kl [B, T]) float32, with
-    kl = estimator * mask. Rows without a valid token get zeros.
+    kl = estimator * mask. Rows without a valid token get zeros. out=(rewards, kl): contiguous [B, T]
+    float32 tensors (float64 for float64 inputs) to write into and return, instead of fresh ones (on the CPU
+    fresh memory costs the OS a page fault and a zeroed page per 2 MiB-4 KiB, more than the op itself).
     """
     checks.check_shape_rewards_args(scores, logprobs, ref_logprobs, mask, kl_coef, estimator)
+    if out is not None:
+        checks.check_out_pair(out, logprobs)
     _, fn = resolve("shape_rewards", backend, logprobs.device.type)
-    return fn(scores, logprobs, ref_logprobs, mask, float(kl_coef), estimator)
+    return fn(scores, logprobs, ref_logprobs, mask, float(kl_coef), estimator, out=out)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float,

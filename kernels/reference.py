@@ -183,10 +183,11 @@ def last_valid_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, m.any(dim=1)
 
 
-def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, estimator: str = "k1"):
+def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, estimator: str = "k1", out=None):
     """InstructGPT's per-token reward: -kl_coef * KL everywhere, plus the RM score at the last valid token.
 
-    scores [B], logprobs/ref_logprobs/mask [B, T] -> (rewards [B, T], kl [B, T]), zero where mask is 0.
+    scores [B], logprobs/ref_logprobs/mask [B, T] -> (rewards [B, T], kl [B, T]), zero where mask is 0;
+    written into out = (rewards, kl) when given.
     """
     dtype = compute_dtype(logprobs)
     m = mask.bool()
@@ -195,7 +196,16 @@ def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, estimato
     idx, has = last_valid_index(m)
     add = torch.where(has, scores.to(dtype), torch.zeros((), dtype=dtype))
     rewards.scatter_add_(1, idx[:, None], add[:, None])
-    return rewards, kl
+    return into(out, (rewards, kl))
+
+
+def into(out, results: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """results copied into out (for backends that compute into fresh tensors), or results when out is None."""
+    if out is None:
+        return results
+    for dst, src in zip(out, results):
+        dst.copy_(src)
+    return tuple(out)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):

@@ -95,15 +95,18 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
 
 
 @register("shape_rewards", "triton")
-def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, estimator: str = "k1"):
+def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, estimator: str = "k1", out=None):
     if logprobs.dtype == torch.float64:  # float64 in, float64 out, as on every backend: the torch path is exact
         from ..reference import shape_rewards as exact
-        return exact(scores, logprobs, ref_logprobs, mask, kl_coef, estimator)
+        return exact(scores, logprobs, ref_logprobs, mask, kl_coef, estimator, out=out)
     lp, ref = rows(logprobs), rows(ref_logprobs)
     m = rows(mask)
     b, t = lp.shape
-    rewards = torch.empty(b, t, dtype=torch.float32, device=lp.device)
-    kl = torch.empty_like(rewards)
+    if out is None:
+        rewards = torch.empty(b, t, dtype=torch.float32, device=lp.device)
+        kl = torch.empty_like(rewards)
+    else:  # checked by kernels.checks: contiguous [B, T] float32
+        rewards, kl = out
     if b and t:
         single = t <= _SINGLE_BLOCK
         block = triton.next_power_of_2(t) if single else 2048

@@ -207,3 +207,42 @@ def test_shape_rewards_k3_keeps_small_and_extreme_log_ratios(backend, rng):
     _, kl = kernels.shape_rewards(torch.zeros(1), lp, ref, mask, kl_coef=0.1, estimator="k3", backend=backend)
     _, want = kernels.reference.shape_rewards(torch.zeros(1).double(), lp.double(), ref.double(), mask, 0.1, "k3")
     torch.testing.assert_close(kl, want.float(), rtol=1e-6, atol=0, equal_nan=True)  # inf where f32 overflows
+
+
+@pytest.mark.parametrize("backend", BACKENDS["shape_rewards"])
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shape_rewards_into_given_outputs(backend, estimator, dtype, rng):
+    """out=(rewards, kl): the same values written into the caller's tensors (garbage before), which are returned.
+    Rows of 131 floats start at every alignment, so the CPU path's aligned streaming body and its scalar start
+    and tail all run."""
+    b, t = 9, 131
+    mask = masks(b, t, rng)["holes"]
+    lp = (-torch.rand(b, t, generator=rng) * 5).to(dtype)
+    ref = (-torch.rand(b, t, generator=rng) * 5).to(dtype)
+    scores = torch.randn(b, generator=rng, dtype=dtype)
+    want = kernels.shape_rewards(scores, lp, ref, mask, kl_coef=0.05, estimator=estimator, backend=backend)
+    out = (torch.full((b, t), float("nan"), dtype=dtype), torch.full((b, t), 7.0, dtype=dtype))
+    got = kernels.shape_rewards(scores, lp, ref, mask, kl_coef=0.05, estimator=estimator, backend=backend, out=out)
+    assert got[0] is out[0] and got[1] is out[1]
+    torch.testing.assert_close(out[0], want[0], atol=0, rtol=0)
+    torch.testing.assert_close(out[1], want[1], atol=0, rtol=0)
+    r64, kl64 = reference.shape_rewards(scores.double(), lp.double(), ref.double(), mask, 0.05, estimator)
+    torch.testing.assert_close(out[1].double(), kl64, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0].double(), r64, atol=1e-5, rtol=1e-5)
+
+
+def test_shape_rewards_bad_outputs_are_named():
+    z = torch.zeros(2, 3)
+    args = (torch.zeros(2), z, z, z)
+    with pytest.raises(ValueError, match=r"`out` must be a \(rewards, kl\) pair"):
+        kernels.shape_rewards(*args, kl_coef=0.1, out=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"`out\[1\] \(kl\)` has shape"):
+        kernels.shape_rewards(*args, kl_coef=0.1, out=(torch.zeros(2, 3), torch.zeros(3, 2)))
+    with pytest.raises(ValueError, match=r"`out\[0\] \(rewards\)` must have dtype"):
+        kernels.shape_rewards(*args, kl_coef=0.1, out=(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3)))
+    with pytest.raises(ValueError, match="must be contiguous"):
+        kernels.shape_rewards(*args, kl_coef=0.1, out=(torch.zeros(3, 2).t(), torch.zeros(2, 3)))
+    shared = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="share memory"):
+        kernels.shape_rewards(*args, kl_coef=0.1, out=(shared, shared))
