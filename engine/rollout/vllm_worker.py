@@ -1,24 +1,53 @@
 """Runs inside vLLM's worker (loaded by name through `worker_extension_cls`): receives weight buckets.
 
-Buckets are collected, then applied in one call to vLLM's in-place reload (`reload_weights`), which wraps
-the model's own `load_weights`: it maps transformers names onto vLLM's fused layers (q/k/v -> qkv_proj,
-gate/up -> gate_up_proj) and redoes the post-processing the backend applied at start-up (the CPU backend
-repacks linear layers, which is why calling `load_weights` directly after start-up fails there). Its
-layer-wise reload needs every weight of the model in one pass (a partial pass leaves the other layers
-broken), hence collect-then-apply. In-process the collected tensors are the trainer's own (no copy).
+Each bucket is applied as it arrives (engine/rollout/vllm_sync.py): tensors whose engine storage is a plain
+slice are copied into it in place (learnt from the model's own loader on the first sync); the rest (layers
+the backend repacks) are kept and, at the end, go through vLLM's layer-wise `reload_weights`, which maps
+names onto the fused layers and redoes the backend's post-processing. Only the layers in that remainder are
+reloaded: the reload puts every other layer's current tensors back untouched.
+
+Importing this module with RLHF_ENGINE_VLLM_PLAIN_CPU_GEMM=1 (set by VLLMRollout, inherited by a worker
+process) makes vLLM's CPU backend keep linear layers in their plain layout (F.linear on the weight) instead
+of oneDNN's packed copy, so that every parameter can be synced in place.
 """
 from __future__ import annotations
+
+import os
+
+from .vllm_sync import SyncPlan, apply, check_whole_layers
+
+PLAIN_CPU_GEMM = "RLHF_ENGINE_VLLM_PLAIN_CPU_GEMM"
+
+
+def use_plain_cpu_gemm(plain: bool) -> None:
+    """vLLM's CPU linear layers: F.linear on the plain weight (plain=True) or oneDNN's packed copy. Read when
+    the model's layers are post-processed (at load), so set it before the engine starts."""
+    import vllm._custom_ops as ops
+
+    if not hasattr(ops, "_rlhf_engine_onednn"):
+        ops._rlhf_engine_onednn = ops._supports_onednn
+    ops._supports_onednn = False if plain else ops._rlhf_engine_onednn
+
+
+if os.environ.get(PLAIN_CPU_GEMM) == "1":
+    use_plain_cpu_gemm(True)
 
 
 class WeightSyncExtension:
     def rlhf_engine_receive_weights(self, named_tensors) -> int:
         device = getattr(self.model_runner, "device", None)
-        pending = self.__dict__.setdefault("_rlhf_engine_pending", [])
-        pending.extend((name, t.to(device) if device is not None else t) for name, t in named_tensors)
-        return len(pending)
+        state = self.__dict__.setdefault("_rlhf_engine_sync", {"plan": SyncPlan(), "pending": []})
+        moved = ((name, t.to(device) if device is not None else t) for name, t in named_tensors)
+        state["pending"] += apply(self.model_runner.model, state["plan"], moved)
+        return len(state["pending"])
 
-    def rlhf_engine_apply_weights(self) -> int:
-        pending = self.__dict__.pop("_rlhf_engine_pending", [])
+    def rlhf_engine_apply_weights(self) -> dict:
+        """Reload what could not be copied in place; return how the sync went (names per path)."""
+        state = self.__dict__.setdefault("_rlhf_engine_sync", {"plan": SyncPlan(), "pending": []})
+        pending, state["pending"] = state["pending"], []
         if pending:
+            check_whole_layers(self.model_runner.model, [n for n, _ in pending])
             self.model_runner.reload_weights(weights_iterator=iter(pending))
-        return len(pending)
+        plan = state["plan"]
+        return {"in_place": len(plan.targets), "reloaded": sorted(n for n, _ in pending),
+                "skipped": sorted(plan.skipped)}

@@ -92,6 +92,98 @@ def test_update_weights_in_place_matches_trainer(rollout, model_dir):
     assert max_diff(rollout.sequence_logprobs(seqs), before) < 1e-5
 
 
+def perturbed(model_dir, names=None, scale=0.05, seed=1):
+    """The checkpoint's policy with noise added to the parameters named (all when None)."""
+    from engine.loading import load_model
+
+    policy = load_model(model_dir, flag="test", scalar=False).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if names is None or n in names:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return policy
+
+
+SEQS = [[1, 5, 7, 9, 10, 11, 12], [1, 6, 8, 20, 21]]
+
+
+def test_every_parameter_is_synced_in_place_on_the_plain_layout(rollout, model_dir):
+    """The default CPU layout keeps every engine parameter a plain slice: after the first sync learnt where each
+    trainer tensor goes (fused qkv / gate-up slices included), nothing goes through vLLM's reload."""
+    policy = perturbed(model_dir)
+    rollout.update_weights(policy.named_parameters())
+    names = [n for n, _ in policy.named_parameters()]
+    assert rollout.last_sync["reloaded"] == [] and rollout.last_sync["in_place"] == len(names)
+    assert max_diff(rollout.sequence_logprobs(SEQS), trainer_logprobs(policy, SEQS)) < 1e-4
+    rollout.update_weights(perturbed(model_dir, seed=0, scale=0.0).named_parameters())  # back to the checkpoint
+
+
+def test_partial_sync_of_some_layers(rollout, model_dir):
+    """Only layer 1 (and the final norm) sent: the engine then equals a trainer whose other layers are unchanged,
+    and differs from the engine before; the layers not sent keep their weights."""
+    base = perturbed(model_dir, scale=0.0)
+    before = rollout.sequence_logprobs(SEQS)
+    assert max_diff(before, trainer_logprobs(base, SEQS)) < 1e-4
+    some = {n for n, _ in base.named_parameters() if n.startswith("model.layers.1.") or n == "model.norm.weight"}
+    policy = perturbed(model_dir, names=some, scale=0.2)
+    rollout.update_weights((n, p) for n, p in policy.named_parameters() if n in some)
+    after = rollout.sequence_logprobs(SEQS)
+    assert max_diff(after, trainer_logprobs(policy, SEQS)) < 1e-4
+    assert max_diff(after, before) > 0.05
+    rollout.update_weights(base.named_parameters())
+    assert max_diff(rollout.sequence_logprobs(SEQS), before) < 1e-5
+
+
+def test_packed_cpu_layout_reloads_only_the_repacked_layers(rollout, model_dir):
+    """With oneDNN's packed linear layers (cpu_packed_gemm=True), norms are still copied in place, the linear
+    layers, embedding and LM head go through vLLM's reload, a partial sync of whole layers works, and one that
+    would leave part of a fused layer unloaded is refused by name."""
+    from engine.rollout import VLLMRollout
+
+    rollout.close()  # one engine per process at a time
+    with VLLMRollout(model_dir, dtype="float32", seed=0, max_model_len=64, cpu_packed_gemm=True) as packed:
+        policy = perturbed(model_dir)
+        packed.update_weights(policy.named_parameters())
+        reloaded = set(packed.last_sync["reloaded"])
+        assert "model.layers.0.self_attn.q_proj.weight" in reloaded and "lm_head.weight" in reloaded
+        assert "model.norm.weight" not in reloaded and packed.last_sync["in_place"] >= 5  # 2 x 2 + 1 norms
+        assert max_diff(packed.sequence_logprobs(SEQS), trainer_logprobs(policy, SEQS)) < 1e-4
+        before = packed.sequence_logprobs(SEQS)
+        layer1 = [(n, p) for n, p in policy.named_parameters() if n.startswith("model.layers.1.")]
+        with torch.no_grad():
+            for _, p in layer1:
+                p.add_(0.2 * torch.randn_like(p))
+        packed.update_weights(layer1)
+        assert max_diff(packed.sequence_logprobs(SEQS), trainer_logprobs(policy, SEQS)) < 1e-4
+        assert max_diff(packed.sequence_logprobs(SEQS), before) > 0.05
+        with pytest.raises(ValueError, match="k_proj.weight"):
+            packed.update_weights((n, p) for n, p in policy.named_parameters() if n.endswith("q_proj.weight"))
+
+
+def test_tied_embeddings_and_attention_biases_sync_in_place(rollout, tmp_path):
+    """Qwen2: the LM head is the embedding (vLLM's loader skips lm_head.weight; the embedding copy updates both)
+    and q/k/v carry biases (slices of the fused qkv_proj bias)."""
+    from engine.loading import load_model
+    from engine.rollout import VLLMRollout
+    from engine.tiny_checkpoint import write_tiny_model
+
+    rollout.close()
+    d = tmp_path / "qwen2"
+    write_tiny_model("qwen2", d)
+    policy = load_model(d, flag="test", scalar=False).eval()
+    assert policy.config.tie_word_embeddings
+    seqs = [[5, 7, 9, 10, 11, 12], [6, 8, 20, 21]]
+    with VLLMRollout(d, dtype="float32", seed=0, max_model_len=64) as engine:
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        engine.update_weights(policy.named_parameters())
+        assert engine.last_sync["reloaded"] == []
+        assert "model.layers.0.self_attn.q_proj.bias" not in engine.last_sync["skipped"]
+        assert max_diff(engine.sequence_logprobs(seqs), trainer_logprobs(policy, seqs)) < 1e-4
+
+
 def test_not_a_model_dir_is_a_clear_error(tmp_path):
     from engine.rollout import VLLMRollout
 
