@@ -6,7 +6,7 @@ import torch
 import kernels
 from kernels import dispatch
 
-from .harness import measure
+from .harness import Case
 
 
 def python_loop_gae(rewards, values, gamma: float, lam: float):
@@ -23,7 +23,7 @@ def python_loop_gae(rewards, values, gamma: float, lam: float):
     return adv, adv + values
 
 
-def run(device: str, copy_bw: float, b: int, t: int) -> list:
+def cases(device: str, b: int, t: int) -> list[Case]:
     g = torch.Generator(device=device).manual_seed(0)
     r = torch.randn(b, t, device=device, generator=g)
     v = torch.randn(b, t, device=device, generator=g)
@@ -34,10 +34,10 @@ def run(device: str, copy_bw: float, b: int, t: int) -> list:
     out = []
     for be in [x for x in names if dispatch.available("gae", x)]:
         label = "ours (torch, loop over time, batched)" if be == "torch" else f"ours ({be})"
-        out.append(measure("gae", label, lambda be=be: kernels.gae(r, v, mask, gamma=1.0, lam=0.95, backend=be),
-                           device=device, shape=f"{b}x{t}", dtype="float32", nbytes=nbytes, copy_bw=copy_bw))
-    out.append(measure("gae", "per-timestep Python loop (TRL-style)", lambda: python_loop_gae(r, v, 1.0, 0.95),
-                       device=device, shape=f"{b}x{t}", dtype="float32", nbytes=nbytes, copy_bw=copy_bw))
+        out.append(Case("gae", label, f"{b}x{t}", "float32",
+                        lambda be=be: kernels.gae(r, v, mask, gamma=1.0, lam=0.95, backend=be), nbytes))
+    out.append(Case("gae", "per-timestep Python loop (TRL-style)", f"{b}x{t}", "float32",
+                    lambda: python_loop_gae(r, v, 1.0, 0.95), nbytes))
     return out
 
 

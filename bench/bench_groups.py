@@ -6,7 +6,7 @@ import torch
 import kernels
 from kernels import dispatch
 
-from .harness import measure
+from .harness import Case
 
 
 def peer_grpo(scores: torch.Tensor, n: int, eps: float = 1e-6) -> torch.Tensor:
@@ -17,17 +17,15 @@ def peer_grpo(scores: torch.Tensor, n: int, eps: float = 1e-6) -> torch.Tensor:
     return (scores - mean) / (std + eps)
 
 
-def run(device: str, copy_bw: float, prompts: int, n: int) -> list:
+def cases(device: str, prompts: int, n: int) -> list[Case]:
     scores = torch.randn(prompts * n, device=device, generator=torch.Generator(device=device).manual_seed(0))
     nbytes = scores.numel() * 8  # read once, write once
     names = ["torch", "triton", "cuda"] if device == "cuda" else ["torch", "cpu"]
-    out = [measure("group_advantages grpo", f"ours ({be})",
-                   lambda be=be: kernels.group_advantages(scores, n, mode="grpo", backend=be), device=device,
-                   shape=f"{prompts}x{n}", dtype="float32", nbytes=nbytes, copy_bw=copy_bw)
+    out = [Case("group_advantages grpo", f"ours ({be})", f"{prompts}x{n}", "float32",
+                lambda be=be: kernels.group_advantages(scores, n, mode="grpo", backend=be), nbytes)
            for be in names if dispatch.available("group_advantages", be)]
-    out.append(measure("group_advantages grpo", "view + mean/std + repeat_interleave (TRL/verl-style)",
-                       lambda: peer_grpo(scores, n), device=device, shape=f"{prompts}x{n}", dtype="float32",
-                       nbytes=nbytes, copy_bw=copy_bw))
+    out.append(Case("group_advantages grpo", "view + mean/std + repeat_interleave (TRL/verl-style)",
+                    f"{prompts}x{n}", "float32", lambda: peer_grpo(scores, n), nbytes))
     return out
 
 

@@ -9,7 +9,7 @@ import kernels
 from kernels import dispatch
 from kernels.linear_logprobs_ref import naive_linear_token_logprobs
 
-from .harness import measure, time_fn
+from .harness import Case, time_fn
 
 
 def matmul_tflops(device: str, dtype: torch.dtype, n: int = 4096) -> float:
@@ -31,13 +31,12 @@ def _liger(device):
     return lambda h, w, t: -loss(w, h, t)
 
 
-def run(device: str, copy_bw: float, n: int, h: int, v: int, dtype: torch.dtype) -> list:
+def cases(device: str, n: int, h: int, v: int, dtype: torch.dtype) -> list[Case]:
     g = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(n, h, device=device, dtype=dtype, generator=g).requires_grad_(True)
     weight = (torch.randn(v, h, device=device, dtype=dtype, generator=g) / h ** 0.5).requires_grad_(True)
     tokens = torch.randint(0, v, (n,), device=device, generator=g)
     peak = matmul_tflops(device, dtype)
-    flops = 6 * n * h * v
 
     def fwd_bwd(f):
         def go():  # starts and ends with no .grad held, returns the gradients (counted in peak memory)
@@ -53,15 +52,8 @@ def run(device: str, copy_bw: float, n: int, h: int, v: int, dtype: torch.dtype)
     liger = _liger(device)
     if liger is not None:
         impls["Liger fused linear CE (loss only)"] = liger
-    out = []
-    for name, f in impls.items():
-        r = measure("linear_token_logprobs fwd+bwd", name, fwd_bwd(f), device=device, shape=f"N{n} H{h} V{v}",
-                    dtype=str(dtype).replace("torch.", ""), nbytes=None, copy_bw=copy_bw)
-        tflops = flops / (r.median_ms * 1e-3) / 1e12
-        r.extra.update(tflops=round(tflops, 3), frac_matmul_peak=round(tflops / peak, 3),
-                       matmul_peak_tflops=round(peak, 3))
-        out.append(r)
-    return out
+    return [Case("linear_token_logprobs fwd+bwd", name, f"N{n} H{h} V{v}", str(dtype).replace("torch.", ""),
+                 fwd_bwd(f), flops=6 * n * h * v, peak_tflops=peak) for name, f in impls.items()]
 
 
 if __name__ == "__main__":  # python -m bench.bench_linear_logprobs [--quick] [--device cuda]

@@ -6,10 +6,10 @@ import torch
 import kernels
 from kernels import dispatch
 
-from .harness import measure
+from .harness import Case
 
 
-def run(device: str, copy_bw: float, b: int, t: int) -> list:
+def cases(device: str, b: int, t: int) -> list[Case]:
     g = torch.Generator(device=device).manual_seed(0)
     lp = -torch.rand(b, t, device=device, generator=g) * 3
     ref = -torch.rand(b, t, device=device, generator=g) * 3
@@ -18,14 +18,13 @@ def run(device: str, copy_bw: float, b: int, t: int) -> list:
     mask[:, t - t // 4:] = False
     nbytes = b * t * (4 + 4 + 1) + b * 4 + b * t * 8
     names = ["torch", "triton", "cuda"] if device == "cuda" else ["torch", "cpu"]
-    out = []
     given = (torch.empty_like(lp), torch.empty_like(lp))  # out=: outputs reused, as the copy it is compared to
+    out = []
     for be in [x for x in names if dispatch.available("shape_rewards", x)]:
         for label, o in ((f"ours ({be})", None), (f"ours ({be}, out=)", given)):
-            out.append(measure("shape_rewards k3", label,
-                               lambda be=be, o=o: kernels.shape_rewards(scores, lp, ref, mask, kl_coef=0.05,
-                                                                        estimator="k3", backend=be, out=o),
-                               device=device, shape=f"{b}x{t}", dtype="float32", nbytes=nbytes, copy_bw=copy_bw))
+            out.append(Case("shape_rewards k3", label, f"{b}x{t}", "float32",
+                            lambda be=be, o=o: kernels.shape_rewards(scores, lp, ref, mask, kl_coef=0.05,
+                                                                     estimator="k3", backend=be, out=o), nbytes))
     return out
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import Result, provenance, save, table
+from .harness import Result, copy_bandwidth_gbps, provenance, save, table
 
 CONFIGS = {
     "tiny (built-in)": dict(arch="llama", hidden=128, layers=2, heads=2, kv=2, inter=256, vocab=None),
@@ -56,6 +56,19 @@ def tokens_per_second(rollout, prompts, new_tokens: int, reps: int) -> tuple[flo
     return statistics.median(counts) / med, med
 
 
+def sync_times(rollout, model, reps: int = 3) -> tuple[float, list[float]]:
+    """(seconds of the first sync, which learns where each tensor goes; seconds of the next `reps`)."""
+    t0 = time.perf_counter()
+    rollout.update_weights(model.named_parameters())
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        rollout.update_weights(model.named_parameters())
+        times.append(time.perf_counter() - t0)
+    return first, times
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_rollout", description=__doc__)
     ap.add_argument("--quick", action="store_true")
@@ -66,8 +79,12 @@ def main(argv=None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dt = str(dtype).split(".")[-1]
+    copy_bw = copy_bandwidth_gbps(device)
     names = list(CONFIGS)[:1] if args.quick else list(CONFIGS)
-    results, notes = [], []
+    # vLLM's CPU backend: the plain layout (default: every parameter synced in place) and oneDNN's packed one
+    layouts = {"plain": False, "packed": True} if device == "cpu" else {"": False}
+    results, notes = [], [f"Copy bandwidth measured in the same run: {copy_bw:.1f} GB/s (bytes read + written)."]
     for name in names:
         with tempfile.TemporaryDirectory() as d:
             model, tok = build(CONFIGS[name], Path(d), dtype)
@@ -78,30 +95,38 @@ def main(argv=None) -> int:
             shape = f"{params / 1e6:.1f}M params"
             gen_shape = f"{shape}, batch {args.batch} x {args.new_tokens} new"
             throughput = {}
-            with VLLMRollout(d, dtype=str(dtype).split(".")[-1], seed=0, max_model_len=256) as vr:
-                tps, sec = tokens_per_second(vr, prompts, args.new_tokens, reps=3)
-                throughput["vllm"] = tps
-                results.append(Result("rollout", "VLLMRollout", gen_shape, str(dtype).split(".")[-1], sec * 1e3,
-                                      sec * 1e3, sec * 1e3, extra={"tokens_per_s": round(tps, 1)}))
-                sync = []
-                for _ in range(3):
-                    t0 = time.perf_counter()
-                    vr.update_weights(model.named_parameters())
-                    sync.append(time.perf_counter() - t0)
-                qs = sorted(sync)
-                nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-                results.append(Result("update_weights", "VLLMRollout", shape, str(dtype).split(".")[-1],
-                                      statistics.median(sync) * 1e3, qs[0] * 1e3, qs[-1] * 1e3, bytes=nbytes))
+            trainer_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            for layout, packed in layouts.items():
+                label = f"VLLMRollout ({layout} layout)" if layout else "VLLMRollout"
+                with VLLMRollout(d, dtype=dt, seed=0, max_model_len=256, cpu_packed_gemm=packed) as vr:
+                    reps = 1 if params > 2e8 else 3
+                    tps, sec = tokens_per_second(vr, prompts, args.new_tokens, reps=reps)
+                    throughput[label] = tps
+                    results.append(Result("rollout", label, gen_shape, dt, sec * 1e3, sec * 1e3, sec * 1e3,
+                                          extra={"tokens_per_s": round(tps, 1)}))
+                    first, sync = sync_times(vr, model)
+                    engine_bytes = sum(p.numel() * p.element_size() for p in
+                                       vr.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+                                       .parameters())
+                    nbytes = trainer_bytes + engine_bytes  # read the trainer's tensors, write the engine's
+                    floor_ms = nbytes / (copy_bw * 1e9) * 1e3
+                    qs = sorted(sync)
+                    med = statistics.median(sync) * 1e3
+                    gbps = nbytes / (med * 1e-3) / 1e9
+                    results.append(Result("update_weights", label, shape, dt, med, qs[0] * 1e3, qs[-1] * 1e3,
+                                          bytes=nbytes, gbps=gbps, frac_copy_bw=gbps / copy_bw,
+                                          extra={"floor_ms": round(floor_ms, 1),
+                                                 "x_floor": round(med / floor_ms, 2),
+                                                 "first_sync_ms": round(first * 1e3, 1),
+                                                 "in_place": vr.last_sync["in_place"],
+                                                 "reloaded": len(vr.last_sync["reloaded"])}))
             if params < 2e8 or args.quick:  # HF generate of the 0.5B model on 2 CPU cores takes minutes
                 hr = HFRollout(model, seed=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
                 tps, sec = tokens_per_second(hr, prompts, args.new_tokens, reps=2)
-                throughput["hf"] = tps
-                results.append(Result("rollout", "HFRollout (transformers generate)", gen_shape,
-                                      str(dtype).split(".")[-1], sec * 1e3, sec * 1e3, sec * 1e3,
-                                      extra={"tokens_per_s": round(tps, 1)}))
-            if "hf" in throughput:
-                notes.append(f"{name}: vLLM {throughput['vllm']:.0f} tokens/s vs HF generate {throughput['hf']:.0f} "
-                             f"tokens/s = {throughput['vllm'] / throughput['hf']:.1f}x")
+                throughput["HF generate"] = tps
+                results.append(Result("rollout", "HFRollout (transformers generate)", gen_shape, dt, sec * 1e3,
+                                      sec * 1e3, sec * 1e3, extra={"tokens_per_s": round(tps, 1)}))
+            notes.append(f"{name}: " + ", ".join(f"{k} {v:.0f} tokens/s" for k, v in throughput.items()))
             del model
     print(table(results))
     for n in notes:
@@ -109,7 +134,14 @@ def main(argv=None) -> int:
     if not args.quick:
         meta = provenance("python -m bench.bench_rollout " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
                           device)
-        notes.append("rollout rows: median seconds of one generate() call for the whole batch (tokens/s in the JSON).")
+        meta["copy_bandwidth_gbps"] = copy_bw
+        notes += ["rollout rows: median seconds of one generate() call for the whole batch (3 calls; 1 at 0.5B); "
+                  "tokens/s counts the tokens actually generated.",
+                  "update_weights: all parameters, transformers naming, 512 MiB buckets through collective_rpc, "
+                  "prefix cache reset; median of 3 after a first sync (first_sync_ms, which learns where each "
+                  "tensor goes). bytes = the trainer's tensors read + the engine's written; floor_ms = bytes / "
+                  "the copy bandwidth of this run; x_floor = median / floor. in_place / reloaded: tensors copied "
+                  "into the engine's storage / sent through vLLM's layer-wise reload (the layers it repacks)."]
         print("saved", save("rollout", results, meta, notes))
     return 0
 

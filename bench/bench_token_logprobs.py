@@ -6,7 +6,7 @@ import torch
 import kernels
 from kernels import dispatch
 
-from .harness import measure
+from .harness import Case
 
 
 def _peers():
@@ -26,7 +26,7 @@ def backends(device: str) -> list[str]:
     return [b for b in names if dispatch.available("token_logprobs", b)]
 
 
-def run(device: str, copy_bw: float, n: int, vocab: int, dtype: torch.dtype) -> list:
+def cases(device: str, n: int, vocab: int, dtype: torch.dtype) -> list[Case]:
     g = torch.Generator(device=device).manual_seed(0)
     logits = torch.randn(n, vocab, device=device, dtype=dtype, generator=g) * 3
     tokens = torch.randint(0, vocab, (n,), device=device, generator=g)
@@ -36,10 +36,8 @@ def run(device: str, copy_bw: float, n: int, vocab: int, dtype: torch.dtype) -> 
     impls = {f"ours ({b})": (lambda b: lambda x, t: kernels.token_logprobs(x, t, backend=b))(b) for b in backends(device)}
     impls["naive log_softmax().gather"] = naive
     impls.update(_peers())
-    out = []
-    for name, f in impls.items():
-        out.append(measure("token_logprobs fwd", name, lambda: f(logits, tokens), device=device, shape=shape,
-                           dtype=dt, nbytes=fwd_bytes, copy_bw=copy_bw))
+    out = [Case("token_logprobs fwd", name, shape, dt, (lambda f: lambda: f(logits, tokens))(f), fwd_bytes)
+           for name, f in impls.items()]
     leaf = logits.clone().requires_grad_(True)
 
     def fwd_bwd(f):
@@ -48,9 +46,8 @@ def run(device: str, copy_bw: float, n: int, vocab: int, dtype: torch.dtype) -> 
             g, leaf.grad = leaf.grad, None
             return g
         return go
-    for name, f in impls.items():
-        out.append(measure("token_logprobs fwd+bwd", name, fwd_bwd(f), device=device, shape=shape, dtype=dt,
-                           nbytes=fwd_bytes + bwd_bytes, copy_bw=copy_bw))
+    out += [Case("token_logprobs fwd+bwd", name, shape, dt, fwd_bwd(f), fwd_bytes + bwd_bytes)
+            for name, f in impls.items()]
     return out
 
 

@@ -1,8 +1,11 @@
 """The one harness every benchmark uses: timing with spread, bytes moved, fraction of the measured copy
 bandwidth, peak extra memory, and where results are written.
 
-Timing: on CUDA, triton.testing.do_bench (L2 flushed between runs); on the CPU, repeated wall-clock runs
-after warm-up. Both report the median and the 20th/80th percentiles in milliseconds.
+Kernel cases (`Case`) are timed by pytest-benchmark in bench/test_kernels.py (`pytest bench
+--benchmark-only`; `python -m bench` runs that and prints the tables from its JSON); `time_fn` times the
+calibrations (copy bandwidth, matmul rate) and the end-to-end benchmarks: on CUDA, triton.testing.do_bench
+(L2 flushed between runs); on the CPU, repeated wall-clock runs after warm-up. Both report the median and the
+20th/80th percentiles in milliseconds.
 Peak extra memory: on CUDA, torch.cuda.max_memory_allocated above what was allocated before the call; on
 the CPU, the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs) above its
 resident set before the call, with glibc told to mmap every allocation of 64 KiB or more and unmap it on
@@ -75,6 +78,49 @@ def time_fn(fn: Callable[[], object], device: str, *, warmup: int = 2, reps: int
     return statistics.median(times), qs[1], qs[7]
 
 
+@dataclass
+class Case:
+    """One benchmark case: what is computed, whose implementation, and a no-argument call that runs it once.
+    nbytes: the minimum bytes it must move (for GB/s and the fraction of copy bandwidth); flops: its FLOPs
+    (for TFLOP/s against the measured matmul rate, `peak_tflops`)."""
+
+    kernel: str
+    impl: str
+    shape: str
+    dtype: str
+    fn: Callable[[], object]
+    nbytes: int | None = None
+    flops: int | None = None
+    peak_tflops: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.kernel} | {self.impl} | {self.shape} | {self.dtype}"
+
+
+def summarize(case: Case, times_ms: list[float], copy_bw: float, peak_mb: float | None) -> Result:
+    """A Case's Result from its per-call times: median and 20th/80th percentiles, bandwidth and FLOP rate."""
+    qs = statistics.quantiles(times_ms, n=10) if len(times_ms) >= 2 else [times_ms[0]] * 9
+    med = statistics.median(times_ms)
+    gbps = case.nbytes / (med * 1e-3) / 1e9 if case.nbytes else None
+    extra = {}
+    if case.flops and case.peak_tflops:
+        tflops = case.flops / (med * 1e-3) / 1e12
+        extra = {"tflops": round(tflops, 3), "frac_matmul_peak": round(tflops / case.peak_tflops, 3),
+                 "matmul_peak_tflops": round(case.peak_tflops, 3)}
+    return Result(case.kernel, case.impl, case.shape, case.dtype, med, qs[1], qs[7], case.nbytes, gbps,
+                  gbps / copy_bw if gbps else None, peak_mb, extra)
+
+
+def rounds_for(fn: Callable[[], object], device: str, budget_s: float = 2.0) -> int:
+    """How many timed calls fit in the budget (at least 5, at most 200), from one untimed call."""
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    one = max(time.perf_counter() - t0, 1e-6)
+    return int(min(200, max(5, budget_s / one)))
+
+
 def _rss_kb(field_name: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field_name + ":"):
@@ -133,14 +179,6 @@ def copy_bandwidth_gbps(device: str, mib: int = 256) -> float:
     dst = torch.empty_like(src)
     med, _, _ = time_fn(lambda: dst.copy_(src), device)
     return 2 * n * 4 / (med * 1e-3) / 1e9
-
-
-def measure(kernel: str, impl: str, fn: Callable[[], object], *, device: str, shape: str, dtype: str,
-            nbytes: int | None, copy_bw: float, memory: bool = True, **extra) -> Result:
-    med, p20, p80 = time_fn(fn, device)
-    gbps = nbytes / (med * 1e-3) / 1e9 if nbytes else None
-    return Result(kernel, impl, shape, dtype, med, p20, p80, nbytes, gbps,
-                  gbps / copy_bw if gbps else None, peak_extra_mb(fn, device) if memory else None, extra)
 
 
 def provenance(command: str, device: str) -> dict:

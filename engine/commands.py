@@ -103,4 +103,6 @@ def unread(command: str, cfg: Config, ptx: bool = False) -> list[str]:
             refuse(role, LORA_DETAILS, f"LoRA is off: set --{role}.lora_rank")
     if "rollout" in offered and command != "eval" and (cfg.run.device != "cuda" or cfg.rollout.backend == "hf"):
         refuse("rollout", ("gpu_memory_utilization", "sleep"), "for vLLM colocated on a GPU only")
+    if "rollout" in offered and command != "eval" and (cfg.run.device == "cuda" or cfg.rollout.backend == "hf"):
+        refuse("rollout", ("cpu_packed_gemm",), "for vLLM on the CPU only")
     return out

@@ -1,21 +1,48 @@
-"""The benchmark entry points run and print their tables (at --quick sizes: a smoke test, not a measurement)."""
-import runpy
+"""The kernel benchmarks run (at --quick sizes: a smoke test, not a measurement): pytest-benchmark over every
+case with the harness's figures attached, and `python -m bench` / `python -m bench.bench_<kernel>` printing
+their tables from those same measurements."""
+import json
+import subprocess
 import sys
+from pathlib import Path
 
-import pytest
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = ("token_logprobs fwd", "token_logprobs fwd+bwd", "gae", "shape_rewards k3",
+           "linear_token_logprobs fwd+bwd", "group_advantages grpo")
 
 
-@pytest.mark.parametrize("module,kernel", [
-    ("bench_token_logprobs", "token_logprobs"), ("bench_gae", "gae"), ("bench_rewards", "shape_rewards"),
-    ("bench_linear_logprobs", "linear_token_logprobs fwd+bwd"), ("bench_groups", "group_advantages grpo"),
-])
-def test_each_kernel_benchmark_runs_alone_and_prints_its_rows(module, kernel, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", [f"bench/{module}.py", "--quick"])
-    monkeypatch.delitem(sys.modules, f"bench.{module}", raising=False)  # as a fresh `python -m` would find it
-    with pytest.raises(SystemExit) as exc:
-        runpy.run_module(f"bench.{module}", run_name="__main__")
-    assert exc.value.code == 0
-    out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith(f"| {kernel}")]
-    assert rows, out
-    assert "saved" not in out  # one kernel's rows are never saved over the full record
+def run(*args):
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_pytest_benchmark_runs_every_case_with_the_harness_figures(tmp_path):
+    report = tmp_path / "bench.json"
+    run("-m", "pytest", "bench", "--benchmark-only", "-q", "-p", "no:cacheprovider", "--bench-size", "quick",
+        f"--benchmark-json={report}")
+    benches = json.loads(report.read_text())["benchmarks"]
+    kernels = {b["extra_info"]["result"]["kernel"] for b in benches}
+    assert kernels == set(KERNELS)
+    impls = {(b["extra_info"]["result"]["kernel"], b["extra_info"]["result"]["impl"]) for b in benches}
+    assert ("token_logprobs fwd", "ours (torch)") in impls and ("gae", "per-timestep Python loop (TRL-style)") in impls
+    for b in benches:
+        info, stats = b["extra_info"], b["stats"]
+        assert stats["rounds"] >= 5 and stats["median"] > 0
+        assert abs(info["result"]["median_ms"] - stats["median"] * 1e3) < 1e-6  # the table's median is pytest's
+        if info["result"]["kernel"] != "linear_token_logprobs fwd+bwd":
+            assert info["bytes"] > 0 and 0 < info["frac_copy_bw"] and info["copy_bw_gbps"] > 0
+        else:
+            assert info["tflops"] > 0 and info["matmul_peak_tflops"] > 0
+    assert json.loads(report.read_text())["machine_info"]["copy_bandwidth_gbps"] > 0
+
+
+def test_python_m_bench_prints_every_kernel_and_one_kernel_alone():
+    out = run("-m", "bench", "--quick")
+    for kernel in KERNELS:
+        assert any(line.startswith(f"| {kernel} |") for line in out.splitlines()), (kernel, out[-2000:])
+    assert "saved" not in out  # --quick is never saved over the record
+    one = run("-m", "bench.bench_rewards", "--quick")
+    rows = [line for line in one.splitlines() if line.startswith("| ") and "---" not in line and "kernel |" not in line]
+    assert rows and all(line.startswith("| shape_rewards k3 |") for line in rows), one[-2000:]
+    assert "saved" not in one

@@ -30,4 +30,5 @@ def make_rollout(backend: str, *, policy, model_dir, seed: int, pad_token_id: in
     if resolve_backend(backend) == "vllm":
         from .vllm import VLLMRollout
         return VLLMRollout(model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len, **vllm_kwargs)
+    vllm_kwargs.pop("cpu_packed_gemm", None)  # vLLM's CPU layout: nothing to do for transformers generate
     return HFRollout(policy, seed=seed, pad_token_id=pad_token_id, eos_token_id=eos_token_id)

@@ -12,6 +12,8 @@ of oneDNN's packed copy, so that every parameter can be synced in place.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 from .vllm_sync import SyncPlan, apply, check_whole_layers
@@ -33,6 +35,21 @@ if os.environ.get(PLAIN_CPU_GEMM) == "1":
     use_plain_cpu_gemm(True)
 
 
+@contextlib.contextmanager
+def _partial_reload_quiet():
+    """vLLM warns, per layer and in a list, about every layer a reload did not receive; in a partial reload
+    that is every layer synced in place, by design."""
+    loggers = [logging.getLogger(f"vllm.model_executor.model_loader.reload.{m}") for m in ("inplace", "layerwise")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 class WeightSyncExtension:
     def rlhf_engine_receive_weights(self, named_tensors) -> int:
         device = getattr(self.model_runner, "device", None)
@@ -47,7 +64,8 @@ class WeightSyncExtension:
         pending, state["pending"] = state["pending"], []
         if pending:
             check_whole_layers(self.model_runner.model, [n for n, _ in pending])
-            self.model_runner.reload_weights(weights_iterator=iter(pending))
+            with _partial_reload_quiet():
+                self.model_runner.reload_weights(weights_iterator=iter(pending))
         plan = state["plan"]
         return {"in_place": len(plan.targets), "reloaded": sorted(n for n, _ in pending),
                 "skipped": sorted(plan.skipped)}

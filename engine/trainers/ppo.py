@@ -366,7 +366,7 @@ def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) 
     dist.require_rows(cfg.minibatch, "each minibatch", "--ppo.minibatch")
     heads = dict(backend=cfg.backend, fused=run_cfg.fused_lm_head)
     gpu = dict(gpu_memory_utilization=rcfg.gpu_memory_utilization, enable_sleep_mode=rcfg.sleep) \
-        if dev.type == "cuda" else {}
+        if dev.type == "cuda" else dict(cpu_packed_gemm=rcfg.cpu_packed_gemm)
     # The HF backend samples from a whole policy: the trained one in one process; with several (where the
     # trained one is sharded) a copy, which every sync refreshes like any engine. vLLM holds its own.
     backend, sampler = resolve_backend(rcfg.backend), None

@@ -55,7 +55,8 @@ def trained(role):  # what a command that trains `role` reads of it (LoRA detail
 
 PPO_READS = (set(fields("ppo")) - {"ppo.ptx_coef", "ppo.ptx_batch", "ppo.target_kl", "ppo.kl_horizon",
                                    "ppo.kl_loss_estimator"}) | \
-    (set(fields("rollout")) - {"rollout.gpu_memory_utilization", "rollout.sleep"}) | {"reward.fn"}
+    (set(fields("rollout")) - {"rollout.gpu_memory_utilization", "rollout.sleep", "rollout.cpu_packed_gemm"}) \
+    | {"reward.fn"}
 READS = {  # command -> (read on the built-in task, read on a user's checkpoint)
     "pretrain": (RUN | set(fields("task")) | set(fields("model")) | set(fields("pretrain")), RUN | {"policy.path"}),
     "sft": (RUN | set(fields("task")) | trained("policy") | LENGTHS | set(fields("sft")),
@@ -71,11 +72,11 @@ READS = {  # command -> (read on the built-in task, read on a user's checkpoint)
     "eval": (RUN | set(fields("task")) | set(fields("eval")) | {"rollout.max_new_tokens"}, RUN | {"policy.path"}),
     "pipeline": (ALL - FILES - {f"{r}.{d}" for r in ("policy", "value") for d in LORA_DETAILS}
                  - {"ppo.target_kl", "ppo.kl_horizon", "rollout.gpu_memory_utilization", "rollout.sleep",
-                    "policy.path", "ppo.kl_loss_estimator"},
+                    "rollout.cpu_packed_gemm", "policy.path", "ppo.kl_loss_estimator"},
                  ALL - BUILTIN_ONLY - set(fields("model")) - set(fields("pretrain"))
                  - {f"{r}.{d}" for r in ("policy", "value") for d in LORA_DETAILS}
                  - {"ppo.target_kl", "ppo.kl_horizon", "rollout.gpu_memory_utilization", "rollout.sleep",
-                    "ppo.kl_loss_estimator"}),
+                    "rollout.cpu_packed_gemm", "ppo.kl_loss_estimator"}),
 }
 
 
