@@ -79,3 +79,21 @@ def test_pretraining_texts(tmp_path):
     assert len(texts) == 5 and texts[1] == "Spiders have eight legs; insects have six."
     with pytest.raises(DataError, match=r"line 2: missing field 'text'"):
         load(write(tmp_path, ['{"text": "ok"}', '{"prompt": "not text"}']), "texts")
+
+
+def test_chat_renders_are_reused_and_never_shared():
+    """A prompt is rendered once per encoder however many responses it has; the ids handed out are copies."""
+    from engine.data.encode import Encoder
+    from engine.task.vocab import build_tokenizer
+
+    enc = Encoder(build_tokenizer())
+    assert enc.chat
+    first = enc.prompt("repeat cat three times")
+    a = enc.response("repeat cat three times", "cat cat cat .", len(first))
+    b = enc.response("repeat cat three times", "cat cat .", len(first))
+    assert len(enc._rendered) == 3  # the prompt once, and each answered conversation
+    first.append(-1)
+    assert enc.prompt("repeat cat three times") == first[:-1]
+    assert a != b and a[-1] == b[-1] == enc.tokenizer.eos_token_id
+    fresh = Encoder(build_tokenizer())
+    assert fresh.response("repeat cat three times", "cat cat .", len(first) - 1) == b
