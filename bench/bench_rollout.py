@@ -105,10 +105,9 @@ def main(argv=None) -> int:
                     results.append(Result("rollout", label, gen_shape, dt, sec * 1e3, sec * 1e3, sec * 1e3,
                                           extra={"tokens_per_s": round(tps, 1)}))
                     first, sync = sync_times(vr, model)
-                    engine_bytes = sum(p.numel() * p.element_size() for p in
-                                       vr.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-                                       .parameters())
-                    nbytes = trainer_bytes + engine_bytes  # read the trainer's tensors, write the engine's
+                    # read the trainer's tensors, write the engine's copy of each in its dtype (the same for both
+                    # layouts: the packed one's parameters are emptied, its weights live in oneDNN's buffers)
+                    nbytes = trainer_bytes + params * torch.empty((), dtype=dtype).element_size()
                     floor_ms = nbytes / (copy_bw * 1e9) * 1e3
                     qs = sorted(sync)
                     med = statistics.median(sync) * 1e3
