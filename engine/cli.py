@@ -107,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     except DivergedError as exc:  # every process stops at the same step: one message
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr)
+        if dist.launched():  # leave with the other ranks, which left run() together: torchrun kills whoever
+            logging.shutdown()  # is still tearing the interpreter down when the first one exits
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(3)
         return 3
     except CheckpointWriteError as exc:
         print(f"error: {exc.strerror}; nothing written before it was changed (the last complete checkpoint "
@@ -149,6 +154,8 @@ def run(command: Command) -> None:
 
     from . import distributed as dist
 
+    from .guard import DivergedError
+
     dist.init(cfg.run.device, cfg.run.dist_timeout)
     try:
         ctx = make_context(cfg)
@@ -157,5 +164,10 @@ def run(command: Command) -> None:
                 stages.ppo(ctx, ptx=args.ptx)
             else:
                 getattr(stages, {"eval": "evaluate"}.get(name, name))(ctx)
+    except DivergedError:
+        # Every rank raises it at the same step. Leave together once each has closed its files (the main
+        # rank's writers take longest): a rank that exits first makes torchrun kill the others mid-teardown.
+        dist.barrier()
+        raise
     finally:
         dist.close()
