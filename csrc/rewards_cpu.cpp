@@ -83,10 +83,8 @@ static int64_t shape_row_avx2(const float* lp, const float* ref, const uint8_t* 
   const auto misalign = [](const float* p) { return reinterpret_cast<uintptr_t>(p) & 31; };
   if (len < 64 || misalign(rew) != misalign(kl)) return shape_row_avx2<Est, false>(lp, ref, m, rew, kl, 0, len, coef);
   int64_t t0 = 0;
-  for (; misalign(rew + t0); ++t0) {
-    kl[t0] = m[t0] ? kl_estimate<float>(lp[t0] - ref[t0], Est) : 0.0f;
-    rew[t0] = -coef * kl[t0];
-  }
+  while (misalign(rew + t0)) ++t0;
+  shape_row<float>(0.0f, lp, ref, m, rew, kl, t0, coef, Est);  // the scalar start (its score added is 0)
   const int64_t t = shape_row_avx2<Est, true>(lp, ref, m, rew, kl, t0, len, coef);
   _mm_sfence();  // the streamed stores land before the score is added at the last valid token
   return t;

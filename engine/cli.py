@@ -153,7 +153,6 @@ def run(command: Command) -> None:
     from .loading import compute_precision
 
     from . import distributed as dist
-
     from .guard import DivergedError
 
     dist.init(cfg.run.device, cfg.run.dist_timeout)

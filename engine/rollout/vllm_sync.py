@@ -26,9 +26,8 @@ import torch
 
 @dataclass(frozen=True)
 class Target:
-    """One copy of a sync: trainer tensor (or its `src` view) -> `view`, a slice of engine parameter `param`."""
+    """One copy of a sync: trainer tensor (or its `src` view) -> `view`, a slice of an engine parameter."""
 
-    param: str
     view: torch.Tensor
     storage: int                             # data_ptr of the parameter's storage when learnt
     src: tuple[int, tuple, tuple] | None     # (offset, size, stride) within the trainer tensor; None = all of it
@@ -60,13 +59,13 @@ def _storages(model: torch.nn.Module) -> dict[int, str]:
     return {p.untyped_storage().data_ptr(): n for n, p in model.named_parameters()}
 
 
-def learn(model: torch.nn.Module, name: str, tensor: torch.Tensor, packed: set[str]):
-    """Load (name, tensor) through the model's loader, watching the copies it makes.
+def learn(model: torch.nn.Module, name: str, tensor: torch.Tensor, storages: dict[int, str], packed: set[str]):
+    """Load (name, tensor) through the model's loader, watching the copies it makes. storages: the model's
+    parameters by storage (`_storages`); packed: `packed_modules(model)`.
 
     Returns a list of Targets (the load was plain copies: replay them), "skip" (the loader ignored the name)
     or None (not plain: use the layer-wise reload). The load itself is real: on a plain parameter the value is
     in place when this returns."""
-    storages = _storages(model)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     original = torch.Tensor.copy_
 
@@ -94,7 +93,7 @@ def learn(model: torch.nn.Module, name: str, tensor: torch.Tensor, packed: set[s
         whole = src.shape == tensor.shape and src.stride() == tensor.stride() and \
             src.storage_offset() == tensor.storage_offset()
         spec = None if whole else (src.storage_offset() - tensor.storage_offset(), tuple(src.shape), src.stride())
-        targets.append(Target(param, dst, dst.untyped_storage().data_ptr(), spec))
+        targets.append(Target(dst, dst.untyped_storage().data_ptr(), spec))
     return targets
 
 
@@ -106,15 +105,14 @@ def copy_in(targets: list[Target], tensor: torch.Tensor) -> None:
 
 def apply(model: torch.nn.Module, plan: SyncPlan, named_tensors) -> list[tuple[str, torch.Tensor]]:
     """Copy every planned (or newly learnt plain) tensor into place; return the pairs that need the reload."""
-    packed = packed_modules(model)
-    current = None
+    storages = _storages(model)
+    packed = None  # only a name being learnt needs it
     rest = []
     for name, tensor in named_tensors:
         tensor = tensor.contiguous()
         targets = plan.targets.get(name)
         if targets is not None:
-            current = current or {p.untyped_storage().data_ptr() for p in model.parameters()}
-            if all(t.storage in current for t in targets):
+            if all(t.storage in storages for t in targets):
                 copy_in(targets, tensor)
                 continue
             del plan.targets[name]  # the engine replaced the parameter: learn it again
@@ -123,7 +121,8 @@ def apply(model: torch.nn.Module, plan: SyncPlan, named_tensors) -> list[tuple[s
         if name in plan.reloaded:
             rest.append((name, tensor))
             continue
-        got = learn(model, name, tensor, packed)
+        packed = packed_modules(model) if packed is None else packed
+        got = learn(model, name, tensor, storages, packed)
         if got == "skip":
             plan.skipped.add(name)
         elif got is None:

@@ -51,16 +51,20 @@ def _partial_reload_quiet():
 
 
 class WeightSyncExtension:
+    def _rlhf_engine_state(self) -> dict:
+        """The plan learnt so far and the tensors held for the reload at the end of this sync."""
+        return self.__dict__.setdefault("_rlhf_engine_sync", {"plan": SyncPlan(), "pending": []})
+
     def rlhf_engine_receive_weights(self, named_tensors) -> int:
         device = getattr(self.model_runner, "device", None)
-        state = self.__dict__.setdefault("_rlhf_engine_sync", {"plan": SyncPlan(), "pending": []})
+        state = self._rlhf_engine_state()
         moved = ((name, t.to(device) if device is not None else t) for name, t in named_tensors)
         state["pending"] += apply(self.model_runner.model, state["plan"], moved)
         return len(state["pending"])
 
     def rlhf_engine_apply_weights(self) -> dict:
         """Reload what could not be copied in place; return how the sync went (names per path)."""
-        state = self.__dict__.setdefault("_rlhf_engine_sync", {"plan": SyncPlan(), "pending": []})
+        state = self._rlhf_engine_state()
         pending, state["pending"] = state["pending"], []
         if pending:
             check_whole_layers(self.model_runner.model, [n for n, _ in pending])
