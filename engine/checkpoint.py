@@ -11,10 +11,9 @@ atomically, so a crash at any moment leaves the previous checkpoint intact; the 
 leaves behind are removed when the stage next starts.
 
 With more than one process (engine.distributed) a checkpoint holds the models and optimizers as one DCP
-(torch.distributed.checkpoint) folder, each rank writing its shards, plus the same trainer.json:
-    checkpoints/step-000200/{dcp/, trainer.json, trainer.safetensors}
-DCP reshards on load, so such a checkpoint resumes with any number of processes, one included. Final models
-are always plain transformers directories, written by the main rank from the gathered weights.
+(torch.distributed.checkpoint) folder of safetensors shards, each rank writing its own, plus the same
+trainer.json (engine.sharded): it resumes with any number of processes, one included. Final models are always
+plain transformers directories, written by the main rank from the gathered weights.
 """
 from __future__ import annotations
 
@@ -161,71 +160,6 @@ def _publish(ckpts: Path, target: Path) -> None:
     write_text_atomic(ckpts / "latest", target.name)
     for old in sorted(p for p in ckpts.glob("step-*") if p.is_dir() and STEP_NAME.fullmatch(p.name))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-SHARDED = "dcp"
-
-
-def is_sharded(ckpt: Path) -> bool:
-    """A checkpoint written by several processes (DCP shards)."""
-    return (ckpt / SHARDED).is_dir()
-
-
-def _sharded_state(models: dict, optimizers: dict) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    out = {f"model.{name}": get_model_state_dict(m) for name, m in models.items()}
-    out.update({f"optim.{name}": get_optimizer_state_dict(models[name], o) for name, o in optimizers.items()})
-    return out
-
-
-def save_sharded_checkpoint(stage_dir: Path, step: int, models: dict, optimizers: dict, state: dict) -> Path:
-    """Every rank writes its shards of the models and optimizers (torch optimizers, by model name) into one
-    DCP folder under a temporary name; after a barrier the main rank adds the trainer state, renames it into
-    place and points `latest` at it."""
-    import torch.distributed.checkpoint as dcp
-
-    ckpts = stage_dir / "checkpoints"
-    target = ckpts / f"step-{step:06d}"
-    tmp = None
-    if dist.world().main:
-        ckpts.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=ckpts)
-    tmp = Path(dist.broadcast(tmp))
-    try:
-        with _write_errors(target):
-            dcp.save(_sharded_state(models, optimizers), checkpoint_id=str(tmp / SHARDED))
-            if dist.world().main:
-                write_state(tmp, {**state, "step": step, "rng": rng_state(), "world_size": dist.world().size})
-        dist.barrier()
-        if dist.world().main:
-            _rename_into_place(tmp, target)
-            _publish(ckpts, target)
-        dist.barrier()
-    except BaseException:
-        if dist.world().main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def load_sharded(ckpt: Path, models: dict, optimizers: dict) -> None:
-    """Load a DCP checkpoint's models and optimizers into `models` / `optimizers` (sharded or not: DCP
-    reshards to however many processes read it)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-    state = _sharded_state(models, optimizers)
-    try:
-        dcp.load(state, checkpoint_id=str(ckpt / SHARDED))
-    except Exception as exc:  # noqa: BLE001 - DCP raises its own wrappers around missing keys or files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{ckpt / SHARDED}: cannot be read into this stage's models ({first[:300]}). "
-                              f"Resume from an earlier checkpoint or start over with --run.overwrite true.") from None
-    for name, m in models.items():
-        set_model_state_dict(m, state[f"model.{name}"])
-    for name, o in optimizers.items():
-        set_optimizer_state_dict(models[name], o, state[f"optim.{name}"])
 
 
 def _no_links(ckpt: Path) -> None:

@@ -14,8 +14,8 @@ from typing import Callable
 from torch import nn
 
 from .. import distributed as dist
-from ..checkpoint import (CheckpointError, is_sharded, latest_checkpoint, load_sharded, load_trainer_state,
-                          save_checkpoint, save_sharded_checkpoint)
+from ..checkpoint import CheckpointError, latest_checkpoint, load_trainer_state, save_checkpoint
+from ..sharded import is_sharded, load_sharded, save_sharded_checkpoint
 from .optim import Optim
 
 log = logging.getLogger("engine")
@@ -62,7 +62,7 @@ class TrainState:
         several processes the models' weights too; returns the whole trainer state ("step", the extras)."""
         state = load_trainer_state(ckpt)
         if is_sharded(ckpt):
-            load_sharded(ckpt, self.models, {n: o.optimizer for n, o in self.optims.items()})
+            load_sharded(ckpt, self.models, {n: o.optimizer for n, o in self.optims.items()}, state.get("sharded"))
         saved = state.get("optimizers") or _legacy_optimizers(state, list(self.optims))
         for name, optim in self.optims.items():
             if name not in saved:

@@ -69,7 +69,8 @@ def test_sft_and_rm_on_two_processes_match_one(tiny_run, tmp_path, tiny_args):
         model = "policy" if stage == "sft" else "reward"
         assert_same_weights(one / stage / "final" / model, two / stage / "final" / model, lr)
         ckpt = two / stage / "checkpoints" / (two / stage / "checkpoints" / "latest").read_text().strip()
-        assert (ckpt / "dcp" / ".metadata").is_file() and (ckpt / "trainer.json").is_file()
+        assert (ckpt / "trainer.json").is_file() and sorted(p.name for p in (ckpt / "dcp").iterdir()) == [
+            "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
         if stage == "sft":  # the RMs start from the same SFT policy
             shutil.rmtree(two / "sft")
             shutil.copytree(one / "sft", two / "sft")
@@ -131,6 +132,60 @@ def test_ppo_on_two_processes_matches_one_and_a_crashed_run_resumes_with_one(tin
     assert "resuming a checkpoint of 1 process(es) with 2" in resumed.stderr
     for model in ("policy", "value"):
         assert_same_weights(runs["one"] / "ppo/final" / model, grow / "ppo/final" / model, 1e-5)
+
+
+class Payload:
+    """Unpickled, it writes `marker` (a real payload: see the end of the test below)."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return eval, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_sharded_checkpoints_hold_no_pickle_crafted_ones_are_refused_unread_and_ours_resume_exactly(
+        tiny_run, tmp_path, tiny_args):
+    """DCP's own format is a pickle: its `.metadata` index (read by pickle.load) and its non-tensor entries in
+    `*.distcp` (read by torch.load(weights_only=False)). Both routes, crafted, are refused by name with one
+    process and with two, and their payloads never run; the same checkpoint without them resumes exactly."""
+    import pickle
+
+    import torch
+
+    flags = [*tiny_args("sft"), "--sft.lr", "1e-3"]
+    straight = copy_run(tiny_run, tmp_path / "straight", ["pretrain"])
+    ok(engine(2, "sft", "--out", straight, *flags))
+
+    def interrupted(name: str) -> Path:
+        out = tmp_path / name
+        shutil.copytree(straight, out)
+        shutil.rmtree(out / "sft" / "final")
+        shutil.rmtree(out / "sft" / "checkpoints" / "step-000004")
+        (out / "sft" / "checkpoints" / "latest").write_text("step-000002")
+        return out
+
+    for procs in (1, 2):
+        for route, name in (("metadata", ".metadata"), ("bytes", "__0_0.distcp")):
+            out = interrupted(f"{route}-{procs}")
+            marker = tmp_path / f"ran-{route}-{procs}"
+            payload = out / "sft" / "checkpoints" / "step-000002" / "dcp" / name
+            if route == "metadata":
+                payload.write_bytes(pickle.dumps(Payload(marker)))
+            else:
+                torch.save({"optim.policy.param_groups.0.lr": Payload(marker)}, payload)
+            result = engine(procs, "sft", "--out", out, *flags, "--run.resume", "true")
+            text = result.stdout + result.stderr
+            assert result.returncode != 0 and f"refused {payload}" in text and "could run code" in text, text[-3000:]
+            assert not marker.exists() and not (out / "sft" / "final").exists()
+        resumed = interrupted(f"resumed-{procs}")
+        ok(engine(procs, "sft", "--out", resumed, *flags, "--run.resume", "true"))
+        assert_same_weights(straight / "sft/final/policy", resumed / "sft/final/policy", 1e-3 / 50)
+    # the payloads are real: read the way DCP's FileSystemReader does, each runs
+    with open(tmp_path / "metadata-2/sft/checkpoints/step-000002/dcp/.metadata", "rb") as f:
+        pickle.load(f)
+    assert (tmp_path / "ran-metadata-2").exists()
+    torch.load(tmp_path / "bytes-2/sft/checkpoints/step-000002/dcp/__0_0.distcp", weights_only=False)
+    assert (tmp_path / "ran-bytes-2").exists()
 
 
 def test_a_nan_on_two_processes_stops_both_at_the_same_step_with_one_message(tiny_run, tmp_path, tiny_args):

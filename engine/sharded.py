@@ -1,0 +1,173 @@
+"""Checkpoints of several processes (torch.distributed.checkpoint, DCP) in files that cannot carry code.
+
+DCP's default storage is a pickle: `FileSystemReader.read_metadata` is a plain `pickle.load` of `.metadata`,
+and every non-tensor entry (an optimizer's lr, betas, eps, ...) is read back by `torch.load(weights_only=
+False)`; PyTorch documents DCP for trusted files only. Run directories come from other people, so this module
+writes and reads DCP through its safetensors storage instead (`HuggingFaceStorageWriter(save_distributed=
+True)` / `HuggingFaceStorageReader`): each rank writes its shards as `shard-NNNNN-model-00001-of-00001.
+safetensors`, whose JSON headers carry the shards' offsets; the reader rebuilds DCP's metadata from those
+headers and reads tensors with `safe_open`. Nothing is unpickled, and DCP still reshards on load (a
+checkpoint of W processes resumes with any number, one included).
+
+Only tensors go to DCP. The rest of each state dict (an optimizer's param_groups, its non-tensor state) is
+kept in trainer.json (engine.state_file) as a tree in which every tensor is the placeholder {"$dcp": key}.
+Loading checks the folder first: only regular `*.safetensors` files may be in it; DCP's pickle files
+(`.metadata`, `*.distcp`, from rlhf-engine before 2026-12-02 or from anyone else) are refused by name, unread.
+
+Layout: checkpoints/step-N/{dcp/shard-*.safetensors, trainer.json, trainer.safetensors}
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import distributed as dist
+from .checkpoint import CheckpointError, _publish, _rename_into_place, _write_errors, rng_state
+from .state_file import write_state
+
+SHARDED = "dcp"
+SHARD_FILE = re.compile(r"shard-\d{5,}-model-\d{5,}-of-\d{5,}\.safetensors")
+PLACEHOLDER = "$dcp"
+PICKLED = {".metadata": "DCP's pickled index", ".distcp": "DCP's pickled shards"}
+
+
+def is_sharded(ckpt: Path) -> bool:
+    """A checkpoint written by several processes (DCP shards)."""
+    return (ckpt / SHARDED).is_dir()
+
+
+def split_tensors(tree, key: str, tensors: dict):
+    """`tree` with every tensor replaced by {"$dcp": its key}; the tensors go into `tensors` under those keys
+    (`key/child/...`, so the same tree shape gives the same keys)."""
+    if isinstance(tree, torch.Tensor):
+        tensors[key] = tree
+        return {PLACEHOLDER: key}
+    if isinstance(tree, dict):
+        return {k: split_tensors(v, f"{key}/{k}", tensors) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(split_tensors(v, f"{key}/{i}", tensors) for i, v in enumerate(tree))
+    return tree
+
+
+def join_tensors(tree, tensors: dict, where: Path):
+    """The inverse of split_tensors: placeholders replaced by `tensors[key]`."""
+    if isinstance(tree, dict):
+        if set(tree) == {PLACEHOLDER}:
+            key = tree[PLACEHOLDER]
+            if not isinstance(key, str) or key not in tensors:
+                raise CheckpointError(f"{where}: names a tensor {str(key)[:120]!r} that this stage's models and "
+                                      f"optimizers do not have; it was written by another stage, model or version. "
+                                      f"Start the stage over with --run.overwrite true.")
+            return tensors[key]
+        return {k: join_tensors(v, tensors, where) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(join_tensors(v, tensors, where) for v in tree)
+    return tree
+
+
+def _states(models: dict, optimizers: dict) -> dict:
+    """Every model's and optimizer's state dict (this rank's shards), by "model.<name>" / "optim.<name>"."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    out = {f"model.{name}": get_model_state_dict(m) for name, m in models.items()}
+    out.update({f"optim.{name}": get_optimizer_state_dict(models[name], o) for name, o in optimizers.items()})
+    return out
+
+
+def save_sharded_checkpoint(stage_dir: Path, step: int, models: dict, optimizers: dict, state: dict) -> Path:
+    """Every rank writes its shards of the models' and optimizers' tensors into one DCP folder (safetensors)
+    under a temporary name; after a barrier the main rank adds the trainer state (with the states' non-tensor
+    parts), renames it into place and points `latest` at it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    ckpts = stage_dir / "checkpoints"
+    target = ckpts / f"step-{step:06d}"
+    tmp = None
+    if dist.world().main:
+        ckpts.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=ckpts)
+    tmp = Path(dist.broadcast(tmp))
+    tensors: dict = {}
+    skeleton = split_tensors(_states(models, optimizers), "", tensors)
+    try:
+        with _write_errors(target):
+            dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True))
+            if dist.world().main:
+                write_state(tmp, {**state, "step": step, "rng": rng_state(), "world_size": dist.world().size,
+                                  "sharded": skeleton})
+        dist.barrier()
+        if dist.world().main:
+            _rename_into_place(tmp, target)
+            _publish(ckpts, target)
+        dist.barrier()
+    except BaseException:
+        if dist.world().main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def check_sharded_files(ckpt: Path) -> None:
+    """The DCP folder holds only regular `shard-*.safetensors` files; anything else is refused by name before
+    a byte of it is read (DCP's own pickle files above all: reading them could run code)."""
+    folder = ckpt / SHARDED
+    if folder.is_symlink() or not folder.is_dir():
+        raise CheckpointError(f"{folder} must be a folder of the checkpoint itself, not a link")
+    for p in sorted(folder.iterdir()):
+        if p.is_symlink() or not p.is_file():
+            kind = "a symbolic link" if p.is_symlink() else "not a regular file"
+            raise CheckpointError(f"{p} is {kind}; a checkpoint's DCP folder holds only its own "
+                                  f"shard-*.safetensors files. Remove it, or start over with --run.overwrite true.")
+        pickled = PICKLED.get(p.suffix or p.name)
+        if pickled:
+            raise CheckpointError(
+                f"refused {p}: {pickled}, a pickle that could run code when read (rlhf-engine before 2026-12-02 "
+                f"wrote sharded checkpoints this way, and so can anyone who crafts one). It was not read. Start the "
+                f"stage over with --run.overwrite true, or resume only checkpoints written in the safetensors format.")
+        if not SHARD_FILE.fullmatch(p.name):
+            raise CheckpointError(f"{p}: not a file of a sharded checkpoint (only shard-NNNNN-model-NNNNN-of-NNNNN."
+                                  f"safetensors files belong there). Remove it, or start over with --run.overwrite true.")
+
+
+def load_sharded(ckpt: Path, models: dict, optimizers: dict, skeleton) -> None:
+    """Load a sharded checkpoint's models and optimizers into `models` / `optimizers` (sharded or not: DCP
+    reshards to however many processes read it). `skeleton`: the trainer state's "sharded" tree."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    check_sharded_files(ckpt)
+    where = ckpt / "trainer.json"
+    if not isinstance(skeleton, dict):
+        raise CheckpointError(f"{where}: holds no index of the sharded state (\"sharded\"); it was written by "
+                              f"another version. Start the stage over with --run.overwrite true.")
+    targets: dict = {}
+    split_tensors(_states(models, optimizers), "", targets)
+    wanted: dict = {}
+    state = join_tensors(skeleton, targets, where)
+    split_tensors(state, "", wanted)
+    missing = sorted(set(targets) - set(wanted))
+    if missing:
+        raise CheckpointError(f"{where}: holds no {missing[0].strip('/')!r} ({len(missing)} tensor(s) of this stage's "
+                              f"models and optimizers missing); it was written by another stage, model or version. "
+                              f"Start the stage over with --run.overwrite true.")
+    try:
+        dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(ckpt / SHARDED)), no_dist=dist.world().size == 1)
+    except Exception as exc:  # noqa: BLE001 - DCP raises its own wrappers around missing keys or files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{ckpt / SHARDED}: cannot be read into this stage's models ({first[:300]}). "
+                              f"Resume from an earlier checkpoint or start over with --run.overwrite true.") from None
+    for name, m in models.items():
+        if f"model.{name}" not in state:
+            raise CheckpointError(f"{where}: holds no weights of the {name} model. Start over with --run.overwrite true.")
+        set_model_state_dict(m, state[f"model.{name}"])
+    for name, o in optimizers.items():
+        if f"optim.{name}" not in state:
+            raise CheckpointError(f"{where}: holds no optimizer state of the {name} model. Start over with "
+                                  f"--run.overwrite true.")
+        set_optimizer_state_dict(models[name], o, state[f"optim.{name}"])
