@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 # Transparent huge pages for torch's CPU tensors of 2 MiB and more (PyTorch's own switch, read at the first
 # such allocation): a fresh [tokens x vocab] gradient or a [B, T] reward tensor otherwise costs one page fault
@@ -143,10 +144,13 @@ def run(command: Command) -> None:
 
         print(write_tiny_model(args.family, args.to, seed=args.seed))
         return
+    from .run_lock import run_lock
+
     if name == "reproduce":
         from .task.reproduce import reproduce
 
-        reproduce(cfg, args.sizes, args.record)
+        with run_lock(Path(cfg.run.out)):
+            reproduce(cfg, args.sizes, args.record)
         return
     from . import stages
     from .context import make_context
@@ -157,8 +161,8 @@ def run(command: Command) -> None:
 
     dist.init(cfg.run.device, cfg.run.dist_timeout)
     try:
-        ctx = make_context(cfg)
-        with compute_precision(cfg.run):
+        with run_lock(Path(cfg.run.out)), compute_precision(cfg.run):  # one run per directory, for its life
+            ctx = make_context(cfg)
             if name == "ppo":
                 stages.ppo(ctx, ptx=args.ptx)
             else:
