@@ -7,6 +7,7 @@ import torch
 
 import kernels
 
+from ..seeds import MASK, sample_seed
 from .base import RolloutResult, prompt_seeds
 
 
@@ -49,7 +50,7 @@ class SeededSampler:
         self.temperature = temperature
         self.warpers = ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + \
                        ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
-        self.generators = [torch.Generator().manual_seed(((s << 16) + j) & (2**63 - 1)) for s, j in rows]
+        self.generators = [torch.Generator().manual_seed(sample_seed(s, j)) for s, j in rows]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.temperature <= 0:
@@ -101,8 +102,8 @@ class HFRollout:
             attn[i, p_len - len(p):] = 1
         per_prompt = prompt_seeds(len(prompt_token_ids), seed, seeds)
         if per_prompt is None:
-            base = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
-            per_prompt = [base + i for i in range(len(prompt_token_ids))]
+            # independent draws (a base + i would overlap the next call's range)
+            per_prompt = torch.randint(0, MASK, (len(prompt_token_ids),), generator=self.generator).tolist()
         was_training = self.model.training
         self.model.eval()
         recorder = SampledLogprobs(temperature)

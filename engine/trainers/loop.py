@@ -7,7 +7,6 @@ import logging
 import signal
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -17,14 +16,10 @@ from tqdm.auto import tqdm
 from .. import distributed as dist
 from ..guard import check_finite, check_weights, weight_scale
 from ..metrics import MetricsLogger
+from ..seeds import step_seeds
 from .state import TrainState
 
 log = logging.getLogger("engine")
-
-
-def step_seed(seed: int, stage: str, step: int) -> int:
-    """The seed of one step's randomness: a function of (run seed, stage, step) only."""
-    return (seed * 1000 + zlib.crc32(stage.encode()) % 1000) * 1_000_003 + step
 
 
 class StoppedAtStepBoundary(KeyboardInterrupt):
@@ -85,9 +80,10 @@ def run_steps(*, stage: str, seed: int, start: int, total: int, step_fn: Callabl
     try:
         with deferred_interrupt(stage) as interrupted:
             for step in range(start, total):
-                torch.manual_seed(step_seed(seed, stage, step))
+                torch_seed, data_seed = step_seeds(seed, stage, step)
+                torch.manual_seed(torch_seed)
                 began = time.perf_counter()
-                m = step_fn(step, torch.Generator().manual_seed(step_seed(seed, stage, step) + 1))
+                m = step_fn(step, torch.Generator().manual_seed(data_seed))
                 m = {**m, "time/step": time.perf_counter() - began}
                 if held is None:  # parameters + optimizer state this process holds (FSDP2: its shards, 1/W)
                     held = dist.held_bytes(models.values(), [o.optimizer for o in state.optims.values()]) / 2**20

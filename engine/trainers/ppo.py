@@ -34,7 +34,8 @@ from ..lora import is_peft, merged_named_weights, plain
 from ..models import PolicyLogprobs, TokenValues
 from ..rollout import make_rollout, resolve_backend
 from .lm import lm_loss_part
-from .loop import run_steps, step_seed
+from ..seeds import rollout_seeds
+from .loop import run_steps
 from .optim import Optim
 from .phases import Phases, no_phases
 from .state import TrainState, open_stage, saved_model
@@ -257,7 +258,7 @@ def collect_rollouts(run: PPORun, step: int, gen: torch.Generator) -> Rollouts:
     for round_ in range(MAX_ROUNDS if cfg.drop_constant_groups else 1):
         idx = torch.randint(0, len(setup.prompts), (cfg.rollout_batch,), generator=gen).tolist()
         with phase("generate"):
-            results = generate(run, idx, seed=step_seed(run.seed, run.stage, step) + 2 + 7919 * round_)
+            results = generate(run, idx, seeds=rollout_seeds(run.seed, run.stage, step, round_, len(idx)))
         rows = [idx[r.prompt_index] for r in results]
         batch = make_batch([setup.prompts[i] for i in rows], [r.token_ids for r in results], run.pad_id).to(run.device)
         with phase("score"):  # each process scores its rows (the RM's forward is sharded)
@@ -280,15 +281,15 @@ def collect_rollouts(run: PPORun, step: int, gen: torch.Generator) -> Rollouts:
     return Rollouts(results, batch, torch.cat([group[2] for group in kept]), dropped)
 
 
-def generate(run: PPORun, idx: list[int], *, seed: int) -> list:
+def generate(run: PPORun, idx: list[int], *, seeds: list[int]) -> list:
     """Answers to prompts `idx` (samples_per_prompt each, prompt-major), each process generating for its share
-    of the prompts with its own engine. Prompt k of the call samples with seed + k whichever process holds
+    of the prompts with its own engine. Prompt k of the call samples with seeds[k] whichever process holds
     it, so the answers do not depend on the number of processes."""
     cfg, rcfg = run.cfg, run.rollout_cfg
     mine = dist.rows(len(idx))
     results = run.engine.generate([run.setup.prompts[idx[k]] for k in mine], n=cfg.samples_per_prompt,
                                   max_tokens=rcfg.max_new_tokens, temperature=rcfg.temperature, top_p=rcfg.top_p,
-                                  top_k=rcfg.top_k, seeds=[seed + k for k in mine])
+                                  top_k=rcfg.top_k, seeds=[seeds[k] for k in mine])
     groups = [[] for _ in mine]
     for r in results:  # prompt_index: the call's local index, made the global one
         groups[r.prompt_index].append(r)
