@@ -316,3 +316,32 @@ def test_a_failed_checkpoint_write_is_one_line_and_loses_nothing(tiny_models, tm
     assert not (out / "sft" / "checkpoints" / "latest").exists()
     assert subprocess.run(cmd + ["--run.resume", "true"], capture_output=True).returncode == 0
     assert (out / "sft" / "final" / "policy" / "model.safetensors").is_file()
+
+
+def test_export_copies_regular_files_only_and_refuses_links_and_special_files(tiny_run, tmp_path, capsys):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not the run's")
+    cases = {"a link to a file": lambda p: (p / "notes.txt").symlink_to(secret),
+             "a link to /dev/zero": lambda p: (p / "zeros.bin").symlink_to("/dev/zero"),
+             "a linked folder": lambda p: (p / "extra").symlink_to(tmp_path, target_is_directory=True),
+             "a pipe": lambda p: os.mkfifo(p / "pipe"),
+             "the policy itself a link": lambda p: (shutil.move(str(p), str(tmp_path / "moved")),
+                                                    p.symlink_to(tmp_path / "moved"))}
+    for i, (case, plant) in enumerate(cases.items()):
+        run = tmp_path / f"run{i}"
+        shutil.copytree(tiny_run / "ppo", run / "ppo")
+        policy = run / "ppo" / "final" / "policy"
+        plant(policy)
+        to = tmp_path / f"export{i}"
+        assert main(["export", "--out", str(run), "--stage", "ppo", "--to", str(to)]) == 2, case
+        err = capsys.readouterr().err
+        assert "a run's policy holds only regular files and folders" in err, (case, err)
+        assert not to.exists(), case
+    run = tmp_path / "run-ok"
+    shutil.copytree(tiny_run / "ppo", run / "ppo")
+    (run / "ppo" / "final" / "policy" / "sub").mkdir()
+    (run / "ppo" / "final" / "policy" / "sub" / "note.txt").write_text("kept")
+    assert main(["export", "--out", str(run), "--stage", "ppo", "--to", str(tmp_path / "ok")]) == 0
+    assert (tmp_path / "ok" / "sub" / "note.txt").read_text() == "kept"
+    assert_same(load_file(tmp_path / "ok" / "model.safetensors"),
+                load_file(run / "ppo" / "final" / "policy" / "model.safetensors"))
