@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -35,22 +37,42 @@ def prompt_text(prompt) -> str:
     return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
 
 
+LIMIT = 1e15  # |reward|: a batch's sums and squares stay finite in float32 (1e38 each overflowed to inf)
+
+
+def _values(out, spec: str, n: int) -> list:
+    """The function's result as a list of n elements, or a ValueError saying what it returned instead."""
+    if isinstance(out, torch.Tensor) or type(out).__module__ == "numpy" and hasattr(out, "ndim"):
+        if out.ndim != 1:
+            raise ValueError(f"--reward.fn {spec} returned an array of shape {tuple(out.shape)}; it must return "
+                             f"one number per response ({n})")
+        out = out.tolist()
+    if isinstance(out, (str, bytes)) or not isinstance(out, Sequence):
+        raise ValueError(f"--reward.fn {spec} returned a {type(out).__name__}; it must return a list (or tuple, or "
+                         f"1-D array) of numbers, one per response ({n})")
+    if len(out) != n:
+        raise ValueError(f"--reward.fn {spec} returned {len(out)} values for {n} responses; it must return one per "
+                         f"response")
+    return list(out)
+
+
 def call_reward_fn(fn: Callable, spec: str, prompts: list[str], responses: list[str]) -> torch.Tensor:
-    """fn(prompts, responses) as float32 [B], every failure an error that names the function."""
+    """fn(prompts, responses) as float32 [B]. The result must be a sequence of B real numbers (not strings, not
+    a dict), each finite and at most LIMIT in magnitude; anything else, and any exception the function raises
+    (SystemExit included), is a ValueError that names the function."""
     try:
         out = fn(list(prompts), list(responses))
-    except Exception as exc:  # noqa: BLE001 - the user's code: any error is reported with its name
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's code: any error is reported with its name
         raise ValueError(f"--reward.fn {spec} raised {type(exc).__name__}: {exc}") from exc
-    try:
-        values = [float(v) for v in out]
-    except (TypeError, ValueError):
-        raise ValueError(f"--reward.fn {spec} must return a list of floats, one per response; got "
-                         f"{type(out).__name__}") from None
-    if len(values) != len(responses):
-        raise ValueError(f"--reward.fn {spec} returned {len(values)} values for {len(responses)} responses; it "
-                         f"must return one per response")
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-    if bad:
-        raise ValueError(f"--reward.fn {spec} returned {values[bad[0]]} for response {bad[0]} "
-                         f"({responses[bad[0]][:60]!r}); rewards must be finite")
+    values = _values(out, spec, len(responses))
+    for i, v in enumerate(values):
+        if not isinstance(v, numbers.Real):
+            raise ValueError(f"--reward.fn {spec} returned {v!r} ({type(v).__name__}) for response {i} "
+                             f"({responses[i][:60]!r}); each reward must be a number")
+        v = float(v)
+        if not math.isfinite(v) or abs(v) > LIMIT:
+            raise ValueError(f"--reward.fn {spec} returned {v} for response {i} ({responses[i][:60]!r}); rewards "
+                             f"must be finite and at most {LIMIT:g} in magnitude (the trainer sums and squares them "
+                             f"in float32)")
+        values[i] = v
     return torch.tensor(values, dtype=torch.float32)

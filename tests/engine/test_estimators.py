@@ -122,6 +122,26 @@ def not_a_number(prompts, responses):
     return [float("nan")] * len(responses)
 
 
+def exits(prompts, responses):
+    raise SystemExit(0)
+
+
+def digits(prompts, responses):
+    return "1" * len(responses)
+
+
+def keyed(prompts, responses):
+    return {f"answer {i}": 1.0 for i in range(len(responses))}
+
+
+def huge(prompts, responses):
+    return [1e38] * len(responses)
+
+
+def strings(prompts, responses):
+    return ["1.0"] * len(responses)
+
+
 @pytest.fixture(scope="module")
 def through_rm(tiny_run, tmp_path_factory):
     """A copy of the TINY built-in run up to the RM."""
@@ -176,6 +196,11 @@ def test_rloo_sums_the_reward_model_and_a_function(through_rm, tmp_path, tiny):
     ("test_estimators:raises", "--reward.fn test_estimators:raises raised RuntimeError: the grader crashed"),
     ("test_estimators:too_few", "returned 7 values for 8 responses"),
     ("test_estimators:not_a_number", "returned nan for response 0"),
+    ("test_estimators:exits", "--reward.fn test_estimators:exits raised SystemExit: 0"),
+    ("test_estimators:digits", "--reward.fn test_estimators:digits returned a str; it must return a list"),
+    ("test_estimators:keyed", "--reward.fn test_estimators:keyed returned a dict; it must return a list"),
+    ("test_estimators:huge", "returned 1e+38 for response 0"),
+    ("test_estimators:strings", "returned '1.0' (str) for response 0"),
     ("test_estimators:no_such_function", "test_estimators has no function 'no_such_function'"),
     ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'"),
 ])
@@ -186,6 +211,7 @@ def test_a_bad_reward_function_is_named(through_rm, tmp_path, tiny, capsys, fn, 
     shutil.copytree(through_rm, out)
     assert main(["ppo", "--out", str(out), *tiny("ppo"), "--reward.fn", fn]) == 2
     assert needle in capsys.readouterr().err
+    assert not (out / "ppo" / "final").exists()
 
 
 @pytest.mark.parametrize("flags,needle", [
