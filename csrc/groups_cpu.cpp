@@ -24,7 +24,7 @@ static void group_rows(const T* s, O* out, int64_t groups, int64_t n, int64_t mo
         double ss = 0;
         for (int64_t i = 0; i < n; ++i) ss += (double(x[i]) - mean) * (double(x[i]) - mean);
         const double den = std::sqrt(ss / double(n - 1)) + eps;
-        scale = den > 0 ? 1.0 / den : 0.0;
+        scale = den == 0 ? 0.0 : 1.0 / den;  // a non-finite score: NaN through the group, never hidden
       }
       for (int64_t i = 0; i < n; ++i) y[i] = O((double(x[i]) - mean) * scale);
     }

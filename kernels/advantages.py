@@ -45,4 +45,4 @@ def estimate_advantages(estimator: str, rewards: torch.Tensor, mask: torch.Tenso
         adv, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0, whiten=True, backend=backend)
         return adv, None
     per_answer = group_advantages(masked_sum(rewards, mask, dim=1), n, mode=estimator, eps=eps, backend=backend)
-    return per_answer[:, None].to(rewards.dtype) * mask.to(rewards.dtype), None
+    return per_answer[:, None].to(rewards.dtype) * (mask != 0).to(rewards.dtype), None

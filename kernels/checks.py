@@ -2,6 +2,11 @@
 
 Each public op validates once, here, before dispatch, so the Triton/CUDA/torch paths can assume
 well-formed input and every backend raises the same ValueError naming the offending argument.
+
+Masks: a position is valid where mask != 0, in every op and on every backend (2.0 counts as 1, never as a
+weight of 2); a NaN in a floating mask is refused (one reduction over the mask, a device sync on a GPU:
+give a bool mask, as the engine does, to skip it). Outputs (`out=`) may not share memory with each other or
+with an input, even in part.
 """
 from __future__ import annotations
 
@@ -105,6 +110,14 @@ def check_kl_args(logprobs, ref_logprobs, estimator) -> None:
     check_estimator(estimator)
 
 
+def check_mask_values(name: str, mask: torch.Tensor) -> None:
+    """A floating mask holds no NaN (it would be neither valid nor invalid); bool and integer masks cannot."""
+    if mask.is_floating_point() and mask.numel() and bool(torch.isnan(mask).any()):
+        where = tuple(torch.nonzero(torch.isnan(mask))[0].tolist())
+        raise ValueError(f"`{name}` holds NaN at {list(where)}; a mask is 0 (ignored) or nonzero (valid). Give a "
+                         f"bool mask (e.g. `{name} > 0`)")
+
+
 def check_mask_2d(name: str, mask, ref_name: str, ref: torch.Tensor) -> None:
     check_tensor(name, mask)
     if mask.dtype not in (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float32,
@@ -112,6 +125,7 @@ def check_mask_2d(name: str, mask, ref_name: str, ref: torch.Tensor) -> None:
         raise ValueError(f"`{name}` must be a bool, integer or float 0/1 tensor, got {mask.dtype}")
     check_same_shape(name, mask, ref_name, ref)
     check_same_device(name, mask, ref_name, ref)
+    check_mask_values(name, mask)
 
 
 def check_shape_rewards_args(scores, logprobs, ref_logprobs, mask, kl_coef, estimator) -> None:
@@ -127,8 +141,30 @@ def check_shape_rewards_args(scores, logprobs, ref_logprobs, mask, kl_coef, esti
         raise ValueError(f"`kl_coef` must be a float, got {type(kl_coef).__name__}")
 
 
-def check_out_pair(out, logprobs) -> None:
-    """`out` = (rewards, kl): two distinct contiguous [B, T] tensors of the compute dtype on the inputs' device."""
+def _span(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(storage address, first byte, one past the last byte) of the memory `t` can touch; None when empty."""
+    if t.numel() == 0:
+        return None
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    es = t.element_size()
+    return t.untyped_storage().data_ptr(), t.storage_offset() * es, (t.storage_offset() + last + 1) * es
+
+
+def check_no_overlap(outputs: dict, inputs: dict) -> None:
+    """No output shares memory with another output or with an input, even in part (a kernel that writes one
+    while reading the other gives a wrong answer that depends on the backend)."""
+    spans = [(name, _span(t), True) for name, t in outputs.items()] + \
+            [(name, _span(t), False) for name, t in inputs.items() if isinstance(t, torch.Tensor)]
+    for i, (a, sa, a_out) in enumerate(spans):
+        for b, sb, b_out in spans[i + 1:]:
+            if (a_out or b_out) and sa and sb and sa[0] == sb[0] and sa[1] < sb[2] and sb[1] < sa[2]:
+                raise ValueError(f"`{a}` and `{b}` share memory (in part); an output must not overlap another "
+                                 f"output or an input: give separate tensors (torch.empty_like)")
+
+
+def check_out_pair(out, logprobs, inputs: dict | None = None) -> None:
+    """`out` = (rewards, kl): two contiguous [B, T] tensors of the compute dtype on the inputs' device, sharing
+    no memory with each other or with `inputs` ({name: tensor})."""
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise ValueError(f"`out` must be a (rewards, kl) pair of tensors, got {type(out).__name__}")
     dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
@@ -138,8 +174,7 @@ def check_out_pair(out, logprobs) -> None:
         check_same_device(name, t, "logprobs", logprobs)
         if not t.is_contiguous():
             raise ValueError(f"`{name}` must be contiguous (allocate it with torch.empty_like(logprobs, dtype={dtype}))")
-    if out[0].data_ptr() == out[1].data_ptr() and out[0].numel():
-        raise ValueError("`out[0]` and `out[1]` share memory; give two separate tensors")
+    check_no_overlap({"out[0] (rewards)": out[0], "out[1] (kl)": out[1]}, inputs or {})
 
 
 def check_gae_args(rewards, values, mask, gamma, lam) -> None:
@@ -156,11 +191,12 @@ def check_gae_args(rewards, values, mask, gamma, lam) -> None:
 
 
 def check_masked(name: str, x, mask) -> None:
-    """x and its 0/1 mask: tensors of one shape on one device (no silent broadcasting)."""
+    """x and its mask: tensors of one shape on one device (no silent broadcasting), the mask without NaN."""
     check_tensor(name, x, floating=True)
     check_tensor("mask", mask)
     check_same_shape("mask", mask, name, x)
     check_same_device("mask", mask, name, x)
+    check_mask_values("mask", mask)
 
 
 def check_loss_args(mask, eps_name: str, eps: float, **tensors) -> None:

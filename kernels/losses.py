@@ -29,7 +29,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-me
         raise ValueError(f"`loss_agg` must be one of {LOSS_AGGS}, got {mode!r}")
     if mode == "token-mean":
         return masked_mean(per_token, mask)
-    m = mask.to(per_token.dtype)
+    m = (mask != 0).to(per_token.dtype)
     sums, counts = (per_token * m).sum(dim=1), m.sum(dim=1)
     has = counts > 0
     if mode == "seq-mean-token-mean":

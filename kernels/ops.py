@@ -51,7 +51,8 @@ def shape_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: to
     """
     checks.check_shape_rewards_args(scores, logprobs, ref_logprobs, mask, kl_coef, estimator)
     if out is not None:
-        checks.check_out_pair(out, logprobs)
+        checks.check_out_pair(out, logprobs, {"scores": scores, "logprobs": logprobs, "ref_logprobs": ref_logprobs,
+                                              "mask": mask})
     _, fn = resolve("shape_rewards", backend, logprobs.device.type)
     return fn(scores, logprobs, ref_logprobs, mask, float(kl_coef), estimator, out=out)
 

@@ -242,7 +242,8 @@ def group_advantages(scores: torch.Tensor, n: int, mode: str, eps: float = 1e-6)
     grpo:   (s - mean) / (std + eps), std with Bessel's correction (DeepSeekMath; TRL and verl alike)
     drgrpo: s - mean (Dr. GRPO: no division by the std)
     rloo:   s - mean of the other n - 1 = n / (n - 1) * (s - mean) (Ahmadian et al.'s leave-one-out)
-    A group whose scores are all equal gets zeros.
+    A group whose scores are all equal gets zeros; a group holding a NaN or infinite score gets non-finite
+    advantages (never zeros: a broken score stays visible), the same on every backend.
     """
     dtype = compute_dtype(scores)
     g = scores.to(dtype).view(-1, n)
@@ -253,5 +254,6 @@ def group_advantages(scores: torch.Tensor, n: int, mode: str, eps: float = 1e-6)
         out = centred * (n / (n - 1))
     else:
         den = (centred.square().sum(dim=1, keepdim=True) / (n - 1)).sqrt() + eps
-        out = torch.where(den > 0, centred / den.clamp(min=torch.finfo(dtype).tiny), torch.zeros((), dtype=dtype))
+        # den == 0 only for equal scores with eps 0; NaN (from a non-finite score) falls through to the division
+        out = torch.where(den == 0, torch.zeros((), dtype=dtype), centred / den.clamp(min=torch.finfo(dtype).tiny))
     return out.reshape(-1)

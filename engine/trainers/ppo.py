@@ -264,6 +264,7 @@ def collect_rollouts(run: PPORun, step: int, gen: torch.Generator) -> Rollouts:
         with phase("score"):  # each process scores its rows (the RM's forward is sharded)
             scores = dist.map_rows(lambda ix: setup.score(batch.select(ix), [rows[i] for i in ix],
                                                           [results[i] for i in ix]).to(run.device), len(rows))
+        check_scores(scores, step, [setup.prompts[i] for i in rows])
         if not cfg.drop_constant_groups:
             return Rollouts(results, batch, scores)
         groups = scores.view(-1, n)
@@ -279,6 +280,17 @@ def collect_rollouts(run: PPORun, step: int, gen: torch.Generator) -> Rollouts:
     results = [r for group in kept for r in group[1]]
     batch = make_batch([setup.prompts[i] for i in rows], [r.token_ids for r in results], run.pad_id).to(run.device)
     return Rollouts(results, batch, torch.cat([group[2] for group in kept]), dropped)
+
+
+def check_scores(scores: torch.Tensor, step: int, prompts: list) -> None:
+    """A non-finite reward (a broken reward model: the functions' results are checked where they return) stops
+    the run naming the answer, before it reaches the advantages as NaN."""
+    bad = torch.nonzero(~torch.isfinite(scores)).flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise ValueError(f"ppo: iteration {step + 1}: the reward of answer {i} (prompt {str(prompts[i])[:80]!r}) is "
+                         f"{scores[i].item()} ({len(bad)} of {len(scores)} non-finite): the reward model gives "
+                         f"non-finite scores. Check --reward.path (its weights, and its dtype for long answers).")
 
 
 def generate(run: PPORun, idx: list[int], *, seeds: list[int]) -> list:

@@ -25,7 +25,7 @@ def _group_kernel(s_ptr, out_ptr, n, eps, MODE: tl.constexpr, BLOCK: tl.constexp
         out = c * (n / (n - 1.0))
     else:
         den = tl.sqrt(tl.sum(c * c, axis=0) / (n - 1.0)) + eps
-        out = tl.where(den > 0, c / tl.where(den > 0, den, 1.0), 0.0)  # eps = 0, equal scores: 0
+        out = tl.where(den == 0, 0.0, c / tl.where(den == 0, 1.0, den))  # eps = 0, equal scores: 0; NaN stays
     tl.store(out_ptr + g * n + offs, out, mask=valid)
 
 

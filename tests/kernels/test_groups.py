@@ -78,3 +78,22 @@ def test_bad_input_names_the_argument(kwargs, match):
         kernels.group_advantages(torch.zeros(8), **kwargs)
     with pytest.raises(ValueError, match=r"`scores` must have shape \[B\]"):
         kernels.group_advantages(torch.zeros(2, 4), 4, mode="grpo")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_non_finite_score_shows_in_its_group_only_the_same_on_every_backend(backend, mode, bad, dtype, rng):
+    """NaN or inf in a group's scores is never hidden as zeros: every advantage of that group is non-finite,
+    on every backend alike (the torch path used to give 0, the C++ one NaN); the other groups are unharmed."""
+    scores = (torch.randn(12, generator=rng) * 2).to(dtype)
+    scores[5] = bad  # group 1 of 3 (n = 4)
+    for eps in (1e-6, 0.0):
+        got = kernels.group_advantages(scores, 4, mode=mode, eps=eps, backend=backend)
+        assert not torch.isfinite(got[4:8]).any(), got
+        keep = torch.cat([scores[:4], scores[8:]])
+        want = loop_reference(keep, 4, mode, eps)
+        torch.testing.assert_close(torch.cat([got[:4], got[8:]]).double(), want, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(got, kernels.group_advantages(scores, 4, mode=mode, eps=eps, backend="torch"),
+                                   atol=2e-5, rtol=1e-5, equal_nan=True)

@@ -246,3 +246,59 @@ def test_shape_rewards_bad_outputs_are_named():
     shared = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="share memory"):
         kernels.shape_rewards(*args, kl_coef=0.1, out=(shared, shared))
+
+
+@pytest.mark.parametrize("backend", BACKENDS["shape_rewards"])
+def test_outputs_overlapping_in_part_or_an_input_are_refused(backend, rng):
+    """A partial overlap of out[0] and out[1] (or of an output and an input) gave a wrong kl: refused on every
+    backend. Two outputs cut from one buffer without overlapping are fine."""
+    b, t = 4, 37
+    lp, ref = -torch.rand(b, t, generator=rng), -torch.rand(b, t, generator=rng)
+    mask, scores = masks(b, t, rng)["holes"], torch.randn(b, generator=rng)
+    want = kernels.shape_rewards(scores, lp, ref, mask, kl_coef=0.1, estimator="k3", backend=backend)
+    buf = torch.zeros(2 * b * t)
+    sbuf = torch.zeros(b * t)
+    sbuf[:b] = scores
+    for s, out in [(scores, (buf[: b * t].view(b, t), buf[t // 2: t // 2 + b * t].view(b, t))),  # in part
+                   (scores, (buf[t: t + b * t].view(b, t), buf[: b * t].view(b, t))),
+                   (scores, (lp, torch.zeros(b, t))), (scores, (torch.zeros(b, t), ref)),
+                   (sbuf[:b], (torch.zeros(b, t), sbuf.view(b, t)))]:                             # over the scores
+        with pytest.raises(ValueError, match="share memory"):
+            kernels.shape_rewards(s, lp, ref, mask, kl_coef=0.1, estimator="k3", backend=backend, out=out)
+    apart = (buf[: b * t].view(b, t), buf[b * t:].view(b, t))
+    kernels.shape_rewards(scores, lp, ref, mask, kl_coef=0.1, estimator="k3", backend=backend, out=apart)
+    torch.testing.assert_close(apart[0], want[0], atol=0, rtol=0)
+    torch.testing.assert_close(apart[1], want[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS["shape_rewards"])
+def test_a_mask_is_read_as_nonzero_and_a_nan_in_it_is_refused(backend, rng):
+    """2.0 or -1 mark a valid position exactly as 1 does, in every op and on every backend (never a weight);
+    a NaN in a float mask is refused by name."""
+    b, t = 5, 29
+    valid = masks(b, t, rng)["holes"]
+    odd = valid.float() * torch.tensor([1.0, 2.0, -1.0, 0.5, 3.0])[torch.randint(0, 5, (b, t), generator=rng)]
+    lp, ref = -torch.rand(b, t, generator=rng), -torch.rand(b, t, generator=rng)
+    scores, values = torch.randn(b, generator=rng), torch.randn(b, t, generator=rng)
+    for got, want in [
+        (kernels.shape_rewards(scores, lp, ref, odd, kl_coef=0.1, backend=backend),
+         kernels.shape_rewards(scores, lp, ref, valid, kl_coef=0.1, backend=backend)),
+        (kernels.gae(lp, values, odd, gamma=0.99, lam=0.9, backend=backend),
+         kernels.gae(lp, values, valid, gamma=0.99, lam=0.9, backend=backend)),
+        ((kernels.masked_mean(lp, odd), kernels.whiten(lp, odd), kernels.masked_var(lp, odd)),
+         (kernels.masked_mean(lp, valid), kernels.whiten(lp, valid), kernels.masked_var(lp, valid))),
+        (kernels.policy_loss(lp, ref, values, odd)[0], kernels.policy_loss(lp, ref, values, valid)[0]),
+        (kernels.value_loss(lp, ref, values, odd)[0], kernels.value_loss(lp, ref, values, valid)[0]),
+        (kernels.estimate_advantages("rloo", lp, odd, n=5, backend=backend)[0],
+         kernels.estimate_advantages("rloo", lp, valid, n=5, backend=backend)[0]),
+    ]:
+        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
+    nan = odd.clone()
+    nan[2, 3] = float("nan")
+    for call in (lambda: kernels.shape_rewards(scores, lp, ref, nan, kl_coef=0.1, backend=backend),
+                 lambda: kernels.gae(lp, values, nan, gamma=0.99, lam=0.9, backend=backend),
+                 lambda: kernels.masked_mean(lp, nan), lambda: kernels.policy_loss(lp, ref, values, nan),
+                 lambda: kernels.estimate_advantages("rloo", lp, nan, n=5, backend=backend)):
+        with pytest.raises(ValueError, match=r"`mask` holds NaN at \[2, 3\]"):
+            call()
