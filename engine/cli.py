@@ -99,6 +99,23 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    from . import peers
+
+    code = 1
+    try:
+        code = _run_and_report(command, rank)
+    finally:  # this rank ends with a message of its own (or a traceback): its peers add nothing
+        if code and dist.launched():
+            peers.said_why()
+    return code
+
+
+def _run_and_report(command: Command, rank: int) -> int:
+    """run(command) with every way it can end as an exit code and one message."""
+    from torch.distributed import DistError
+
+    from . import distributed as dist
+    from . import peers
     from .checkpoint import CheckpointWriteError
     from .guard import DivergedError
     from .trainers.loop import StoppedAtStepBoundary
@@ -109,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr)
         if dist.launched():  # leave with the other ranks, which left run() together: torchrun kills whoever
+            peers.said_why()
             logging.shutdown()  # is still tearing the interpreter down when the first one exits
             sys.stdout.flush()
             sys.stderr.flush()
@@ -129,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted in the middle of a step: its partial update was not saved; rerun the same command "
               "with --run.resume true to continue from the last checkpoint", file=sys.stderr)
         return 130
+    except RuntimeError as exc:  # a collective failed because a peer is gone (killed, or crashed outside Python)
+        if not dist.launched() or not (isinstance(exc, DistError) or peers.peer_lost(wait=5.0)):
+            raise
+        message = peers.farewell(wait=5.0)
+        if message:
+            print(message, file=sys.stderr)
+        peers.said_why()
+        return 1
     return 0
 
 

@@ -26,6 +26,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from . import peers
+
 log = logging.getLogger("engine")
 
 
@@ -74,6 +76,7 @@ def init(device: str, timeout_s: float = 600.0) -> World:
     size = dist.get_world_size()
     mesh = init_device_mesh(device, (size,), mesh_dim_names=("dp",))
     _WORLD = World(dist.get_rank(), size, local_rank, mesh)
+    peers.join(_WORLD.rank, dist.all_gather_object)  # who is who, to say which rank ended if one dies
     return _WORLD
 
 
@@ -85,6 +88,7 @@ def close() -> None:
         if dist.is_initialized():
             with contextlib.suppress(AssertionError, RuntimeError, ValueError):  # vLLM may have torn it down
                 dist.destroy_process_group()
+        peers.leave()
     _WORLD = World()
 
 

@@ -63,7 +63,28 @@ def checkpoint_dir(path, flag: str) -> Path:
     if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{flag} {path}: no config.json in this directory; expected a transformers "
                                 f"checkpoint written by save_pretrained")
+    for name in ("config.json", "adapter_config.json"):
+        if (p / name).is_file():
+            check_json_object(p / name, flag, path)
     return p
+
+
+def check_json_object(file: Path, flag: str, path) -> None:
+    """`file` (a checkpoint's config) holds one JSON object, or a ValueError naming it: a garbled config is
+    reported as itself, not as whichever loader first trips over it (the tokenizer's, before)."""
+    import json
+
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{flag} {path}: {file.name} is not UTF-8 text ({exc.reason} at byte {exc.start}); the "
+                         f"checkpoint is damaged: save it again with save_pretrained") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{flag} {path}: {file.name} is not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                         f"{exc.colno}); the checkpoint is damaged: save it again with save_pretrained") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{flag} {path}: {file.name} holds a JSON {type(doc).__name__}, not an object; the "
+                         f"checkpoint is damaged: save it again with save_pretrained")
 
 
 def load_tokenizer(path, flag: str = "--policy.path", model: bool = True):

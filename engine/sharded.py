@@ -40,17 +40,30 @@ def is_sharded(ckpt: Path) -> bool:
     return (ckpt / SHARDED).is_dir()
 
 
-def split_tensors(tree, key: str, tensors: dict):
+def split_tensors(tree, key: str, tensors: dict, seen: dict | None = None):
     """`tree` with every tensor replaced by {"$dcp": its key}; the tensors go into `tensors` under those keys
-    (`key/child/...`, so the same tree shape gives the same keys)."""
+    (`key/child/...`, so the same tree shape gives the same keys). A tensor met twice (tied embeddings: the
+    LM head is the embedding) is stored once, under its first key, which both places name."""
+    seen = {} if seen is None else seen
     if isinstance(tree, torch.Tensor):
-        tensors[key] = tree
-        return {PLACEHOLDER: key}
+        first = seen.setdefault(_memory(tree), key)
+        tensors.setdefault(first, tree)
+        return {PLACEHOLDER: first}
     if isinstance(tree, dict):
-        return {k: split_tensors(v, f"{key}/{k}", tensors) for k, v in tree.items()}
+        return {k: split_tensors(v, f"{key}/{k}", tensors, seen) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(split_tensors(v, f"{key}/{i}", tensors) for i, v in enumerate(tree))
+        return type(tree)(split_tensors(v, f"{key}/{i}", tensors, seen) for i, v in enumerate(tree))
     return tree
+
+
+def _memory(t: torch.Tensor):
+    """What identifies a tensor's memory: its local shard's storage, offset, shape, strides and dtype (two
+    state-dict entries of one tied parameter are two tensor objects over the same memory)."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    if local.numel() == 0:
+        return id(t)
+    return (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape), local.stride(),
+            local.dtype)
 
 
 def join_tensors(tree, tensors: dict, where: Path):

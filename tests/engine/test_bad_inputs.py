@@ -76,7 +76,12 @@ def broken_copies(tiny_models, tmp_path):
     for f in no_tokenizer.iterdir():
         if "token" in f.name or "chat" in f.name:
             f.unlink()
-    return {"truncated": truncated, "no_weights": no_weights, "reshaped": reshaped, "no_tokenizer": no_tokenizer}
+    garbled = copy("garbled")
+    (garbled / "config.json").write_text('{"model_type": "qwen2", "hidden_size": ')
+    listed = copy("listed")
+    (listed / "config.json").write_text("[1, 2]")
+    return {"truncated": truncated, "no_weights": no_weights, "reshaped": reshaped, "no_tokenizer": no_tokenizer,
+            "garbled": garbled, "listed": listed}
 
 
 @pytest.mark.parametrize("damage,needle", [
@@ -85,6 +90,8 @@ def broken_copies(tiny_models, tmp_path):
     ("reshaped", "weights do not fit the shapes config.json gives (e.g. model.layers.0.mlp.down_proj.weight: "
                  "[128, 256] in the weights file, [128, 300] from the config)"),
     ("no_tokenizer", "the tokenizer found there has 1 token(s): its files"),
+    ("garbled", "config.json is not valid JSON (Expecting value at line 1, column 40); the checkpoint is damaged"),
+    ("listed", "config.json holds a JSON list, not an object"),
 ])
 def test_damaged_checkpoints_are_one_line(broken_copies, tmp_path, capsys, damage, needle):
     path = broken_copies[damage]

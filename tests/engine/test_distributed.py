@@ -188,6 +188,22 @@ def test_sharded_checkpoints_hold_no_pickle_crafted_ones_are_refused_unread_and_
     assert (tmp_path / "ran-bytes-2").exists()
 
 
+def test_a_rank_killed_without_a_word_is_named_once_and_the_run_resumes(tiny_run, tmp_path, tiny_args):
+    """Rank 1 SIGKILLed (as the OOM killer would) in iteration 3: torchrun's own report names only exit codes;
+    the job says once, in its own words, which rank ended and how to continue."""
+    out = copy_run(tiny_run, tmp_path / "run", ["pretrain", "sft", "rm"])
+    flags = [*tiny_args("ppo"), *PPO]
+    killed = engine(2, "ppo", "--out", out, *flags, "--run.dist_timeout", "120",
+                    env={"RLHF_TEST_FAIL_CALL": "3", "RLHF_TEST_FAIL_RANK": "1", "RLHF_TEST_KILL": "1"})
+    text = killed.stdout + killed.stderr
+    assert killed.returncode != 0
+    assert text.count("error: rank 1 (pid ") == 1 and text.count("ended without a word") == 1, text[-3000:]
+    assert "rerun the same command with --run.resume true to continue" in text
+    assert (out / "ppo" / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    ok(engine(1, "ppo", "--out", out, *flags, "--run.resume", "true"))
+    assert (out / "ppo" / "final" / "policy" / "model.safetensors").is_file()
+
+
 def test_a_nan_on_two_processes_stops_both_at_the_same_step_with_one_message(tiny_run, tmp_path, tiny_args):
     out = copy_run(tiny_run, tmp_path / "run", ["pretrain"])
     result = engine(2, "sft", "--out", out, *tiny_args("sft"), "--sft.lr", "1e30")

@@ -1,0 +1,116 @@
+"""Under torchrun: which process of the job ended, said once.
+
+When a rank dies without a word (SIGKILL from the OOM killer, a crash in native code), torchrun SIGTERMs the
+others and prints only its own failure block. So every rank learns the others' (rank, host, pid) when the job
+starts, and on SIGTERM (or a collective that fails because a peer is gone) the lowest-ranked survivor says
+which rank on its host ended and that `--run.resume true` continues from the last complete checkpoint.
+A rank that ends with an error message of its own leaves a note in the job's temporary folder first, so
+nobody repeats or contradicts it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+_PEERS: list[tuple[int, str, int]] = []  # (rank, host, pid) of every rank, in rank order
+_RANK = 0
+
+
+def _notes() -> Path:
+    job = os.environ.get("TORCHELASTIC_RUN_ID") or f"{os.environ.get('MASTER_ADDR')}-{os.environ.get('MASTER_PORT')}"
+    return Path(tempfile.gettempdir()) / f"rlhf-engine-job-{job}"
+
+
+def join(rank: int, all_gather_object) -> None:
+    """Learn every rank's (rank, host, pid) (a collective) and answer SIGTERM with `farewell`."""
+    global _PEERS, _RANK
+    parts: list = [None] * int(os.environ.get("WORLD_SIZE", "1"))
+    all_gather_object(parts, (rank, socket.gethostname(), os.getpid()))
+    _PEERS, _RANK = parts, rank
+    if rank == 0:
+        _notes().mkdir(exist_ok=True)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def said_why() -> None:
+    """This rank is ending with an error message of its own (its peers then add nothing)."""
+    if _PEERS:
+        try:
+            _notes().mkdir(exist_ok=True)
+            (_notes() / f"rank-{_RANK}").touch()
+        except OSError:
+            pass
+
+
+def _gone(pid: int) -> bool:
+    """The process is gone, or a zombie its parent (torchrun) has not reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def peer_lost(wait: float) -> bool:
+    """Whether a process of the job on this host is gone, waiting up to `wait` seconds for one to be."""
+    import time
+
+    end = time.monotonic() + wait
+    host = socket.gethostname()
+    while True:
+        if any(h == host and r != _RANK and _gone(pid) for r, h, pid in _PEERS):
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.05)
+
+
+def farewell(wait: float = 0.0) -> str | None:
+    """The job's one line about why it stops, from the lowest-ranked survivor (None on the others, or when the
+    rank that ended said why itself). wait: seconds to wait for a peer to be seen gone (a failed collective
+    reaches this rank while the peer is still dying)."""
+    if not _PEERS:
+        return None
+    import time
+
+    host = socket.gethostname()
+    end = time.monotonic() + wait
+    while True:
+        lost = [(r, pid) for r, h, pid in _PEERS if h == host and r != _RANK and _gone(pid)]
+        if lost or time.monotonic() >= end:
+            break
+        time.sleep(0.05)
+    if any(r < _RANK and (r, pid) not in lost for r, _, pid in _PEERS):
+        return None  # a lower rank survives (or lives on another host): it speaks
+    resume = "every complete checkpoint is kept: rerun the same command with --run.resume true to continue"
+    silent = [(r, pid) for r, pid in lost if not (_notes() / f"rank-{r}").exists()]
+    if lost and not silent:
+        return None
+    if silent:
+        r, pid = silent[0]
+        return (f"error: rank {r} (pid {pid} on {host}) ended without a word (killed: out of memory, a signal, or a "
+                f"crash outside Python), so the job stopped; {resume}")
+    if wait:
+        return f"error: a collective operation of the job failed on rank {_RANK} (a process on another host?); {resume}"
+    return f"error: the job was stopped from outside (SIGTERM to rank {_RANK}); {resume}"
+
+
+def leave() -> None:
+    """A clean end of the job: the main rank removes the notes folder."""
+    if _PEERS and _RANK == 0:
+        import shutil
+
+        shutil.rmtree(_notes(), ignore_errors=True)
+
+
+def _on_sigterm(signum, frame) -> None:
+    message = farewell()
+    if message:
+        sys.stderr.write(message + "\n")
+    said_why()  # stopped, not silent: a peer that outlives this one adds nothing
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(128 + signum)
