@@ -2,7 +2,8 @@
 // (A, V) (see kernels/triton_kernels/gae.py); each lane composes the maps of ITEMS consecutive positions,
 // a warp-shuffle suffix scan composes the lanes, then every lane replays its positions with the right
 // incoming state. Rows longer than 32 * ITEMS are walked chunk by chunk from the end, carrying (A, V).
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -102,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
   const int64_t rows = r.size(0), len = r.size(1);
   if (rows == 0 || len == 0) return {adv, ret};
   const dim3 grid((rows + WARPS - 1) / WARPS), block(32 * WARPS);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "gae_cuda", [&] {
     gae_kernel<scalar_t><<<grid, block, 0, stream>>>(r.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                                                      m.data_ptr<uint8_t>(), adv.data_ptr<scalar_t>(),

@@ -3,7 +3,8 @@
 // the math and the outputs are float32 (float64 for float64 inputs) whatever the log-probs' dtype, and the
 // RM score stays in that type too (it was once rounded to the log-probs' bfloat16).
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cub/block/block_reduce.cuh>
 #include <torch/library.h>
@@ -64,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> shape_rewards_cuda(const at::Tensor& scores, 
   auto m = (mask.scalar_type() == at::kBool ? mask.view(at::kByte) : mask.ne(0).view(at::kByte)).contiguous();
   auto rew = at::empty(lp.sizes(), lp.options().dtype(acc)), kl = at::empty_like(rew);
   if (lp.numel() == 0) return {rew, kl};
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, lp.scalar_type(), "shape_rewards_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     shape_kernel<scalar_t, acc_t><<<lp.size(0), THREADS, 0, stream>>>(
