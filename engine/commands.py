@@ -87,6 +87,10 @@ def unread(command: str, cfg: Config, ptx: bool = False) -> list[str]:
                 refuse("ppo", ("gamma",), f"{estimator} compares whole answers; gamma discounts along one")
         if cfg.ppo.kl_loss_coef == 0:
             refuse("ppo", ("kl_loss_estimator",), "the KL term in the loss is off: set --ppo.kl_loss_coef")
+        if not (cfg.ppo.kl_coef > 0 or cfg.ppo.adaptive_kl or cfg.ppo.kl_loss_coef > 0 or cfg.ppo.log_kl):
+            refuse("reference", ("path",),
+                   "nothing reads the reference (--ppo.kl_coef 0, --ppo.kl_loss_coef 0): set --ppo.log_kl true to "
+                   "log the KL to it")
     if command == "ppo" and not ptx:
         refuse("ppo", ("ptx_coef", "ptx_batch"), "only PPO-ptx reads it: add --ptx true")
         refuse("data", ("pretrain",), "only PPO-ptx reads it: add --ptx true")

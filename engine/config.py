@@ -231,6 +231,8 @@ class PPOConfig:
     ptx_batch: int = 32
     max_grad_norm: float = 1.0
     tis_cap: float = 0.0                # truncated importance sampling vs the rollout engine (0 = off; e.g. 2)
+    log_kl: bool = False                # the KL-to-reference metric even when nothing trains on it (one forward more)
+    old_logprobs: str = "auto"          # auto | trainer | engine: where the sampling-time log-probs come from
     eval_every: int = 25                # win rate against SFT over training (0 = off)
     eval_prompts: int = 64
     checkpoint_every: int = 50
@@ -264,6 +266,8 @@ class PPOConfig:
         _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
         _require(self.tis_cap == 0 or self.tis_cap >= 1, f"ppo.tis_cap must be 0 (off) or >= 1, got {self.tis_cap}")
         _require(self.backend in ("auto", "torch", "triton", "cuda", "cpu"), f"unknown ppo.backend {self.backend!r}")
+        _require(self.old_logprobs in ("auto", "trainer", "engine"), f"ppo.old_logprobs must be auto, trainer or "
+                 f"engine, got {self.old_logprobs!r}")
 
 
 @dataclass

@@ -223,6 +223,17 @@ def map_rows(fn: Callable[[list[int]], torch.Tensor], n: int) -> torch.Tensor:
     return result
 
 
+def sum_rows(t: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of `t` (each rank filling disjoint rows of the same shape), on every rank."""
+    if _WORLD.size == 1:
+        return t
+    import torch.distributed as dist
+
+    t = t.contiguous()
+    dist.all_reduce(t)
+    return t
+
+
 def part(mean: torch.Tensor, local_count: float, total: float) -> torch.Tensor:
     """This rank's part of a global mean, from its local `mean` over `local_count` of the `total` items
     (tokens, sequences or prompts of the global batch): the parts of all ranks sum to the global mean. In a

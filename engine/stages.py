@@ -31,7 +31,7 @@ from .loading import load_model, load_tokenizer, resolve_dtype, same_vocabulary
 from .models import SequenceScores
 from .reward_fn import call_reward_fn, load_reward_fn, prompt_text
 from .trainers.lm import train_lm
-from .trainers.ppo import PPOSetup, train_ppo
+from .trainers.ppo import PPOSetup, needs_reference, train_ppo
 from .trainers.reward import pairwise_accuracy, train_reward
 
 log = logging.getLogger("engine")
@@ -221,7 +221,9 @@ def ppo(ctx, ptx: bool = False) -> Path:
                         "the value model scores every policy token, so it needs the policy's tokenizer"
                         + ("" if cfg.value.path else " (it starts from the reward model unless --value.path is "
                            "given: give --value.path, e.g. the SFT policy)"))
-    if cfg.reference.path:
+    if not needs_reference(cfg.ppo):
+        reference = None  # nothing reads it (no KL penalty, no KL loss, no KL metric): never loaded
+    elif cfg.reference.path:
         _same_tokenizer(tok, cfg.reference.path, "--reference.path",
                         "the KL penalty compares the two models token by token")
         reference = load_model(cfg.reference.path, flag="--reference.path", scalar=False, device=dev, run=cfg.run,

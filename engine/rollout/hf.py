@@ -63,6 +63,17 @@ class SeededSampler:
         return scores - torch.log(-torch.log(u)).to(scores.device)
 
 
+def shared_prefill(model, ids: torch.Tensor, attn: torch.Tensor, n: int):
+    """The KV cache of every prompt but its last token, computed once per prompt and repeated for its n samples
+    (rows are prompt-major): the prefill costs 1/n of prefilling every row. generate() then feeds each row's
+    last prompt token and decodes as usual. ids, attn: [P * n, L] left-padded."""
+    uniq, mask = ids[::n, :-1], attn[::n, :-1]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() derives them from the mask
+    cache = model(input_ids=uniq, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values
+    cache.batch_repeat_interleave(n)
+    return cache
+
+
 class HFRollout:
     """Generate with a transformers causal LM.
 
@@ -71,7 +82,7 @@ class HFRollout:
     """
 
     def __init__(self, model_or_dir, *, device="cpu", seed: int = 0, pad_token_id: int | None = None,
-                 eos_token_id: int | None = None):
+                 eos_token_id: int | None = None, share_prefill: bool = True):
         if isinstance(model_or_dir, (str, bytes)) or hasattr(model_or_dir, "__fspath__"):
             from ..loading import load_model
 
@@ -81,6 +92,7 @@ class HFRollout:
         self.pad_id = pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)
         self.eos_id = eos_token_id if eos_token_id is not None else cfg.eos_token_id
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.share_prefill = share_prefill  # n > 1: each prompt's KV cache computed once (`shared_prefill`)
 
     @torch.no_grad()
     def generate(self, prompt_token_ids, *, n=1, max_tokens, temperature=1.0, top_p=1.0, top_k=-1,
@@ -109,8 +121,10 @@ class HFRollout:
         recorder = SampledLogprobs(temperature)
         sampler = SeededSampler(temperature, top_p, top_k, [(s, j) for s in per_prompt for j in range(n)])
         # greedy over the sampler's Gumbel-perturbed scores is a draw from softmax(logits / T), top-k/top-p
+        ids, attn = ids.to(device), attn.to(device)
+        cache = shared_prefill(self.model, ids, attn, n) if self.share_prefill and n > 1 and p_len > 1 else None
         sequences = self.model.generate(
-            input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=False, max_new_tokens=max_tokens,
+            input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=max_tokens, past_key_values=cache,
             eos_token_id=sorted(stops), pad_token_id=self.pad_id, logits_processor=[recorder, sampler],
         )
         self.model.train(was_training)

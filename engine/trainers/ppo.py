@@ -47,56 +47,85 @@ log = logging.getLogger("engine")
 class Experience:
     """One iteration's rollouts; every [B, R] tensor is aligned with batch.response_mask."""
     batch: SequenceBatch
-    old_logprobs: torch.Tensor   # [B, R] policy at sampling time
-    ref_logprobs: torch.Tensor   # [B, R] SFT reference
+    old_logprobs: torch.Tensor | None  # [B, R] policy at sampling time (None: taken from the update's forward)
+    ref_logprobs: torch.Tensor | None  # [B, R] SFT reference (None: nothing reads it, the pass is skipped)
     old_values: torch.Tensor     # [B, R] (zeros without a critic)
     scores: torch.Tensor         # [B] reward of each whole answer
     rewards: torch.Tensor        # [B, R] shaped
-    kl: torch.Tensor             # [B, R] per-token KL estimate
+    kl: torch.Tensor | None      # [B, R] per-token KL estimate (None until both log-probs are known)
     advantages: torch.Tensor     # [B, R]
     returns: torch.Tensor | None  # [B, R] the value loss's target (GAE only)
     engine_logprobs: torch.Tensor | None = None  # [B, R] what the rollout engine reported when sampling
 
 
+def needs_reference(cfg) -> bool:
+    """Whether anything reads the reference's log-probs (cfg: PPOConfig): the KL penalty in the reward (or its
+    adaptive controller), GRPO's KL loss, or the KL metric asked for with --ppo.log_kl."""
+    return cfg.kl_coef > 0 or cfg.adaptive_kl or cfg.kl_loss_coef > 0 or cfg.log_kl
+
+
+def old_logprobs_source(cfg) -> str:
+    """Where the old (sampling-time) log-probs come from: "trainer" (a no-grad forward before the update),
+    "update" (the update's own forward, detached: exact when the one update of an iteration starts from the
+    sampling policy, one epoch of one minibatch, and no reward reads them before it, i.e. no KL penalty in the
+    reward) or "engine" (the rollout engine's log-probs of the sampled tokens). cfg: PPOConfig."""
+    if cfg.old_logprobs != "auto":
+        return cfg.old_logprobs
+    on_policy = cfg.epochs == 1 and cfg.minibatch == cfg.rollout_batch * cfg.samples_per_prompt
+    return "update" if on_policy and cfg.kl_coef == 0 and not cfg.adaptive_kl else "trainer"
+
+
 @torch.no_grad()
 def make_experience(policy: PolicyLogprobs, ref: PolicyLogprobs | None, value: TokenValues | None,
                     batch: SequenceBatch, scores: torch.Tensor, *, kl_coef: float, cfg, temperature: float,
-                    phase=no_phases) -> Experience:
+                    phase=no_phases, use_ref: bool = True, old: str = "trainer",
+                    engine_lp: torch.Tensor | None = None) -> Experience:
     """Log-probs, values, rewards and advantages of one batch of scored rollouts. cfg: PPOConfig.
 
     ref: the frozen SFT policy, or None for the policy with its LoRA adapters disabled (one base in memory).
-    value: the critic, or None for a critic-free estimator. scores [B]: each answer's reward; rows are
-    prompt-major, cfg.samples_per_prompt per prompt. phase(name): a context timing each part
-    (engine.trainers.phases.Phases).
+    use_ref=False: no reference pass (nothing reads it; kl_coef must be 0). value: the critic, or None for a
+    critic-free estimator. scores [B]: each answer's reward; rows are prompt-major, cfg.samples_per_prompt per
+    prompt. old: where the old log-probs come from (`old_logprobs_source`); "engine" takes `engine_lp` [B, R].
+    phase(name): a context timing each part (engine.trainers.phases.Phases).
     """
+    if not use_ref and kl_coef:
+        raise ValueError("make_experience: a KL penalty (kl_coef > 0) needs the reference's log-probs")
     was = policy.training, value is not None and value.training
     policy.eval()
     mask, n = batch.response_mask, batch.input_ids.shape[0]
 
     def per_rank(model, **kw):  # each process its rows; the [B, R] result gathered onto every process
         return dist.map_rows(lambda ix: model(batch.select(ix), **kw), n)
-    with phase("logprobs"):
-        old_lp = per_rank(policy, temperature=temperature)
-    with phase("ref_logprobs"):
-        if ref is None:
-            with policy.lm.disable_adapter():
-                ref_lp = per_rank(policy, temperature=temperature)
-        else:
-            ref_lp = per_rank(ref, temperature=temperature)
-    values = torch.zeros_like(old_lp)
+    old_lp = ref_lp = None
+    if old == "trainer":
+        with phase("logprobs"):
+            old_lp = per_rank(policy, temperature=temperature)
+    elif old == "engine":
+        old_lp = engine_lp
+    if use_ref:
+        with phase("ref_logprobs"):
+            if ref is None:
+                with policy.lm.disable_adapter():
+                    ref_lp = per_rank(policy, temperature=temperature)
+            else:
+                ref_lp = per_rank(ref, temperature=temperature)
+    values = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     if value is not None:
         with phase("values"):
             value.eval()
             values = per_rank(value) * mask
             value.train(was[1])
     with phase("advantages"):
-        rewards, kl = kernels.shape_rewards(scores, old_lp, ref_lp, mask, kl_coef=kl_coef,
+        # Without a KL penalty the rewards are the scores at each answer's last token, whatever the log-probs.
+        lp = old_lp if old_lp is not None and ref_lp is not None else values.new_zeros(mask.shape)
+        rewards, kl = kernels.shape_rewards(scores, lp, ref_lp if lp is old_lp else lp, mask, kl_coef=kl_coef,
                                             estimator=cfg.kl_estimator, backend=cfg.backend)
         adv, ret = kernels.estimate_advantages(cfg.advantage_estimator, rewards, mask, values=values,
                                                n=cfg.samples_per_prompt, gamma=cfg.gamma, lam=cfg.lam,
                                                whiten=cfg.whiten_advantages, backend=cfg.backend)
     policy.train(was[0])
-    return Experience(batch, old_lp, ref_lp, values, scores, rewards, kl, adv, ret)
+    return Experience(batch, old_lp, ref_lp, values, scores, rewards, kl if lp is old_lp else None, adv, ret,
+                      engine_logprobs=engine_lp)
 
 
 def _count(mask: torch.Tensor, loss_agg: str) -> float:
@@ -106,14 +135,15 @@ def _count(mask: torch.Tensor, loss_agg: str) -> float:
 
 def ppo_minibatch_loss(policy: PolicyLogprobs, value: TokenValues | None, exp: Experience, idx, cfg,
                        temperature: float, ptx: Callable[[], torch.Tensor] | None = None, norm_len: float | None = None,
-                       whole=None):
+                       whole=None, record: list | None = None):
     """Loss of one minibatch: the clipped policy loss (+ vf_coef * the clipped value loss with a critic,
     + kl_loss_coef * KL to the reference, + ptx_coef * the LM loss). norm_len: the constant of
     loss_agg="seq-mean-token-sum-norm" (the longest answer allowed).
 
     whole: the rows of the global minibatch when `idx` is this process's share of it (engine.distributed):
     each term and statistic is then this process's part of the global one (the parts sum to it); ptx()
-    returns its own part. None: idx is the whole minibatch."""
+    returns its own part. None: idx is the whole minibatch. record: a list to append (idx, the policy's
+    detached log-probs of those rows) to."""
     mb = exp.batch.select(idx)
     mask = mb.response_mask
     whole_mask = mask if whole is None else exp.batch.response_mask[whole]
@@ -121,17 +151,21 @@ def ppo_minibatch_loss(policy: PolicyLogprobs, value: TokenValues | None, exp: E
     def part(x, agg="token-mean"):
         return dist.part(x, _count(mask, agg), _count(whole_mask, agg))
     lp, ent = policy(mb, temperature, return_entropy=True)
+    # on-policy (one update from the sampling policy): the old log-probs are this forward's, detached
+    old = exp.old_logprobs[idx] if exp.old_logprobs is not None else lp.detach()
     is_weights = None
     if cfg.tis_cap > 0 and exp.engine_logprobs is not None:
         # Truncated importance sampling: the samples came from the engine's distribution, not the
         # trainer's; reweight by min(pi_trainer / pi_engine, cap) (as TRL, OpenRLHF and verl do).
-        is_weights = torch.exp(exp.old_logprobs[idx] - exp.engine_logprobs[idx]).clamp(max=cfg.tis_cap) * mask
-    pg, pg_stats = policy_loss(lp, exp.old_logprobs[idx], exp.advantages[idx], mask, cfg.clip_eps,
+        is_weights = torch.exp(old - exp.engine_logprobs[idx]).clamp(max=cfg.tis_cap) * mask
+    pg, pg_stats = policy_loss(lp, old, exp.advantages[idx], mask, cfg.clip_eps,
                                is_weights=is_weights, clip_high=cfg.clip_high or None, loss_agg=cfg.loss_agg,
                                norm_len=norm_len)
     loss = part(pg, cfg.loss_agg)
     stats = {"pg_loss": loss.item(), "entropy": part(masked_mean(ent, mask)).item(),
              **{k: part(v) for k, v in pg_stats.items()}}
+    if record is not None:  # this forward's log-probs of rows idx (the on-policy update's old log-probs)
+        record.append((idx, lp.detach()))
     if value is not None:
         vf, vf_stats = value_loss(value(mb), exp.old_values[idx], exp.returns[idx], mask, cfg.value_clip_eps)
         vf = part(vf)
@@ -151,11 +185,12 @@ def ppo_minibatch_loss(policy: PolicyLogprobs, value: TokenValues | None, exp: E
 
 
 def engine_logprobs(results, like: torch.Tensor) -> torch.Tensor:
-    """The rollout engine's log-probs of the sampled tokens as a [B, R] tensor shaped like `like`."""
-    eng = torch.zeros(like.shape, dtype=like.dtype)
+    """The rollout engine's log-probs of the sampled tokens as a [B, R] float32 tensor shaped like `like` (the
+    response mask), on its device."""
+    eng = torch.zeros(like.shape, dtype=torch.float32)
     for i, r in enumerate(results):
         lps = r.logprobs[: like.shape[1]]
-        eng[i, :len(lps)] = torch.as_tensor(lps, dtype=like.dtype)
+        eng[i, :len(lps)] = torch.as_tensor(lps, dtype=torch.float32)
     return eng.to(like.device)
 
 
@@ -219,17 +254,19 @@ def ppo_iteration(run: PPORun, step: int, gen: torch.Generator) -> dict:
     cfg, rcfg, setup, phase = run.cfg, run.rollout_cfg, run.setup, run.phases
     rollouts = collect_rollouts(run, step, gen)
     with engine_asleep(run):
+        eng = engine_logprobs(rollouts.results, rollouts.batch.response_mask)
         exp = make_experience(run.policy, run.ref, run.value, rollouts.batch, rollouts.scores, kl_coef=run.kl.coef,
-                              cfg=cfg, temperature=rcfg.temperature, phase=phase)
-        exp.engine_logprobs = engine_logprobs(rollouts.results, exp.old_logprobs)
+                              cfg=cfg, temperature=rcfg.temperature, phase=phase, use_ref=needs_reference(cfg),
+                              old=old_logprobs_source(cfg), engine_lp=eng)
         with phase("update"):
             stats = ppo_update(run, exp, gen)
     with phase("sync"):
         sync_weights(run)
-    metrics = iteration_metrics(exp, rollouts.results, stats, run.kl.coef)
+    metrics = iteration_metrics(exp, rollouts.results, stats, run.kl.coef, cfg.kl_estimator)
     if cfg.drop_constant_groups:
         metrics.update(groups_dropped=rollouts.groups_dropped, answers=len(rollouts.results))
-    run.kl.update(metrics["kl"], len(rollouts.results))
+    if "kl" in metrics:
+        run.kl.update(metrics["kl"], len(rollouts.results))
     if setup.evaluate is not None and ((step + 1) % cfg.eval_every == 0 or step == 0) and run.plain_policy():
         with phase("evaluate"):  # every process evaluates the same whole policy the same way
             metrics["win_rate_vs_sft"] = setup.evaluate(run.plain_policy())
@@ -315,12 +352,13 @@ def ppo_update(run: PPORun, exp: Experience, gen: torch.Generator) -> dict[str, 
     cfg = run.cfg
     ptx = (lambda: ptx_loss(run, gen)) if run.ptx else None
     stats: dict[str, list] = {}
+    record = [] if exp.old_logprobs is None else None
     for _ in range(cfg.epochs):
         for mb in torch.randperm(exp.batch.input_ids.shape[0], generator=gen).split(cfg.minibatch):
             mb = mb.to(run.device)
             loss, s = ppo_minibatch_loss(run.policy, run.value, exp, mb[dist.rows(len(mb))], cfg,
                                          run.rollout_cfg.temperature, ptx, norm_len=run.rollout_cfg.max_new_tokens,
-                                         whole=mb)
+                                         whole=mb, record=record)
             for optim in run.optims.values():
                 optim.zero_grad()
             dist.backward(loss)
@@ -329,6 +367,12 @@ def ppo_update(run: PPORun, exp: Experience, gen: torch.Generator) -> dict[str, 
             s["loss"] = loss.item()
             for k, v in dist.all_sum(s).items():
                 stats.setdefault(k, []).append(v)
+    if record is not None:  # the old log-probs the update used, [B, R] on every process (for the metrics)
+        mask = exp.batch.response_mask
+        old = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        for idx, lp in record:
+            old[idx] = lp.to(old.dtype)
+        exp.old_logprobs = dist.sum_rows(old)
     return stats
 
 
@@ -359,13 +403,20 @@ def sync_weights(run: PPORun) -> None:
         run.engine.update_weights(dist.full_named(merged_named_weights(run.policy.lm)))
 
 
-def iteration_metrics(exp: Experience, results, stats: dict[str, list], kl_coef: float) -> dict:
+def iteration_metrics(exp: Experience, results, stats: dict[str, list], kl_coef: float, estimator: str) -> dict:
+    """The iteration's means. "kl" (to the reference, per sequence) only when the reference ran."""
     mask = exp.batch.response_mask
     m = {k: sum(v) / len(v) for k, v in stats.items()}
-    m.update(score=exp.scores.mean().item(), kl=(exp.kl * mask).sum(1).mean().item(), kl_coef=kl_coef,
+    kl = exp.kl
+    if kl is None and exp.ref_logprobs is not None:  # the old log-probs came from the update's forward
+        kl = kernels.kl_penalty(exp.old_logprobs, exp.ref_logprobs, estimator=estimator) * mask
+    if kl is not None:
+        m["kl"] = (kl * mask).sum(1).mean().item()
+    m.update(score=exp.scores.mean().item(), kl_coef=kl_coef,
              reward=(exp.rewards * mask).sum(1).mean().item(), response_len=mask.sum(1).float().mean().item(),
-             finished=sum(r.finish_reason == "stop" for r in results) / len(results),
-             **engine_mismatch(exp.engine_logprobs, exp.old_logprobs, mask))
+             finished=sum(r.finish_reason == "stop" for r in results) / len(results))
+    if exp.old_logprobs is not exp.engine_logprobs:  # (taken from the engine, they are its own)
+        m.update(engine_mismatch(exp.engine_logprobs, exp.old_logprobs, mask))
     return m
 
 
