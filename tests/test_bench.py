@@ -46,3 +46,9 @@ def test_python_m_bench_prints_every_kernel_and_one_kernel_alone():
     rows = [line for line in one.splitlines() if line.startswith("| ") and "---" not in line and "kernel |" not in line]
     assert rows and all(line.startswith("| shape_rewards k3 |") for line in rows), one[-2000:]
     assert "saved" not in one
+
+
+def test_the_whole_job_benchmark_runs_both_sides():
+    """bench/bench_e2e.py's dry run: the engine and TRL's GRPOTrainer each train the same tiny job, A B."""
+    out = run("-m", "bench.bench_e2e", "--dry-run")
+    assert "| 1 |" in out and "Median per-pair ratio" in out and "generate" in out
