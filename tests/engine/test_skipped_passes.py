@@ -33,9 +33,11 @@ def job(tiny_models, tmp_path_factory):
             "--ppo.lr", "1e-4", "--ppo.iterations", "3", "--ppo.checkpoint_every", "3", "--rollout.max_new_tokens",
             "12", "--run.progress", "false"]
 
-    def run(name, *extra):
+    def run(name, *extra, procs=1):
         out = work / name
-        done = subprocess.run([sys.executable, "-m", "engine", *map(str, base), "--out", str(out), *extra], cwd=ROOT,
+        launch = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                        "--nproc_per_node", str(procs)]
+        done = subprocess.run([*launch, "-m", "engine", *map(str, base), "--out", str(out), *extra], cwd=ROOT,
                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert done.returncode == 0, done.stderr[-3000:]
         rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
@@ -75,6 +77,16 @@ def test_on_policy_old_logprobs_from_the_update_equal_a_recomputed_pass(job):
     from_engine, w_engine = job("engine", "--ppo.old_logprobs", "engine")
     same_weights(w_reused, w_engine, atol=1e-6)  # the engine's own log-probs of its samples: within 1e-6 here
     assert all("logprob_diff_max" not in r for r in from_engine)
+
+
+def test_the_update_s_own_old_logprobs_on_two_processes_match_one(job):
+    """Each process keeps its rows' log-probs from the update; the metrics see all rows (summed across)."""
+    one, w_one = job("one")
+    two, w_two = job("two", procs=2)
+    same_weights(w_one, w_two, atol=1e-4 * 0.05)  # 5% of one step (lr 1e-4): only float32 sum order differs
+    for a, b in zip(one, two):
+        for k in ("score", "pg_loss", "entropy", "logprob_diff_mean", "response_len"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
 
 
 def test_which_old_logprobs_each_configuration_uses():
