@@ -150,9 +150,7 @@ def _run_and_report(command: Command, rank: int) -> int:
     except RuntimeError as exc:  # a collective failed because a peer is gone (killed, or crashed outside Python)
         if not dist.launched() or not (isinstance(exc, DistError) or peers.peer_lost(wait=5.0)):
             raise
-        message = peers.farewell(wait=5.0)
-        if message:
-            print(message, file=sys.stderr)
+        peers.say_farewell(wait=5.0)
         peers.said_why()
         return 1
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from .config import Config
+from .trainers.passes import needs_reference
 
 COMMANDS = {
     "pretrain": "pretrain the tiny LM on the built-in corpus",
@@ -87,7 +88,7 @@ def unread(command: str, cfg: Config, ptx: bool = False) -> list[str]:
                 refuse("ppo", ("gamma",), f"{estimator} compares whole answers; gamma discounts along one")
         if cfg.ppo.kl_loss_coef == 0:
             refuse("ppo", ("kl_loss_estimator",), "the KL term in the loss is off: set --ppo.kl_loss_coef")
-        if not (cfg.ppo.kl_coef > 0 or cfg.ppo.adaptive_kl or cfg.ppo.kl_loss_coef > 0 or cfg.ppo.log_kl):
+        if not needs_reference(cfg.ppo):
             refuse("reference", ("path",),
                    "nothing reads the reference (--ppo.kl_coef 0, --ppo.kl_loss_coef 0): set --ppo.log_kl true to "
                    "log the KL to it")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 _PEERS: list[tuple[int, str, int]] = []  # (rank, host, pid) of every rank, in rank order
 _RANK = 0
+_SPOKEN = False  # this process has said the job's one line (a failed collective, then torchrun's SIGTERM)
 
 
 def _notes() -> Path:
@@ -72,7 +73,8 @@ def farewell(wait: float = 0.0) -> str | None:
     """The job's one line about why it stops, from the lowest-ranked survivor (None on the others, or when the
     rank that ended said why itself). wait: seconds to wait for a peer to be seen gone (a failed collective
     reaches this rank while the peer is still dying)."""
-    if not _PEERS:
+    global _SPOKEN
+    if not _PEERS or _SPOKEN:
         return None
     import time
 
@@ -89,6 +91,7 @@ def farewell(wait: float = 0.0) -> str | None:
     silent = [(r, pid) for r, pid in lost if not (_notes() / f"rank-{r}").exists()]
     if lost and not silent:
         return None
+    _SPOKEN = True
     if silent:
         r, pid = silent[0]
         return (f"error: rank {r} (pid {pid} on {host}) ended without a word (killed: out of memory, a signal, or a "
@@ -104,6 +107,19 @@ def leave() -> None:
         import shutil
 
         shutil.rmtree(_notes(), ignore_errors=True)
+
+
+def say_farewell(wait: float = 0.0) -> None:
+    """Print `farewell(wait)` when it has something to say, with SIGTERM held back meanwhile (torchrun's
+    SIGTERM then finds the line said and adds nothing, instead of cutting it off or repeating it)."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        message = farewell(wait)
+        if message:
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _on_sigterm(signum, frame) -> None:

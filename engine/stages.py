@@ -31,7 +31,8 @@ from .loading import load_model, load_tokenizer, resolve_dtype, same_vocabulary
 from .models import SequenceScores
 from .reward_fn import call_reward_fn, load_reward_fn, prompt_text
 from .trainers.lm import train_lm
-from .trainers.ppo import PPOSetup, needs_reference, train_ppo
+from .trainers.passes import needs_reference
+from .trainers.ppo import PPOSetup, train_ppo
 from .trainers.reward import pairwise_accuracy, train_reward
 
 log = logging.getLogger("engine")

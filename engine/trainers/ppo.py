@@ -33,9 +33,10 @@ from ..kl_control import KLController
 from ..lora import is_peft, merged_named_weights, plain
 from ..models import PolicyLogprobs, TokenValues
 from ..rollout import make_rollout, resolve_backend
-from .lm import lm_loss_part
 from ..seeds import rollout_seeds
+from .lm import lm_loss_part
 from .loop import run_steps
+from .passes import needs_reference, old_logprobs_source
 from .optim import Optim
 from .phases import Phases, no_phases
 from .state import TrainState, open_stage, saved_model
@@ -56,23 +57,6 @@ class Experience:
     advantages: torch.Tensor     # [B, R]
     returns: torch.Tensor | None  # [B, R] the value loss's target (GAE only)
     engine_logprobs: torch.Tensor | None = None  # [B, R] what the rollout engine reported when sampling
-
-
-def needs_reference(cfg) -> bool:
-    """Whether anything reads the reference's log-probs (cfg: PPOConfig): the KL penalty in the reward (or its
-    adaptive controller), GRPO's KL loss, or the KL metric asked for with --ppo.log_kl."""
-    return cfg.kl_coef > 0 or cfg.adaptive_kl or cfg.kl_loss_coef > 0 or cfg.log_kl
-
-
-def old_logprobs_source(cfg) -> str:
-    """Where the old (sampling-time) log-probs come from: "trainer" (a no-grad forward before the update),
-    "update" (the update's own forward, detached: exact when the one update of an iteration starts from the
-    sampling policy, one epoch of one minibatch, and no reward reads them before it, i.e. no KL penalty in the
-    reward) or "engine" (the rollout engine's log-probs of the sampled tokens). cfg: PPOConfig."""
-    if cfg.old_logprobs != "auto":
-        return cfg.old_logprobs
-    on_policy = cfg.epochs == 1 and cfg.minibatch == cfg.rollout_batch * cfg.samples_per_prompt
-    return "update" if on_policy and cfg.kl_coef == 0 and not cfg.adaptive_kl else "trainer"
 
 
 @torch.no_grad()

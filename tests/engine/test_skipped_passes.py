@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from engine.rollout import HFRollout
 from engine.tiny_checkpoint import FAMILIES
-from engine.trainers.ppo import old_logprobs_source
+from engine.trainers.passes import old_logprobs_source
 
 ROOT = Path(__file__).resolve().parents[2]
 
