@@ -55,18 +55,21 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def peer_lost(wait: float) -> bool:
-    """Whether a process of the job on this host is gone, waiting up to `wait` seconds for one to be."""
+def _lost(wait: float) -> list[tuple[int, int]]:
+    """(rank, pid) of this host's peers that are gone, waiting up to `wait` seconds for one to be."""
     import time
 
-    end = time.monotonic() + wait
-    host = socket.gethostname()
+    host, end = socket.gethostname(), time.monotonic() + wait
     while True:
-        if any(h == host and r != _RANK and _gone(pid) for r, h, pid in _PEERS):
-            return True
-        if time.monotonic() >= end:
-            return False
+        lost = [(r, pid) for r, h, pid in _PEERS if h == host and r != _RANK and _gone(pid)]
+        if lost or time.monotonic() >= end:
+            return lost
         time.sleep(0.05)
+
+
+def peer_lost(wait: float) -> bool:
+    """Whether a process of the job on this host is gone, waiting up to `wait` seconds for one to be."""
+    return bool(_lost(wait))
 
 
 def farewell(wait: float = 0.0) -> str | None:
@@ -76,15 +79,7 @@ def farewell(wait: float = 0.0) -> str | None:
     global _SPOKEN
     if not _PEERS or _SPOKEN:
         return None
-    import time
-
-    host = socket.gethostname()
-    end = time.monotonic() + wait
-    while True:
-        lost = [(r, pid) for r, h, pid in _PEERS if h == host and r != _RANK and _gone(pid)]
-        if lost or time.monotonic() >= end:
-            break
-        time.sleep(0.05)
+    lost = _lost(wait)
     if any(r < _RANK and (r, pid) not in lost for r, _, pid in _PEERS):
         return None  # a lower rank survives (or lives on another host): it speaks
     resume = "every complete checkpoint is kept: rerun the same command with --run.resume true to continue"
@@ -94,8 +89,8 @@ def farewell(wait: float = 0.0) -> str | None:
     _SPOKEN = True
     if silent:
         r, pid = silent[0]
-        return (f"error: rank {r} (pid {pid} on {host}) ended without a word (killed: out of memory, a signal, or a "
-                f"crash outside Python), so the job stopped; {resume}")
+        return (f"error: rank {r} (pid {pid} on {socket.gethostname()}) ended without a word (killed: out of memory, "
+                f"a signal, or a crash outside Python), so the job stopped; {resume}")
     if wait:
         return f"error: a collective operation of the job failed on rank {_RANK} (a process on another host?); {resume}"
     return f"error: the job was stopped from outside (SIGTERM to rank {_RANK}); {resume}"
@@ -114,19 +109,19 @@ def say_farewell(wait: float = 0.0) -> None:
     SIGTERM then finds the line said and adds nothing, instead of cutting it off or repeating it)."""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
-        message = farewell(wait)
-        if message:
-            sys.stderr.write(message + "\n")
-            sys.stderr.flush()
+        _say(farewell(wait))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
-def _on_sigterm(signum, frame) -> None:
-    message = farewell()
+def _say(message: str | None) -> None:
     if message:
         sys.stderr.write(message + "\n")
-    said_why()  # stopped, not silent: a peer that outlives this one adds nothing
     sys.stderr.flush()
+
+
+def _on_sigterm(signum, frame) -> None:
+    _say(farewell())
+    said_why()  # stopped, not silent: a peer that outlives this one adds nothing
     sys.stdout.flush()
     os._exit(128 + signum)

@@ -393,7 +393,7 @@ def iteration_metrics(exp: Experience, results, stats: dict[str, list], kl_coef:
     m = {k: sum(v) / len(v) for k, v in stats.items()}
     kl = exp.kl
     if kl is None and exp.ref_logprobs is not None:  # the old log-probs came from the update's forward
-        kl = kernels.kl_penalty(exp.old_logprobs, exp.ref_logprobs, estimator=estimator) * mask
+        kl = kernels.kl_penalty(exp.old_logprobs, exp.ref_logprobs, estimator=estimator)
     if kl is not None:
         m["kl"] = (kl * mask).sum(1).mean().item()
     m.update(score=exp.scores.mean().item(), kl_coef=kl_coef,
