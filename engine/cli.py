@@ -21,11 +21,11 @@ from typing import Optional
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from .commands import COMMANDS, SECTIONS, unread
-from .config import (Config, DataConfig, EvalConfig, FrozenModelConfig, LMTrainConfig, ModelConfig, PPOConfig,
+from .config import (Config, DataConfig, DPOConfig, EvalConfig, FrozenModelConfig, LMTrainConfig, ModelConfig, PPOConfig,
                      RewardConfig, RewardSourceConfig, RolloutConfig, RunConfig, TaskConfig, TrainedModelConfig)
 
 TYPES = {"run": RunConfig, "task": TaskConfig, "model": ModelConfig, "pretrain": LMTrainConfig,
-         "sft": LMTrainConfig, "rm": RewardConfig, "ppo": PPOConfig, "rollout": RolloutConfig,
+         "sft": LMTrainConfig, "rm": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig, "rollout": RolloutConfig,
          "eval": EvalConfig, "policy": TrainedModelConfig, "reference": FrozenModelConfig,
          "reward": RewardSourceConfig, "value": TrainedModelConfig, "data": DataConfig}
 
@@ -45,13 +45,17 @@ def build_parser() -> ArgumentParser:
             p.add_argument(f"--{section}", type=TYPES[section], default=getattr(defaults, section))
         if name == "ppo":
             p.add_argument("--ptx", type=bool, default=False, help="PPO-ptx: add ppo.ptx_coef x pretraining loss")
+        if name == "pipeline":
+            p.add_argument("--with_dpo", type=bool, default=False,
+                           help="also train DPO (--dpo.loss) from the SFT policy, beside PPO, and report it")
         if name == "reproduce":
             p.add_argument("--sizes", type=list[int], default=[64, 128, 256], help="hidden sizes to train")
             p.add_argument("--record", type=bool, default=True,
                            help="also copy figure1.{png,md,json} to bench/results/<device>/ (source checkouts)")
         if name == "export":
             p.add_argument("--to", type=str, required=True, help="directory to write")
-            p.add_argument("--stage", type=str, default="ppo", help="which policy: pretrain, sft, ppo or ppo_ptx")
+            p.add_argument("--stage", type=str, default="ppo",
+                           help="which policy: pretrain, sft, ppo, ppo_ptx, dpo, dpo_ipo or dpo_listwise")
             p.add_argument("--overwrite", type=bool, default=False,
                            help="replace a non-empty --to directory (never one that is, holds or is inside the run)")
         if name == "tiny-model":
@@ -79,7 +83,7 @@ def parse(argv: list[str] | None = None, parser: ArgumentParser | None = None) -
     cfg = Config(**{s: sub[s] for s in SECTIONS[name]})
     if sub.out is not None:
         cfg.run.out = sub.out
-    refused = unread(name, cfg, ptx=bool(getattr(sub, "ptx", False)))
+    refused = unread(name, cfg, ptx=bool(getattr(sub, "ptx", False)), dpo=bool(getattr(sub, "with_dpo", False)))
     if refused:
         raise ValueError(f"`{name}` would not read " + "; ".join(refused))
     return Command(name, cfg, sub)
@@ -189,6 +193,8 @@ def run(command: Command) -> None:
             ctx = make_context(cfg)
             if name == "ppo":
                 stages.ppo(ctx, ptx=args.ptx)
+            elif name == "pipeline":
+                stages.pipeline(ctx, with_dpo=args.with_dpo)
             else:
                 getattr(stages, {"eval": "evaluate"}.get(name, name))(ctx)
     except DivergedError:

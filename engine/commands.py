@@ -13,8 +13,9 @@ COMMANDS = {
     "sft": "supervised fine-tuning on the demonstrations",
     "rm": "train the reward model on K-way rankings (all K-choose-2 pairs per prompt)",
     "ppo": "PPO against the reward model (--ptx true for PPO-ptx)",
+    "dpo": "DPO from the SFT policy on the comparisons, no reward model (--dpo.loss sigmoid|ipo|listwise)",
     "eval": "held-out labelers' win rates, RM accuracy, alignment tax -> report.md / report.json",
-    "pipeline": "all of the above in order: (pretrain,) sft, rm, ppo, ppo-ptx (, eval)",
+    "pipeline": "all of the above in order: (pretrain,) sft, rm, ppo, ppo-ptx (, dpo with --with_dpo true) (, eval)",
     "reproduce": "Figure 1 in miniature: SFT, PPO, PPO-ptx at several model sizes (a benchmark, minutes each)",
     "export": "write a run's final policy as a plain transformers directory (loads in transformers and vLLM)",
     "tiny-model": "write a small random checkpoint of a real family (llama, qwen2, mistral, gpt2) with its "
@@ -26,6 +27,7 @@ SECTIONS = {
     "sft": ("run", "task", "policy", "data", "sft"),
     "rm": ("run", "task", "policy", "reward", "value", "data", "rm"),
     "ppo": ("run", "task", "policy", "reference", "reward", "value", "data", "ppo", "rollout", "eval"),
+    "dpo": ("run", "task", "policy", "reference", "data", "dpo"),
     "eval": ("run", "task", "rollout", "eval", "policy"),
     "pipeline": ALL,
     "reproduce": ALL,
@@ -35,7 +37,7 @@ SECTIONS = {
 DATA_FILES = ("prompts", "demonstrations", "comparisons", "eval_comparisons", "pretrain")
 # the data files each training command reads (the pipeline reads them all)
 READS_FILES = {"sft": ("demonstrations",), "rm": ("comparisons", "demonstrations", "eval_comparisons"),
-               "ppo": ("prompts", "pretrain")}
+               "ppo": ("prompts", "pretrain"), "dpo": ("comparisons", "eval_comparisons")}
 LORA_DETAILS = ("lora_alpha", "lora_dropout", "lora_targets")
 
 
@@ -44,8 +46,9 @@ def _changed(section, *names: str) -> list[str]:
     return [n for n in names if getattr(section, n) != getattr(defaults, n)]
 
 
-def unread(command: str, cfg: Config, ptx: bool = False) -> list[str]:
-    """'section.field: why' for every field set away from its default that `command` does not read."""
+def unread(command: str, cfg: Config, ptx: bool = False, dpo: bool = False) -> list[str]:
+    """'section.field: why' for every field set away from its default that `command` does not read (dpo: the
+    pipeline runs the DPO stage)."""
     out = []
 
     def refuse(section: str, names, why: str):
@@ -95,6 +98,11 @@ def unread(command: str, cfg: Config, ptx: bool = False) -> list[str]:
     if command == "ppo" and not ptx:
         refuse("ppo", ("ptx_coef", "ptx_batch"), "only PPO-ptx reads it: add --ptx true")
         refuse("data", ("pretrain",), "only PPO-ptx reads it: add --ptx true")
+    if command in ("pipeline", "reproduce") and not dpo:
+        refuse("dpo", fields["dpo"], "the DPO stage is off: add --with_dpo true" if command == "pipeline" else
+               "reproduce trains SFT, PPO and PPO-ptx")
+    if command == "dpo" and cfg.dpo.reference_free:
+        refuse("reference", ("path",), "--dpo.reference_free true uses no reference model")
     if command == "eval":
         refuse("rollout", [n for n in fields["rollout"] if n != "max_new_tokens"],
                "eval samples with transformers at --eval.temperature")

@@ -200,6 +200,48 @@ class RewardConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Direct preference optimisation on the comparisons (no reward model, no rollouts): the `dpo` section.
+
+    Each batch element is one prompt with all its ranked responses (K = 2 for chosen/rejected pairs), all of
+    them in one forward; the losses are kernels.preference's."""
+    steps: int = 300
+    batch_size: int = 16                # prompts per batch; each brings its K responses
+    lr: float = 1e-4
+    warmup: int = 20
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    loss: str = "sigmoid"               # sigmoid (DPO, over every ranked pair) | ipo | listwise (Plackett-Luce)
+    beta: float = 0.1
+    label_smoothing: float = 0.0        # cDPO (sigmoid only): each pair's label flipped with this probability
+    length_norm: bool = False           # score a response by its mean token log-prob instead of the sum
+    reference_free: bool = False        # no reference model: the policy's log-probs alone (SimPO-style)
+    checkpoint_every: int = 100
+    log_every: int = 20
+    backend: str = "auto"               # kernels backend of the fused LM-head log-probs
+
+    def __post_init__(self):
+        from kernels.preference import PREFERENCE_LOSSES
+
+        _positive(self, "dpo", "steps", "batch_size", "checkpoint_every", "log_every")
+        _require(self.loss in PREFERENCE_LOSSES, f"dpo.loss must be one of {', '.join(PREFERENCE_LOSSES)}, got "
+                 f"{self.loss!r}")
+        for name in ("lr", "beta", "max_grad_norm"):
+            _require(getattr(self, name) > 0, f"dpo.{name} must be > 0, got {getattr(self, name)}")
+        _require(self.warmup >= 0 and self.weight_decay >= 0, "dpo.warmup and dpo.weight_decay must be >= 0")
+        _require(0 <= self.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5), got "
+                 f"{self.label_smoothing}")
+        _require(self.label_smoothing == 0 or self.loss == "sigmoid", f"dpo.label_smoothing (cDPO) flips a pair's "
+                 f"label: it is defined for --dpo.loss sigmoid, not {self.loss}")
+        _require(self.backend in ("auto", "torch", "triton", "cuda", "cpu"), f"unknown dpo.backend {self.backend!r}")
+
+    @property
+    def stage(self) -> str:
+        """The run directory's folder for this loss: dpo, dpo_ipo or dpo_listwise (so one run holds all three)."""
+        return "dpo" if self.loss == "sigmoid" else f"dpo_{self.loss}"
+
+
+@dataclass
 class PPOConfig:
     """PPO and the critic-free estimators on the same loop (advantage_estimator, verl's name for the switch)."""
     iterations: int = 250
@@ -315,6 +357,7 @@ class Config:
     sft: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(steps=500, lr=1e-3, warmup=20))
     rm: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     policy: TrainedModelConfig = field(default_factory=TrainedModelConfig)

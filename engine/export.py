@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .checkpoint import _atomic_dir
 
-STAGES = ("pretrain", "sft", "ppo", "ppo_ptx")
+STAGES = ("pretrain", "sft", "ppo", "ppo_ptx", "dpo", "dpo_ipo", "dpo_listwise")
 
 
 def _overlaps(a: Path, b: Path) -> bool:
@@ -31,7 +31,7 @@ def export_policy(run_dir: str | Path, stage: str, to: str | Path, overwrite: bo
     src = Path(run_dir) / stage / "final" / "policy"
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src} holds no finished {stage} policy: run `python -m engine "
-                                f"{stage.replace('_ptx', '')} --out {run_dir}` first")
+                                f"{stage.replace('_ptx', '').split('_')[0]} --out {run_dir}` first")
     to = Path(to)
     if to.is_symlink():
         raise ValueError(f"--to {to} is a symbolic link; give the real directory.")

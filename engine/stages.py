@@ -5,7 +5,9 @@
                                                                     -> OUT/rm/final/reward
     ppo  --policy.path SFT  --reward.path RM --data.prompts F [--ptx true --data.pretrain F]
                                                                     -> OUT/ppo[_ptx]/final/policy
-    pipeline: sft -> rm -> ppo (-> ppo-ptx), each starting from the one before.
+    dpo  --policy.path SFT  --data.comparisons F [--dpo.loss ipo|listwise]
+                                                                    -> OUT/dpo[_ipo|_listwise]/final/policy
+    pipeline: sft -> rm -> ppo (-> ppo-ptx) (-> dpo with --with_dpo true), each starting from the one before.
 
 On the built-in task (no --policy.path) the task gives the data files, `pretrain` builds and trains the
 tiny model, each stage starts from the run's previous one, PPO also reports the held-out labelers' win
@@ -30,6 +32,7 @@ from .data.formats import load
 from .loading import load_model, load_tokenizer, resolve_dtype, same_vocabulary
 from .models import SequenceScores
 from .reward_fn import call_reward_fn, load_reward_fn, prompt_text
+from .trainers.dpo import train_dpo
 from .trainers.lm import train_lm
 from .trainers.passes import needs_reference
 from .trainers.ppo import PPOSetup, train_ppo
@@ -143,6 +146,30 @@ def rm(ctx) -> Path:
     # The `value` section's LoRA and checkpointing settings apply to every scalar-head model being trained.
     return train_reward(ctx, _loader(ctx, init, flag, scalar=True, train=cfg.value, tokenizer=tok), cfg.rm, rows,
                         demos, evaluate)
+
+
+def dpo(ctx) -> Path:
+    """DPO, IPO or listwise DPO (--dpo.loss) from the SFT policy on the comparisons, no reward model. The
+    reference is --reference.path, else the policy's starting weights (under LoRA: the policy with its
+    adapters disabled); none with --dpo.reference_free true."""
+    ctx = _from_run(ctx, policy=("sft", "policy"))
+    cfg, tok = ctx.cfg, ctx.tokenizer
+    path = _need(cfg.data.comparisons, "--data.comparisons FILE", "dpo", "labelers' comparisons to learn from")
+    enc = _encoder(tok, cfg, cfg.policy.path, "--policy.path")
+    rows = _encode_comparisons(enc, path)
+    log.info("dpo: %s: %s", path, enc.counts.summary())
+    heldout = _encode_comparisons(enc, cfg.data.eval_comparisons) if cfg.data.eval_comparisons else None
+    reference = None
+    if cfg.dpo.reference_free or (cfg.policy.lora_rank > 0 and not cfg.reference.path):
+        pass  # no reference, or the policy with its adapters disabled: the base weights once in memory
+    else:
+        ref_path, flag = (cfg.reference.path, "--reference.path") if cfg.reference.path else \
+            (cfg.policy.path, "--policy.path")
+        if cfg.reference.path:
+            _same_tokenizer(tok, ref_path, flag, "DPO compares the two models' log-probs of the same tokens")
+        reference = load_model(ref_path, flag=flag, scalar=False, device=ctx.device, run=cfg.run, tokenizer=tok)
+    load_fn = _loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=tok)
+    return train_dpo(ctx, load_fn, reference, cfg.dpo, rows, heldout)
 
 
 def _reward_model(ctx):
@@ -298,9 +325,9 @@ def evaluate(ctx) -> dict:
     return report
 
 
-def pipeline(ctx) -> dict:
-    """(pretrain ->) sft -> rm -> ppo (-> ppo-ptx when there is pretraining text) (-> eval): each from the
-    one before. With --run.resume, finished stages are skipped."""
+def pipeline(ctx, with_dpo: bool = False) -> dict:
+    """(pretrain ->) sft -> rm -> ppo (-> ppo-ptx when there is pretraining text) (-> dpo from the SFT
+    policy, with_dpo) (-> eval): each from the one before. With --run.resume, finished stages are skipped."""
     out = {}
     if ctx.task is not None:
         out["pretrain"] = str(pretrain(ctx))
@@ -311,6 +338,8 @@ def pipeline(ctx) -> dict:
     out.update(sft=str(sft_dir), rm=str(rm_dir), ppo=str(ppo(ctx)))
     if ctx.cfg.data.pretrain:
         out["ppo_ptx"] = str(ppo(ctx, ptx=True))
+    if with_dpo:
+        out[ctx.cfg.dpo.stage] = str(dpo(ctx))
     if ctx.task is not None:
         evaluate(ctx)
     return out

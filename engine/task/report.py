@@ -13,7 +13,8 @@ from ..data.encode import Encoder
 from .evaluate import answer_quality, corpus_loss, sample_answers, win_rate
 from .people import write_response
 
-POLICIES = (("pretrain", "Pretrained LM"), ("sft", "SFT"), ("ppo", "PPO"), ("ppo_ptx", "PPO-ptx"))
+POLICIES = (("pretrain", "Pretrained LM"), ("sft", "SFT"), ("ppo", "PPO"), ("ppo_ptx", "PPO-ptx"), ("dpo", "DPO"),
+            ("dpo_ipo", "IPO"), ("dpo_listwise", "Listwise DPO"))
 
 
 def build_report(ctx) -> dict:
@@ -49,6 +50,7 @@ def build_report(ctx) -> dict:
         "n_eval_prompts": len(insts),
         "ppo_vs_sft_win_rate": rows.get("ppo", {}).get("vs_sft", {}).get("win_rate"),
         "ptx_vs_sft_win_rate": rows.get("ppo_ptx", {}).get("vs_sft", {}).get("win_rate"),
+        "dpo_vs_sft_win_rates": {s: rows[s]["vs_sft"]["win_rate"] for s in rows if s.startswith("dpo")},
         "rm_heldout_accuracy": rm_eval.get("rm_heldout_accuracy"),
         "labeler_agreement": data.labeler_agreement(),
         "alignment_tax_ppo": _tax(losses, "ppo"),
@@ -107,7 +109,8 @@ def render_markdown(r: dict, plots: list[str], cfg) -> str:
         "count half).",
         "",
         f"- **PPO preferred over SFT: {_fmt(r['ppo_vs_sft_win_rate'], True)}**; PPO-ptx over SFT: "
-        f"{_fmt(r['ptx_vs_sft_win_rate'], True)}",
+        f"{_fmt(r['ptx_vs_sft_win_rate'], True)}" + "".join(
+            f"; {names[s]} over SFT: {_fmt(w, True)}" for s, w in r.get("dpo_vs_sft_win_rates", {}).items()),
         f"- Reward model accuracy on held-out comparisons: {_fmt(r['rm_heldout_accuracy'], True)}; held-out "
         f"labelers' agreement with each other: {_fmt(r['labeler_agreement'], True)} (the ceiling it can approach)",
         f"- Alignment tax (held-out pretraining-corpus loss minus SFT's, nats/token): PPO "

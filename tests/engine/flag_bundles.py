@@ -18,6 +18,10 @@ TINY = [
     "--ppo.ptx_batch", "4", "--ppo.eval_every", "2", "--ppo.eval_prompts", "8", "--ppo.checkpoint_every", "2",
     "--rollout.max_new_tokens", "8",
 ]
+# DPO's few steps: given on their own, because every other command (the pipeline without --with_dpo too)
+# refuses the dpo section's flags.
+DPO_TINY = ["--dpo.steps", "4", "--dpo.batch_size", "4", "--dpo.checkpoint_every", "2", "--dpo.log_every", "1",
+            "--dpo.warmup", "1", "--dpo.lr", "3e-3"]
 
 
 def only_for(command: str, flags, ptx: bool = False) -> list[str]:

@@ -18,7 +18,7 @@ OTHER = {
     "value.lora_dropout": 0.1, "data.long_prompts": "drop", "model.num_heads": 4, "model.hidden_size": 256,
     "task.n_heldout_labelers": 5, "run.resume": True, "reward.fn": "my_rewards:exact",
     "ppo.advantage_estimator": "reinforce_pp", "ppo.loss_agg": "seq-mean-token-mean", "ppo.kl_loss_estimator": "k2",
-    "ppo.old_logprobs": "engine",
+    "ppo.old_logprobs": "engine", "dpo.backend": "torch", "dpo.loss": "ipo",
 }
 # fields whose other value needs a companion to be valid, or to be read at all
 WITH = {"ppo.drop_constant_groups": ["--ppo.samples_per_prompt", "2"]}
@@ -71,10 +71,14 @@ READS = {  # command -> (read on the built-in task, read on a user's checkpoint)
             RUN | trained("policy") | trained("value") | LENGTHS | {"reference.path", "reward.path", "data.prompts"}
             | PPO_READS - {"ppo.eval_every", "ppo.eval_prompts"}),
     "eval": (RUN | set(fields("task")) | set(fields("eval")) | {"rollout.max_new_tokens"}, RUN | {"policy.path"}),
-    "pipeline": (ALL - FILES - {f"{r}.{d}" for r in ("policy", "value") for d in LORA_DETAILS}
+    "dpo": (RUN | set(fields("task")) | trained("policy") | LENGTHS | {"reference.path"} | set(fields("dpo")),
+            RUN | trained("policy") | LENGTHS | {"reference.path"} | set(fields("dpo"))
+            | {"data.comparisons", "data.eval_comparisons"}),
+    # the pipeline reads the dpo section only with --with_dpo true (test_conditional_fields_...)
+    "pipeline": (ALL - set(fields("dpo")) - FILES - {f"{r}.{d}" for r in ("policy", "value") for d in LORA_DETAILS}
                  - {"ppo.target_kl", "ppo.kl_horizon", "rollout.gpu_memory_utilization", "rollout.sleep",
                     "rollout.cpu_packed_gemm", "policy.path", "ppo.kl_loss_estimator"},
-                 ALL - BUILTIN_ONLY - set(fields("model")) - set(fields("pretrain"))
+                 ALL - set(fields("dpo")) - BUILTIN_ONLY - set(fields("model")) - set(fields("pretrain"))
                  - {f"{r}.{d}" for r in ("policy", "value") for d in LORA_DETAILS}
                  - {"ppo.target_kl", "ppo.kl_horizon", "rollout.gpu_memory_utilization", "rollout.sleep",
                     "rollout.cpu_packed_gemm", "ppo.kl_loss_estimator"}),
@@ -129,3 +133,5 @@ def test_conditional_fields_are_read_once_their_switch_is_on(parser):
               parser)
     with pytest.raises(ValueError, match=r"--ppo.ptx_coef \(only PPO-ptx reads it: add --ptx true\)"):
         parse(["ppo", "--ppo.ptx_coef", "0.5"], parser)
+    parse(["pipeline", "--with_dpo", "true", "--dpo.loss", "listwise", "--dpo.length_norm", "true"], parser)
+    parse(["dpo", "--dpo.reference_free", "true", "--dpo.length_norm", "true"], parser)

@@ -78,6 +78,25 @@ def test_sft_and_rm_on_two_processes_match_one(tiny_run, tmp_path, tiny_args):
     assert rm_two["score_offset"] == pytest.approx(rm_one["score_offset"], rel=1e-4)
 
 
+@pytest.mark.parametrize("loss", ["sigmoid", "listwise"])
+def test_dpo_on_two_processes_matches_one(tiny_run, tmp_path, tiny_args, loss):
+    from flag_bundles import DPO_TINY
+
+    stage = "dpo" if loss == "sigmoid" else "dpo_listwise"
+    one, two = (copy_run(tiny_run, tmp_path / name, ["pretrain", "sft"]) for name in ("one", "two"))
+    flags = [*tiny_args("dpo"), *DPO_TINY, "--dpo.loss", loss]
+    ok(engine(1, "dpo", "--out", one, *flags))
+    ok(engine(2, "dpo", "--out", two, *flags))
+    a, b = metrics(one, stage), metrics(two, stage)
+    # step 1's accuracy orders implicit rewards that are all 0 but for rounding (the policy is the reference)
+    assert_same_metrics(a[:1], b[:1], keys=[k for k in a[0] if k != "accuracy"])
+    assert_same_metrics(a[1:], b[1:])
+    assert_same_weights(one / stage / "final" / "policy", two / stage / "final" / "policy", 3e-3)
+    held_one, held_two = (json.loads((o / stage / "eval.json").read_text()) for o in (one, two))
+    assert held_two["heldout_loss"] == pytest.approx(held_one["heldout_loss"], rel=1e-5)
+    assert held_two["heldout_accuracy"] == held_one["heldout_accuracy"]
+
+
 def test_sft_of_a_users_tied_checkpoint_on_two_processes_matches_one(tiny_run, tiny_models, tmp_path):
     flags = ["sft", "--policy.path", tiny_models["qwen2"], "--data.demonstrations",
              tiny_run / "data" / "demonstrations.jsonl", "--sft.steps", "3", "--sft.batch_size", "6",
