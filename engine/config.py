@@ -221,7 +221,7 @@ class DPOConfig:
     backend: str = "auto"               # kernels backend of the fused LM-head log-probs
 
     def __post_init__(self):
-        from kernels.preference import PREFERENCE_LOSSES
+        from kernels import PREFERENCE_LOSSES
 
         _positive(self, "dpo", "steps", "batch_size", "checkpoint_every", "log_every")
         _require(self.loss in PREFERENCE_LOSSES, f"dpo.loss must be one of {', '.join(PREFERENCE_LOSSES)}, got "

@@ -52,3 +52,13 @@ def test_the_whole_job_benchmark_runs_both_sides():
     """bench/bench_e2e.py's dry run: the engine and TRL's GRPOTrainer each train the same tiny job, A B."""
     out = run("-m", "bench.bench_e2e", "--dry-run")
     assert "| 1 |" in out and "Median per-pair ratio" in out and "generate" in out
+
+
+def test_the_dpo_benchmark_runs_both_sides_on_the_same_tokens():
+    """bench/bench_dpo.py's dry run: the engine and TRL's DPOTrainer each train the same tiny DPO job, A B, on
+    the same number of tokens per pair."""
+    out = run("-m", "bench.bench_dpo", "--dry-run")
+    assert "| 1 |" in out and "Median per-pair ratio" in out
+    engine, trl = (int(x) for x in out.split("tokens per pair in the engine and ")[0].split()[-1:] +
+                   out.split("tokens per pair in the engine and ")[1].split()[:1])
+    assert engine == trl > 0

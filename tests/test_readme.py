@@ -33,15 +33,16 @@ def test_readme_real_model_commands_run(tmp_path, monkeypatch):
     section = text[text.index("## Your own model and data"):]
     block = re.search(r"```bash\n(.*?)\n```", section, flags=re.S).group(1).replace("\\\n", " ")
     commands = [shlex.split(line) for line in block.splitlines() if line.startswith("python -m engine")]
-    assert [c[3] for c in commands] == ["sft", "rm", "ppo", "export"]
+    assert [c[3] for c in commands] == ["sft", "rm", "ppo", "export", "dpo"]
     monkeypatch.chdir(ROOT)
     model = tmp_path / "models" / "tiny-qwen2"
     assert main(["tiny-model", "--family", "qwen2", "--to", str(model)]) == 0
     few = {"sft": ["--sft.steps", "2", "--sft.batch_size", "2"], "rm": ["--rm.steps", "2", "--rm.batch_size", "2"],
            "ppo": ["--ppo.iterations", "1", "--ppo.rollout_batch", "2", "--ppo.minibatch", "2",
-                   "--rollout.max_new_tokens", "4"]}
+                   "--rollout.max_new_tokens", "4"], "dpo": ["--dpo.steps", "2", "--dpo.batch_size", "2"]}
     for argv in commands:
         argv = [str(tmp_path / a) if a.startswith(("models/", "runs/", "exported/")) else a for a in argv[3:]]
         extra = ["--run.progress", "false", *few[argv[0]]] if argv[0] in few else []
         assert main(argv + extra) == 0, argv
     assert (tmp_path / "exported" / "mine-ppo" / "model.safetensors").is_file()
+    assert (tmp_path / "runs" / "mine" / "dpo_listwise" / "final" / "policy" / "model.safetensors").is_file()

@@ -15,16 +15,15 @@ from pathlib import Path
 
 import torch
 
-from kernels.preference import preference_loss, sequence_logps
+from kernels import preference_loss, sequence_logps
 
 from .. import distributed as dist
-from ..batch import make_batch
 from ..checkpoint import save_models, write_text_atomic
 from ..lora import plain
 from ..models import PolicyLogprobs
 from .loop import run_steps
 from .optim import Optim
-from .reward import n_pairs
+from .reward import comparison_batch, n_pairs, per_prompt
 from .state import TrainState, open_stage, saved_model
 
 log = logging.getLogger("engine")
@@ -33,22 +32,8 @@ log = logging.getLogger("engine")
 def comparison_logps(policy: PolicyLogprobs, rows: list[dict], pad_id: int, length_norm: bool = False):
     """The sequence log-prob of every response of every prompt, in one forward -> (logps [B, Kmax], ranks
     [B, Kmax], valid [B, Kmax]). rows: {prompt, responses, ranks} of token ids (ranks: 0 = best)."""
-    kmax = max(len(r["responses"]) for r in rows)
-    device = next(policy.parameters()).device
-    batch = make_batch([r["prompt"] for r in rows for _ in r["responses"]],
-                       [resp for r in rows for resp in r["responses"]], pad_id).to(device)
-    flat = sequence_logps(policy(batch), batch.response_mask, length_norm)
-    logps = torch.zeros(len(rows), kmax, dtype=flat.dtype, device=device)
-    ranks = torch.full((len(rows), kmax), kmax, dtype=torch.long, device=device)
-    valid = torch.zeros(len(rows), kmax, dtype=torch.bool, device=device)
-    i = 0
-    for b, r in enumerate(rows):
-        k = len(r["responses"])
-        logps[b, :k] = flat[i:i + k]
-        ranks[b, :k] = torch.tensor(r["ranks"])
-        valid[b, :k] = True
-        i += k
-    return logps, ranks, valid
+    batch = comparison_batch(rows, pad_id, next(policy.parameters()).device)
+    return per_prompt(sequence_logps(policy(batch), batch.response_mask, length_norm), rows)
 
 
 class ReferenceLogps:

@@ -29,22 +29,30 @@ log = logging.getLogger("engine")
 def score_comparisons(rm: SequenceScores, rows: list[dict], pad_id: int):
     """Score every response of every prompt at once -> (scores [B, Kmax], ranks [B, Kmax], valid [B, Kmax]).
     rows: {prompt, responses, ranks} of token ids (ranks: 0 = best)."""
+    return per_prompt(rm(comparison_batch(rows, pad_id, next(rm.parameters()).device)), rows)
+
+
+def comparison_batch(rows: list[dict], pad_id: int, device):
+    """Every response of every prompt as one SequenceBatch (prompt 0's K responses first)."""
+    return make_batch([r["prompt"] for r in rows for _ in r["responses"]],
+                      [resp for r in rows for resp in r["responses"]], pad_id).to(device)
+
+
+def per_prompt(flat: torch.Tensor, rows: list[dict]):
+    """One value per response, flat [sum K] in comparison_batch's order -> (values [B, Kmax], ranks [B, Kmax],
+    valid [B, Kmax]): the ranking losses' layout."""
     kmax = max(len(r["responses"]) for r in rows)
-    prompts = [r["prompt"] for r in rows for _ in r["responses"]]
-    responses = [resp for r in rows for resp in r["responses"]]
-    device = next(rm.parameters()).device
-    flat = rm(make_batch(prompts, responses, pad_id).to(device))
-    scores = torch.zeros(len(rows), kmax, device=device)
-    ranks = torch.full((len(rows), kmax), kmax, dtype=torch.long, device=device)
-    valid = torch.zeros(len(rows), kmax, dtype=torch.bool, device=device)
+    values = torch.zeros(len(rows), kmax, dtype=flat.dtype, device=flat.device)
+    ranks = torch.full((len(rows), kmax), kmax, dtype=torch.long, device=flat.device)
+    valid = torch.zeros(len(rows), kmax, dtype=torch.bool, device=flat.device)
     i = 0
     for b, r in enumerate(rows):
         k = len(r["responses"])
-        scores[b, :k] = flat[i:i + k]
+        values[b, :k] = flat[i:i + k]
         ranks[b, :k] = torch.tensor(r["ranks"])
         valid[b, :k] = True
         i += k
-    return scores, ranks, valid
+    return values, ranks, valid
 
 
 def n_pairs(row: dict) -> int:
