@@ -96,7 +96,7 @@ def render(report: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{100 * r['win_rate'][stage]:.1f}%" for r in runs)
                      + f" | **{100 * _mean(runs, 'win_rate', stage):.1f}%** | "
                      f"{100 * _mean(runs, 'exact', stage):.1f}% | {_mean(runs, 'corpus_loss', stage):.3f} | {acc} |")
-    lines += [f"| SFT (reference point) | " + " | ".join("50.0%" for _ in runs) + " | 50.0% | "
+    lines += ["| SFT (reference point) | " + " | ".join("50.0%" for _ in runs) + " | 50.0% | "
               f"{100 * _mean(runs, 'exact', 'sft'):.1f}% | {_mean(runs, 'corpus_loss', 'sft'):.3f} | "
               f"RM: {100 * _mean(runs, 'heldout_pair_accuracy', 'rm'):.1f}% |", "",
               "Held-out pair accuracy: the fraction of the held-out comparisons' ranked pairs that the policy's "

@@ -22,9 +22,8 @@ from ..checkpoint import save_models, write_text_atomic
 from ..lora import plain
 from ..models import PolicyLogprobs
 from .loop import run_steps
-from .optim import Optim
 from .reward import comparison_batch, n_pairs, per_prompt
-from .state import TrainState, open_stage, saved_model
+from .state import open_stage, saved_model, train_one
 
 log = logging.getLogger("engine")
 
@@ -122,12 +121,7 @@ def train_dpo(ctx, load_policy, reference, cfg, rows: list[dict], heldout: list[
     ref_model = None if reference is None else dist.shard(PolicyLogprobs(reference, **heads), train=False)
     ref_kw = dict(reference=ref_model, policy=policy, length_norm=cfg.length_norm, reference_free=cfg.reference_free)
     ref = ReferenceLogps(rows, pad, **ref_kw)
-    optim = Optim.adamw(model, lr=cfg.lr, flag="--dpo.lr", weight_decay=cfg.weight_decay,
-                        max_grad_norm=cfg.max_grad_norm, warmup=cfg.warmup, total=cfg.steps)
-    state = TrainState(stage_dir, {"policy": model}, {"policy": optim}, ctx.tokenizer)
-    start = state.restore(ckpt)["step"] if ckpt else 0
-    if ckpt:
-        log.info("%s: resuming from %s", stage, ckpt)
+    optim, state, start = train_one(stage_dir, "policy", model, cfg, "--dpo.lr", ctx.tokenizer, ckpt)
 
     def step_fn(step: int, gen: torch.Generator) -> dict:
         idx = torch.randint(0, len(rows), (cfg.batch_size,), generator=gen).tolist()

@@ -14,8 +14,7 @@ from ..checkpoint import save_models
 from ..lora import plain
 from ..models import PolicyLogprobs
 from .loop import run_steps
-from .optim import Optim
-from .state import TrainState, open_stage, saved_model
+from .state import open_stage, saved_model, train_one
 
 log = logging.getLogger("engine")
 
@@ -53,12 +52,7 @@ def train_lm(ctx, stage: str, examples: list[tuple[list[int], list[int]]], load_
     pad = ctx.tokenizer.pad_token_id
     model = load_model(saved_model(ckpt, "policy")).to(ctx.device).train()
     policy = dist.shard(PolicyLogprobs(model, fused=ctx.cfg.run.fused_lm_head))
-    optim = Optim.adamw(model, lr=cfg.lr, flag=f"--{stage}.lr", weight_decay=cfg.weight_decay,
-                        max_grad_norm=cfg.max_grad_norm, warmup=cfg.warmup, total=cfg.steps)
-    state = TrainState(stage_dir, {"policy": model}, {"policy": optim}, ctx.tokenizer)
-    start = state.restore(ckpt)["step"] if ckpt else 0
-    if ckpt:
-        log.info("%s: resuming from %s", stage, ckpt)
+    optim, state, start = train_one(stage_dir, "policy", model, cfg, f"--{stage}.lr", ctx.tokenizer, ckpt)
 
     def step_fn(step: int, gen: torch.Generator) -> dict:
         idx = torch.randint(0, len(examples), (cfg.batch_size,), generator=gen).tolist()

@@ -20,8 +20,7 @@ from .. import distributed as dist
 from ..lora import is_peft, plain, unwrap
 from ..models import SequenceScores
 from .loop import run_steps
-from .optim import Optim
-from .state import TrainState, open_stage, saved_model
+from .state import open_stage, saved_model, train_one
 
 log = logging.getLogger("engine")
 
@@ -107,10 +106,7 @@ def train_reward(ctx, load_model, cfg, rows: list[dict], demos: tuple[list, list
     model = load_model(saved_model(ckpt, "reward")).to(ctx.device).train()
     unwrap(model).config.score_offset = 0.0
     rm = dist.shard(SequenceScores(model))
-    optim = Optim.adamw(model, lr=cfg.lr, flag="--rm.lr", weight_decay=cfg.weight_decay,
-                        max_grad_norm=cfg.max_grad_norm, warmup=cfg.warmup, total=cfg.steps)
-    state = TrainState(stage_dir, {"reward": model}, {"reward": optim}, tok)
-    start = state.restore(ckpt)["step"] if ckpt else 0
+    optim, state, start = train_one(stage_dir, "reward", model, cfg, "--rm.lr", tok, ckpt)
 
     def step_fn(step: int, gen: torch.Generator) -> dict:
         idx = torch.randint(0, len(rows), (cfg.batch_size,), generator=gen).tolist()

@@ -75,6 +75,19 @@ class TrainState:
         return state
 
 
+def train_one(stage_dir: Path, name: str, model: nn.Module, cfg, flag: str, tokenizer, ckpt: Path | None):
+    """The state of a stage that trains one model with AdamW and a warm-up schedule (SFT, the RM, DPO) ->
+    (optimizer, TrainState, the step to start from: the checkpoint's, or 0). cfg: the stage's section (lr,
+    weight_decay, max_grad_norm, warmup, steps); flag: its learning rate's flag, for error messages."""
+    optim = Optim.adamw(model, lr=cfg.lr, flag=flag, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                        warmup=cfg.warmup, total=cfg.steps)
+    state = TrainState(stage_dir, {name: model}, {name: optim}, tokenizer)
+    start = state.restore(ckpt)["step"] if ckpt else 0
+    if ckpt:
+        log.info("%s: resuming from %s", stage_dir.name, ckpt)
+    return optim, state, start
+
+
 def _legacy_optimizers(state: dict, names: list[str]) -> dict:
     """Optimizer states as checkpoints before 2026-11-24 kept them: "optimizer" + "scheduler" for the one
     model of SFT and the RM, "opt_policy" and "opt_value" for PPO's two."""
