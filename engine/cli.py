@@ -39,6 +39,10 @@ def build_parser() -> ArgumentParser:
         sections = SECTIONS[name]
         if sections:
             p.add_argument("--config", action=ActionConfigFile, help="YAML preset (keys: " + ", ".join(sections) + ")")
+        if name == "label":
+            sub.add_subcommand(name, p, help=help_text)
+            _label_parser(p)
+            continue
         p.add_argument("--out", type=Optional[str], default=None,
                        help="the run directory" + (" (same as --run.out)" if sections else ""))
         for section in sections:
@@ -66,6 +70,32 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def _label_parser(p: ArgumentParser) -> None:
+    """`label rank` (sample, make the session, serve) and `label serve` (serve an existing session)."""
+    actions = p.add_subcommands(dest="action", required=True)
+    rank = ArgumentParser(description="sample K responses per prompt from a policy, make a labeling session "
+                                      "folder, print each labeler's link and serve the ranking page")
+    rank.add_argument("--policy", type=str, required=True, help="the policy: a transformers checkpoint directory")
+    rank.add_argument("--prompts", type=str, required=True, help="prompts file (JSONL, JSON or Parquet)")
+    rank.add_argument("--labelers", type=str, required=True, help="comma-separated labeler names")
+    rank.add_argument("--to", type=str, required=True, help="the session folder to make (new or empty)")
+    rank.add_argument("--k", type=int, default=4, help="responses per prompt")
+    rank.add_argument("--max_new_tokens", type=int, default=128)
+    rank.add_argument("--temperature", type=float, default=1.0)
+    rank.add_argument("--seed", type=int, default=0, help="sampling, assignment and display order")
+    rank.add_argument("--overlap", type=float, default=0.0,
+                      help="share of items given to --per_shared labelers (for agreement)")
+    rank.add_argument("--per_shared", type=int, default=2)
+    serve = ArgumentParser(description="serve an existing labeling session (resumes where it was)")
+    serve.add_argument("--session", type=str, required=True, help="the session folder")
+    for q in (rank, serve):
+        q.add_argument("--host", type=str, default="127.0.0.1", help="listen address (loopback by default)")
+        q.add_argument("--port", type=int, default=8765)
+        q.add_argument("--serve", type=bool, default=True, help="false: only print the links")
+    actions.add_subcommand("rank", rank, help="make a ranking session from a policy and prompts, and serve it")
+    actions.add_subcommand("serve", serve, help="serve an existing session")
+
+
 @dataclass
 class Command:
     name: str
@@ -80,6 +110,8 @@ def parse(argv: list[str] | None = None, parser: ArgumentParser | None = None) -
     args = parser.instantiate(parser.parse_args(argv))
     name = args.command
     sub = args[name]
+    if name == "label":
+        return Command(name, Config(), sub)
     cfg = Config(**{s: sub[s] for s in SECTIONS[name]})
     if sub.out is not None:
         cfg.run.out = sub.out
@@ -171,6 +203,11 @@ def run(command: Command) -> None:
         from .tiny_checkpoint import write_tiny_model
 
         print(write_tiny_model(args.family, args.to, seed=args.seed))
+        return
+    if name == "label":
+        from .label.serve import run_label
+
+        run_label(args)
         return
     from .run_lock import run_lock
 

@@ -1,0 +1,109 @@
+"""The labeling web app (FastAPI, served by uvicorn): the rank page and its JSON API, and the admin's progress.
+
+Every request needs a token: a labeler's (their own work only) or the admin's (progress only), as
+`Authorization: Bearer TOKEN` or, for the pages a person opens from a link, `?token=TOKEN`. Request bodies
+are bounded (MAX_BODY bytes). A submission is answered "saved" only after it is on disk (engine/label/store.py).
+
+    GET  /rank?token=T          the ranking page
+    GET  /api/next              the labeler's next item (responses in their shuffled order) or {"item": null}
+    POST /api/submit            {"id", "item", "ranking", "ratings", "flags", "seconds"} -> {"saved": true, "new"}
+    POST /api/skip              {"id", "item", "seconds"} -> {"saved": true, "new"}
+    GET  /admin?token=A, GET /api/progress   every labeler's assigned, ranked and skipped counts
+"""
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from .session import Session, SubmissionError
+
+MAX_BODY = 64 * 1024
+
+
+def _token(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return request.query_params.get("token")
+
+
+def _page(name: str) -> str:
+    return resources.files("engine.label").joinpath("static", name).read_text(encoding="utf-8")
+
+
+def make_app(session: Session) -> FastAPI:
+    app = FastAPI(title="rlhf-engine labeling", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def labeler(request: Request) -> str:
+        name = session.labeler(_token(request))
+        if name is None:
+            raise HTTPException(401, "a labeler's token is needed: open the link you were given")
+        return name
+
+    def admin(request: Request) -> None:
+        if not session.is_admin(_token(request)):
+            raise HTTPException(401, "the admin's token is needed")
+
+    async def body_of(request: Request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
+            raise HTTPException(413, f"request body over {MAX_BODY} bytes")
+        data = b""
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_BODY:
+                raise HTTPException(413, f"request body over {MAX_BODY} bytes")
+        try:
+            body = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise HTTPException(400, "the body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise HTTPException(400, "the body must be a JSON object")
+        return body
+
+    @app.exception_handler(SubmissionError)
+    async def refused(request: Request, exc: SubmissionError):
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.get("/rank", response_class=HTMLResponse)
+    def rank_page(request: Request):
+        labeler(request)
+        return _page("rank.html")
+
+    @app.get("/admin", response_class=HTMLResponse)
+    def admin_page(request: Request):
+        admin(request)
+        return _page("admin.html")
+
+    @app.get("/api/next")
+    def next_item(request: Request):
+        name = labeler(request)
+        return {"labeler": name, **(session.next_item(name) or {"item": None})}
+
+    # The saving endpoints read the (bounded) body here, then save in the thread pool, so that one fsync does
+    # not hold up the event loop; the session's lock orders the writes.
+    @app.post("/api/submit")
+    async def submit(request: Request):
+        name, body = labeler(request), await body_of(request)
+        return {"saved": True, "new": await _in_thread(session.submit, name, body)}
+
+    @app.post("/api/skip")
+    async def skip(request: Request):
+        name, body = labeler(request), await body_of(request)
+        return {"saved": True, "new": await _in_thread(session.skip, name, body)}
+
+    @app.get("/api/progress")
+    def progress(request: Request):
+        admin(request)
+        return session.progress()
+
+    return app
+
+
+async def _in_thread(fn, *args):
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(fn, *args)

@@ -1,0 +1,86 @@
+"""`python -m engine label ...`: make a ranking session from a policy and prompts, and serve it.
+
+    label rank  --policy DIR --prompts FILE --labelers alice,bob --to SESSION [--k 4] [--overlap 0.2]
+                samples K responses per prompt with the engine's rollout backend (transformers), writes the
+                session folder, prints each labeler's link and serves it
+    label serve --session SESSION        serves an existing session again (after a restart, a crash, kill -9)
+
+The server listens on 127.0.0.1 unless --host says otherwise, and every page and call needs a token.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger("engine")
+
+
+def sample_items(policy: str | Path, prompts_file: str | Path, *, k: int, max_new_tokens: int, temperature: float,
+                 seed: int, max_prompt_tokens: int = 512) -> tuple[list[dict], dict]:
+    """K sampled responses per prompt of `prompts_file` from the policy at `policy` -> (items, source)."""
+    from ..config import DataConfig, RunConfig
+    from ..data.encode import make_encoder, special_texts
+    from ..data.formats import load
+    from ..loading import load_model, load_tokenizer
+    from ..rollout import HFRollout
+
+    if k < 2:
+        raise ValueError(f"--k must be >= 2 (a ranking compares at least two responses), got {k}")
+    tok = load_tokenizer(policy, "--policy")
+    model = load_model(policy, flag="--policy", scalar=False, device="cpu", run=RunConfig(), tokenizer=tok)
+    enc = make_encoder(tok, DataConfig(max_prompt_tokens=max_prompt_tokens), None, max_new_tokens, "--policy")
+    records = [r.prompt for r in load(prompts_file, "prompts", special_texts(tok))]
+    ids = [enc.prompt(p) for p in records]
+    rollout = HFRollout(model, seed=seed, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    results = rollout.generate(ids, n=k, max_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    items = []
+    for i, prompt in enumerate(records):
+        mine = results[i * k:(i + 1) * k]
+        items.append({"prompt": prompt, "responses": [enc.text_of(r.token_ids) for r in mine],
+                      "finished": [r.finish_reason == "stop" for r in mine]})
+    source = {"policy": str(Path(policy).resolve()), "k": k, "max_new_tokens": max_new_tokens,
+              "temperature": temperature, "seed": seed}
+    return items, source
+
+
+def links(session, host: str, port: int) -> list[str]:
+    base = f"http://{host}:{port}"
+    out = [f"admin: {base}/admin?token={session.tokens['admin']}"]
+    out += [f"{name}: {base}/rank?token={tok}" for name, tok in session.tokens["labelers"].items()]
+    return out
+
+
+def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 8765) -> None:
+    import uvicorn
+
+    from .app import make_app
+    from .session import Session
+
+    session = Session.open(folder)
+    print("\n".join(links(session, host, port)), flush=True)
+    try:
+        uvicorn.run(make_app(session), host=host, port=port, log_level="warning")
+    finally:
+        session.close()
+
+
+def run_label(args) -> None:
+    """The `label` command: args.action is "rank" or "serve", its options under args[action]."""
+    from .session import Session, create_session
+
+    opts = args[args.action]
+    if args.action == "rank":
+        items, source = sample_items(opts.policy, opts.prompts, k=opts.k, max_new_tokens=opts.max_new_tokens,
+                                     temperature=opts.temperature, seed=opts.seed)
+        names = [n.strip() for n in opts.labelers.split(",") if n.strip()]
+        folder = create_session(opts.to, items, names, overlap=opts.overlap, per_shared=opts.per_shared,
+                                seed=opts.seed, source=source)
+        log.info("label: %d items of %d responses in %s", len(items), opts.k, folder)
+    else:
+        folder = opts.session
+    if opts.serve:
+        serve(folder, opts.host, opts.port)
+    else:
+        session = Session.open(folder)
+        print("\n".join(links(session, opts.host, opts.port)))
+        session.close()

@@ -1,0 +1,225 @@
+"""A labeling session: one folder holding what the app serves and everything it was told, nothing else.
+
+    session.json      the settings: kind ("rank"), metadata flags, overlap, seed, the policy and sampling
+    items.jsonl       the items to rank: {"id", "prompt", "responses", "finished"}, written once
+    tokens.json       (mode 0600) the admin's token and one secret token per labeler
+    comparisons.jsonl every ranking submitted, in the engine's K-way comparisons format plus who, when, the
+                      ratings and flags (`python -m engine rm --data.comparisons` reads it as it is)
+    skips.jsonl       every item a labeler skipped
+
+Which labeler gets which item is a function of the seed, the item and the labelers' names, so a restarted
+server hands out the same work, and what is done is what the two logs hold: nothing else is state.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..seeds import derive_seed
+from .store import SubmissionLog
+
+FLAGS = ("fails to follow the instruction", "made-up facts", "inappropriate for a customer assistant",
+         "sexual or violent content", "harmful advice")  # InstructGPT's metadata (Table 3)
+RATINGS = range(1, 8)                                    # the 1-7 Likert scale
+MAX_ID = 64
+
+
+class SubmissionError(ValueError):
+    """A submission the server refuses: `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def create_session(folder: str | Path, items: list[dict], labelers: list[str], *, flags=FLAGS,
+                   overlap: float = 0.0, per_shared: int = 2, seed: int = 0, source: dict | None = None) -> Path:
+    """Write a new session folder. items: {"prompt", "responses", "finished"?}; labelers: names (letters,
+    digits, '-', '_'). overlap: the share of items given to `per_shared` labelers instead of one (for
+    agreement). source: what produced the responses (policy, sampling settings), copied into every record."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} already holds files; a session folder must be new or empty")
+    if not labelers or len(set(labelers)) != len(labelers):
+        raise ValueError(f"give one or more distinct labeler names, got {labelers!r}")
+    for name in labelers:
+        if not name or not all(c.isalnum() or c in "-_" for c in name) or len(name) > 40:
+            raise ValueError(f"labeler name {name!r}: use 1-40 letters, digits, '-' or '_'")
+    if not 0 <= overlap <= 1:
+        raise ValueError(f"overlap must be in [0, 1], got {overlap}")
+    if overlap > 0 and not 2 <= per_shared <= len(labelers):
+        raise ValueError(f"per_shared must be between 2 and the number of labelers ({len(labelers)}), got "
+                         f"{per_shared}")
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, item in enumerate(items):
+        k = len(item["responses"])
+        if k < 2:
+            raise ValueError(f"item {i}: a ranking needs at least 2 responses, got {k}")
+        rows.append({"id": f"item-{i:06d}", "prompt": item["prompt"], "responses": list(item["responses"]),
+                     "finished": list(item.get("finished") or [True] * k)})
+    settings = {"kind": "rank", "flags": list(flags), "overlap": overlap, "per_shared": per_shared, "seed": seed,
+                "labelers": list(labelers), "source": source or {}}
+    (folder / "items.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    (folder / "session.json").write_text(json.dumps(settings, indent=2))
+    tokens = {"admin": secrets.token_urlsafe(24), "labelers": {n: secrets.token_urlsafe(24) for n in labelers}}
+    _write_private(folder / "tokens.json", json.dumps(tokens, indent=2))
+    return folder
+
+
+@dataclass
+class Session:
+    folder: Path
+    settings: dict
+    items: dict[str, dict]
+    tokens: dict
+    comparisons: SubmissionLog
+    skips: SubmissionLog
+    _done: dict[str, set] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "Session":
+        folder = Path(folder)
+        for name in ("session.json", "items.jsonl", "tokens.json"):
+            if not (folder / name).is_file() or (folder / name).is_symlink():
+                raise FileNotFoundError(f"{folder / name}: missing; make the session with `python -m engine label "
+                                        f"rank ...` first")
+        settings = json.loads((folder / "session.json").read_text())
+        items = {}
+        for line in (folder / "items.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            items[row["id"]] = row
+        s = cls(folder, settings, items, json.loads((folder / "tokens.json").read_text()),
+                SubmissionLog(folder / "comparisons.jsonl"), SubmissionLog(folder / "skips.jsonl"))
+        for record in s.comparisons.records + s.skips.records:
+            s._done.setdefault(record["labeler"], set()).add(record["item"])
+        return s
+
+    # ------------------------------------------------------------------ who is asking, and what is theirs
+    def labeler(self, token: str | None) -> str | None:
+        """The labeler whose token this is, or None (compared in constant time)."""
+        found = None
+        for name, secret in self.tokens["labelers"].items():
+            if token is not None and hmac.compare_digest(token.encode(), secret.encode()):
+                found = name
+        return found
+
+    def is_admin(self, token: str | None) -> bool:
+        return token is not None and hmac.compare_digest(token.encode(), self.tokens["admin"].encode())
+
+    def assigned(self, item_id: str) -> list[str]:
+        """The labelers an item goes to: one, or `per_shared` for the overlapping share."""
+        s = self.settings
+        names = sorted(s["labelers"], key=lambda n: derive_seed(s["seed"], "assign", item_id, n))
+        shared = derive_seed(s["seed"], "shared", item_id) / 2**63 < s["overlap"]
+        return names[:s["per_shared"] if shared else 1]
+
+    def queue(self, name: str) -> list[str]:
+        done = self._done.get(name, set())
+        return [i for i in self.items if name in self.assigned(i) and i not in done]
+
+    def order(self, name: str, item_id: str) -> list[int]:
+        """The order a labeler sees an item's responses in (position p shows response order[p]): shuffled per
+        labeler and item, so no response is first for everyone."""
+        k = len(self.items[item_id]["responses"])
+        return sorted(range(k), key=lambda j: derive_seed(self.settings["seed"], "order", name, item_id, j))
+
+    def next_item(self, name: str) -> dict | None:
+        queue = self.queue(name)
+        if not queue:
+            return None
+        item = self.items[queue[0]]
+        order = self.order(name, item["id"])
+        return {"item": item["id"], "prompt": item["prompt"], "responses": [item["responses"][j] for j in order],
+                "flags": self.settings["flags"], "remaining": len(queue)}
+
+    # ------------------------------------------------------------------ submissions
+    def submit(self, name: str, body: dict) -> bool:
+        """Save a ranking: body {"id", "item", "ranking": display positions best first, "ratings": [1-7 per
+        position], "flags": [[flag, ...] per position], "seconds"}. True when new, False when this id was
+        already saved (a resend). SubmissionError for anything else."""
+        sid, item = self._common(name, body)
+        k = len(item["responses"])
+        ranking = body.get("ranking")
+        if not isinstance(ranking, list) or sorted(x for x in ranking if isinstance(x, int)) != list(range(k)):
+            raise SubmissionError(f"'ranking' must list the {k} shown positions best first (a permutation of "
+                                  f"0..{k - 1}), got {ranking!r}")
+        ratings = body.get("ratings")
+        if not isinstance(ratings, list) or len(ratings) != k or not all(
+                isinstance(r, int) and not isinstance(r, bool) and r in RATINGS for r in ratings):
+            raise SubmissionError(f"'ratings' must give each of the {k} responses an integer from 1 to 7")
+        flags = body.get("flags", [[] for _ in range(k)])
+        allowed = set(self.settings["flags"])
+        if not isinstance(flags, list) or len(flags) != k or not all(
+                isinstance(f, list) and all(isinstance(x, str) and x in allowed for x in f) for f in flags):
+            raise SubmissionError(f"'flags' must be {k} lists of flags among {sorted(allowed)}")
+        order = self.order(name, item["id"])
+        by_response = {order[p]: p for p in range(k)}  # response index -> the position it was shown at
+        record = {"id": sid, "item": item["id"], "prompt": item["prompt"], "responses": item["responses"],
+                  "ranking": [order[p] for p in ranking], "finished": item["finished"], "labeler": name,
+                  "time": _now(), "seconds": _seconds(body), "ratings": [ratings[by_response[j]] for j in range(k)],
+                  "flags": [sorted(set(flags[by_response[j]])) for j in range(k)], "source": self.settings["source"]}
+        return self._save(self.comparisons, name, record)
+
+    def skip(self, name: str, body: dict) -> bool:
+        sid, item = self._common(name, body)
+        return self._save(self.skips, name, {"id": sid, "item": item["id"], "labeler": name, "time": _now(),
+                                             "seconds": _seconds(body)})
+
+    def _common(self, name: str, body: dict) -> tuple[str, dict]:
+        sid = body.get("id")
+        if not isinstance(sid, str) or not 1 <= len(sid) <= MAX_ID:
+            raise SubmissionError(f"'id' must be a string of 1 to {MAX_ID} characters (one per submission, the same "
+                                  f"when resent)")
+        item = self.items.get(body.get("item"))
+        if item is None or name not in self.assigned(item["id"]):
+            raise SubmissionError(f"item {body.get('item')!r} is not one of yours", 404)
+        return sid, item
+
+    def _save(self, log: SubmissionLog, name: str, record: dict) -> bool:
+        with self._lock:
+            if record["id"] in log.ids:
+                return False  # a resend of what is saved: acknowledged again, stored once
+            if record["item"] in self._done.get(name, set()):
+                raise SubmissionError(f"you already submitted {record['item']}", 409)
+            log.append(record)
+            self._done.setdefault(name, set()).add(record["item"])
+            return True
+
+    def progress(self) -> dict:
+        names = self.settings["labelers"]
+        total = {n: sum(n in self.assigned(i) for i in self.items) for n in names}
+        ranked = {n: 0 for n in names}
+        skipped = {n: 0 for n in names}
+        for r in self.comparisons.records:
+            ranked[r["labeler"]] += 1
+        for r in self.skips.records:
+            skipped[r["labeler"]] += 1
+        return {"items": len(self.items), "labelers": {n: {"assigned": total[n], "ranked": ranked[n],
+                                                           "skipped": skipped[n]} for n in names}}
+
+    def close(self) -> None:
+        self.comparisons.close()
+        self.skips.close()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _seconds(body: dict):
+    s = body.get("seconds")
+    return float(s) if isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s < 1e6 else None

@@ -1,0 +1,217 @@
+"""The labeling app: the durable log, the session's rules, and the real server (uvicorn on loopback, real HTTP
+requests): tokens, bounded bodies, rankings saved in the engine's format that `rm` trains on, and a load test
+with the server killed by SIGKILL midway: every acknowledged submission is in the file exactly once."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from engine.label.session import FLAGS, Session, SubmissionError, create_session
+from engine.label.store import SubmissionLog
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+
+
+def items(n, k=3):
+    return [{"prompt": f"Question {i}: name a colour.", "responses": [f"Answer {j} to {i}." for j in range(k)]}
+            for i in range(n)]
+
+
+def test_the_log_cuts_a_torn_last_line_and_keeps_each_id_once(tmp_path):
+    path = tmp_path / "log.jsonl"
+    log = SubmissionLog(path)
+    assert log.append({"id": "a", "x": 1}) and log.append({"id": "b", "x": 2})
+    assert not log.append({"id": "a", "x": 3})  # a resend: acknowledged, not stored again
+    log.close()
+    with open(path, "a") as f:
+        f.write('{"id": "c", "x"')            # a write cut by a kill: never acknowledged
+    again = SubmissionLog(path)
+    assert [r["id"] for r in again.records] == ["a", "b"] and path.read_text().endswith("}\n")
+    assert again.append({"id": "c", "x": 4})
+    again.close()
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(path)
+    with pytest.raises(ValueError, match="symbolic link"):
+        SubmissionLog(link)
+
+
+def test_assignments_overlap_and_the_shown_order_maps_back_to_the_responses(tmp_path):
+    folder = create_session(tmp_path / "s", items(400), ["ann", "bob", "cy"], overlap=0.25, seed=3)
+    s = Session.open(folder)
+    counts = [len(s.assigned(i)) for i in s.items]
+    assert set(counts) == {1, 2} and 0.18 < counts.count(2) / 400 < 0.32
+    assert all(len(set(s.assigned(i))) == len(s.assigned(i)) for i in s.items)
+    assert sum(len(s.queue(n)) for n in ("ann", "bob", "cy")) == sum(counts)
+    orders = {tuple(s.order(n, i)) for n in ("ann", "bob", "cy") for i in list(s.items)[:50]}
+    assert len(orders) == 6  # every order of 3 responses occurs: no response is always shown first
+    name = "ann"
+    shown = s.next_item(name)
+    order = s.order(name, shown["item"])
+    assert shown["responses"] == [s.items[shown["item"]]["responses"][j] for j in order]
+    # the labeler puts the last shown response first, then the rest as shown; rates by position
+    ranking = [2, 0, 1]
+    assert s.submit(name, {"id": "x1", "item": shown["item"], "ranking": ranking, "ratings": [7, 1, 4],
+                           "flags": [[], [FLAGS[1]], []], "seconds": 12.5})
+    rec = s.comparisons.records[-1]
+    assert rec["ranking"] == [order[2], order[0], order[1]]
+    assert rec["ratings"][order[0]] == 7 and rec["ratings"][order[1]] == 1 and rec["ratings"][order[2]] == 4
+    assert rec["flags"][order[1]] == [FLAGS[1]] and rec["flags"][order[0]] == []
+    assert rec["labeler"] == name and rec["seconds"] == 12.5 and rec["responses"] == s.items[shown["item"]]["responses"]
+    assert not s.submit(name, {"id": "x1", "item": shown["item"], "ranking": ranking, "ratings": [7, 1, 4]})
+    with pytest.raises(SubmissionError, match="already submitted"):
+        s.submit(name, {"id": "x2", "item": shown["item"], "ranking": ranking, "ratings": [7, 1, 4]})
+    other = next(i for i in s.items if name not in s.assigned(i))
+    for bad, match in [({"item": other}, "not one of yours"), ({"ranking": [0, 0, 1]}, "permutation"),
+                       ({"ratings": [8, 1, 1]}, "from 1 to 7"), ({"ratings": [True, 1, 1]}, "from 1 to 7"),
+                       ({"flags": [["nope"], [], []]}, "flags"), ({"id": "y" * 65}, "'id'")]:
+        body = {"id": "y", "item": s.next_item(name)["item"], "ranking": [0, 1, 2], "ratings": [1, 2, 3], **bad}
+        with pytest.raises(SubmissionError, match=match):
+            s.submit(name, body)
+    s.close()
+    assert Session.open(folder).queue(name) == s.queue(name)  # a restart resumes the same queue
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(folder, port) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "label", "serve", "--session", str(folder), "--port",
+                             str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for _ in range(200):
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/api/next", timeout=1)
+            return proc
+        except httpx.TransportError:
+            if proc.poll() is not None:
+                raise AssertionError(proc.stdout.read())
+            time.sleep(0.1)
+    raise AssertionError("the server did not start")
+
+
+@pytest.fixture
+def server(tmp_path):
+    folder = create_session(tmp_path / "s", items(6), ["ann", "bob"], overlap=1.0)
+    port = free_port()
+    proc = start(folder, port)
+    yield folder, f"http://127.0.0.1:{port}", json.loads((folder / "tokens.json").read_text())
+    proc.kill()
+    proc.wait()
+
+
+def test_every_request_needs_the_right_token_and_bodies_are_bounded(server):
+    folder, url, tokens = server
+    ann = {"Authorization": "Bearer " + tokens["labelers"]["ann"]}
+    admin = {"Authorization": "Bearer " + tokens["admin"]}
+    assert oct(os.stat(folder / "tokens.json").st_mode & 0o777) == "0o600"
+    for path in ("/api/next", "/rank", "/admin", "/api/progress"):
+        assert httpx.get(url + path).status_code == 401
+        assert httpx.get(url + path + "?token=wrong").status_code == 401
+    assert httpx.get(url + "/rank?token=" + tokens["labelers"]["ann"]).text.startswith("<!doctype html>")
+    assert httpx.get(url + "/api/next", headers=admin).status_code == 401       # the admin ranks nothing
+    assert httpx.get(url + "/api/progress", headers=ann).status_code == 401     # a labeler sees no one else
+    assert httpx.post(url + "/api/submit", headers=ann, content=b"x" * 70000).status_code == 413
+    assert httpx.post(url + "/api/submit", headers=ann, content=b"[1, 2]").status_code == 400
+    nxt = httpx.get(url + "/api/next", headers=ann).json()
+    body = {"id": "s1", "item": nxt["item"], "ranking": [1, 0, 2], "ratings": [5, 6, 2], "seconds": 3}
+    assert httpx.post(url + "/api/submit", headers=ann, json=body).json() == {"saved": True, "new": True}
+    assert httpx.post(url + "/api/submit", headers=ann, json=body).json() == {"saved": True, "new": False}
+    r = httpx.post(url + "/api/submit", headers=ann, json={**body, "id": "s2"})
+    assert r.status_code == 409 and "already submitted" in r.json()["detail"]
+    assert httpx.post(url + "/api/skip", headers=ann, json={"id": "k1", "item": nxt["item"]}).status_code == 409
+    progress = httpx.get(url + "/api/progress", headers=admin).json()
+    assert progress["labelers"]["ann"] == {"assigned": 6, "ranked": 1, "skipped": 0}
+
+
+def test_rankings_saved_through_the_app_train_a_reward_model_as_they_are(tmp_path, tiny_models):
+    from flag_bundles import cli_with_bundles as cli
+
+    folder = create_session(tmp_path / "s", items(8, k=4), ["ann"], source={"policy": "p"})
+    port = free_port()
+    proc = start(folder, port)
+    try:
+        headers = {"Authorization": "Bearer " + json.loads((folder / "tokens.json").read_text())["labelers"]["ann"]}
+        n = 0
+        while (nxt := httpx.get(f"http://127.0.0.1:{port}/api/next", headers=headers).json())["item"]:
+            body = {"id": f"s{n}", "item": nxt["item"], "ranking": [3, 1, 0, 2], "ratings": [1, 2, 3, 4],
+                    "flags": [[FLAGS[0]], [], [], []]}
+            if n == 5:
+                assert httpx.post(f"http://127.0.0.1:{port}/api/skip", headers=headers, json=body).is_success
+            else:
+                assert httpx.post(f"http://127.0.0.1:{port}/api/submit", headers=headers, json=body).is_success
+            n += 1
+    finally:
+        proc.kill()
+        proc.wait()
+    rows = [json.loads(line) for line in (folder / "comparisons.jsonl").read_text().splitlines()]
+    assert len(rows) == 7 and len((folder / "skips.jsonl").read_text().splitlines()) == 1
+    assert all(sorted(r["ranking"]) == [0, 1, 2, 3] and r["source"] == {"policy": "p"} for r in rows)
+    assert cli(["rm", "--policy.path", str(tiny_models["llama"]), "--data.comparisons", str(folder / "comparisons.jsonl"),
+                "--out", str(tmp_path / "run"), "--run.progress", "false", "--rm.steps", "2",
+                "--rm.batch_size", "2"]) == 0
+    assert (tmp_path / "run" / "rm" / "final" / "reward").is_dir()
+
+
+def test_twenty_labelers_2000_submissions_and_a_sigkill_midway_lose_nothing_acknowledged(tmp_path):
+    """20 labelers, 100 items each, submitting at once; the server is killed with SIGKILL after ~800
+    acknowledgements and started again; each client resends its unacknowledged submission (same id) until
+    the server answers. Every acknowledged id is in the file exactly once, and every submission was made."""
+    names = [f"l{i:02d}" for i in range(20)]
+    folder = create_session(tmp_path / "s", items(2000, k=2), names)
+    tokens = json.loads((folder / "tokens.json").read_text())["labelers"]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    state = {"proc": start(folder, port), "acked": []}
+    lock = threading.Lock()
+
+    def labeler(name):
+        headers = {"Authorization": "Bearer " + tokens[name]}
+        with httpx.Client(base_url=url, headers=headers, timeout=10) as client:
+            done = 0
+            while True:
+                try:
+                    nxt = client.get("/api/next").json()
+                    if nxt["item"] is None:
+                        return
+                    body = {"id": f"{name}-{done}", "item": nxt["item"], "ranking": [1, 0], "ratings": [3, 4]}
+                    while True:
+                        try:
+                            r = client.post("/api/submit", json=body)
+                            break
+                        except httpx.TransportError:
+                            time.sleep(0.05)  # the server is down: resend the same submission
+                    assert r.status_code == 200, r.text
+                    with lock:
+                        state["acked"].append(body["id"])
+                    done += 1
+                except httpx.TransportError:
+                    time.sleep(0.05)
+
+    threads = [threading.Thread(target=labeler, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    while len(state["acked"]) < 800:
+        time.sleep(0.01)
+    state["proc"].send_signal(signal.SIGKILL)
+    state["proc"].wait()
+    killed_at = len(state["acked"])
+    state["proc"] = start(folder, port)
+    for t in threads:
+        t.join(timeout=600)
+    state["proc"].kill()
+    state["proc"].wait()
+    ids = [json.loads(line)["id"] for line in (folder / "comparisons.jsonl").read_text().splitlines()]
+    assert killed_at < 2000 and len(state["acked"]) == 2000
+    assert len(ids) == len(set(ids)) == 2000 and set(ids) == set(state["acked"])
