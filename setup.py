@@ -95,7 +95,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         # trl: the peer of bench/bench_e2e.py, whose dry run is a test
-        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0", "trl>=1.16,<2", "httpx>=0.27"],
+        # httpx and playwright: the labeling app's tests (playwright drives Debian's chromium; it downloads no browser)
+        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0", "trl>=1.16,<2", "httpx>=0.27",
+                 "playwright>=1.40"],
         # vLLM for the CPU (x86-64, Python 3.11/3.12, exactly torch 2.13.0+cpu). It also pulls torchvision,
         # torchaudio and torchcodec from PyPI, which break `import transformers` beside the CPU torch: remove
         # them after installing (README's commands do). On a GPU, install the `vllm` build matching your torch.
