@@ -86,14 +86,32 @@ def _label_parser(p: ArgumentParser) -> None:
     rank.add_argument("--overlap", type=float, default=0.0,
                       help="share of items given to --per_shared labelers (for agreement)")
     rank.add_argument("--per_shared", type=int, default=2)
+    compare = ArgumentParser(description="sample one answer per prompt from each policy, make a blind A/B "
+                                         "session (every pair of policies per prompt) and serve it")
+    compare.add_argument("--policies", type=str, required=True,
+                         help="name=DIR,name=DIR[,...]: the policies to compare (names are never shown)")
+    compare.add_argument("--prompts", type=str, required=True, help="held-out prompts file")
+    compare.add_argument("--labelers", type=str, required=True, help="comma-separated labeler names")
+    compare.add_argument("--to", type=str, required=True, help="the session folder to make (new or empty)")
+    compare.add_argument("--max_new_tokens", type=int, default=128)
+    compare.add_argument("--temperature", type=float, default=1.0)
+    compare.add_argument("--seed", type=int, default=0, help="sampling, assignment and left/right order")
+    compare.add_argument("--overlap", type=float, default=0.0,
+                         help="share of items given to --per_shared labelers (for agreement)")
+    compare.add_argument("--per_shared", type=int, default=2)
     serve = ArgumentParser(description="serve an existing labeling session (resumes where it was)")
     serve.add_argument("--session", type=str, required=True, help="the session folder")
-    for q in (rank, serve):
+    report = ArgumentParser(description="win rates with 95% intervals, agreement and per-labeler figures of a "
+                                        "session -> report.md, report.json, report.png in its folder")
+    report.add_argument("--session", type=str, required=True, help="the session folder")
+    for q in (rank, compare, serve):
         q.add_argument("--host", type=str, default="127.0.0.1", help="listen address (loopback by default)")
         q.add_argument("--port", type=int, default=8765)
         q.add_argument("--serve", type=bool, default=True, help="false: only print the links")
     actions.add_subcommand("rank", rank, help="make a ranking session from a policy and prompts, and serve it")
+    actions.add_subcommand("compare", compare, help="make a blind A/B session from two or more policies, and serve it")
     actions.add_subcommand("serve", serve, help="serve an existing session")
+    actions.add_subcommand("report", report, help="write the session's report")
 
 
 @dataclass

@@ -18,7 +18,8 @@ COMMANDS = {
     "pipeline": "all of the above in order: (pretrain,) sft, rm, ppo, ppo-ptx (, dpo with --with_dpo true) (, eval)",
     "reproduce": "Figure 1 in miniature: SFT, PPO, PPO-ptx at several model sizes (a benchmark, minutes each)",
     "export": "write a run's final policy as a plain transformers directory (loads in transformers and vLLM)",
-    "label": "the labeling web app: rank a policy's sampled responses in a browser (`label rank`, `label serve`)",
+    "label": "the labeling web app: people rank a policy's answers or judge two policies blind (`label rank`, "
+             "`label compare`, `label serve`, `label report`)",
     "tiny-model": "write a small random checkpoint of a real family (llama, qwen2, mistral, gpt2) with its "
                   "tokenizer, to try --policy.path without downloads",
 }

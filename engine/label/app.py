@@ -4,9 +4,11 @@ Every request needs a token: a labeler's (their own work only) or the admin's (p
 `Authorization: Bearer TOKEN` or, for the pages a person opens from a link, `?token=TOKEN`. Request bodies
 are bounded (MAX_BODY bytes). A submission is answered "saved" only after it is on disk (engine/label/store.py).
 
-    GET  /rank?token=T          the ranking page
+    GET  /rank?token=T          the ranking page (a "rank" session)
+    GET  /compare?token=T       the blind A/B page (a "compare" session): the policies are never named
     GET  /api/next              the labeler's next item (responses in their shuffled order) or {"item": null}
-    POST /api/submit            {"id", "item", "ranking", "ratings", "flags", "seconds"} -> {"saved": true, "new"}
+    POST /api/submit            rank: {"id", "item", "ranking", "ratings", "flags", "seconds"}; compare: {"id",
+                                "item", "choice": 0 | 1 | "tie", "seconds"} -> {"saved": true, "new": bool}
     POST /api/skip              {"id", "item", "seconds"} -> {"saved": true, "new"}
     GET  /admin?token=A, GET /api/progress   every labeler's assigned, ranked and skipped counts
 """
@@ -71,7 +73,11 @@ def make_app(session: Session) -> FastAPI:
     @app.get("/rank", response_class=HTMLResponse)
     def rank_page(request: Request):
         labeler(request)
-        return _page("rank.html")
+        return _page("rank.html" if session.settings["kind"] == "rank" else "compare.html")
+
+    @app.get("/compare", response_class=HTMLResponse)
+    def compare_page(request: Request):
+        return rank_page(request)
 
     @app.get("/admin", response_class=HTMLResponse)
     def admin_page(request: Request):

@@ -3,12 +3,16 @@
     label rank  --policy DIR --prompts FILE --labelers alice,bob --to SESSION [--k 4] [--overlap 0.2]
                 samples K responses per prompt with the engine's rollout backend (transformers), writes the
                 session folder, prints each labeler's link and serves it
+    label compare --policies a=DIR,b=DIR --prompts FILE --labelers alice,bob --to SESSION
+                one answer per prompt from each policy, every pair of policies per prompt, judged blind
     label serve --session SESSION        serves an existing session again (after a restart, a crash, kill -9)
+    label report --session SESSION       win rates with intervals, agreement, per-labeler figures
 
 The server listens on 127.0.0.1 unless --host says otherwise, and every page and call needs a token.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -16,7 +20,7 @@ log = logging.getLogger("engine")
 
 
 def sample_items(policy: str | Path, prompts_file: str | Path, *, k: int, max_new_tokens: int, temperature: float,
-                 seed: int, max_prompt_tokens: int = 512) -> tuple[list[dict], dict]:
+                 seed: int, max_prompt_tokens: int = 512, min_k: int = 2) -> tuple[list[dict], dict]:
     """K sampled responses per prompt of `prompts_file` from the policy at `policy` -> (items, source)."""
     from ..config import DataConfig, RunConfig
     from ..data.encode import make_encoder, special_texts
@@ -24,8 +28,8 @@ def sample_items(policy: str | Path, prompts_file: str | Path, *, k: int, max_ne
     from ..loading import load_model, load_tokenizer
     from ..rollout import HFRollout
 
-    if k < 2:
-        raise ValueError(f"--k must be >= 2 (a ranking compares at least two responses), got {k}")
+    if k < min_k:
+        raise ValueError(f"--k must be >= {min_k} (a ranking compares at least two responses), got {k}")
     tok = load_tokenizer(policy, "--policy")
     model = load_model(policy, flag="--policy", scalar=False, device="cpu", run=RunConfig(), tokenizer=tok)
     enc = make_encoder(tok, DataConfig(max_prompt_tokens=max_prompt_tokens), None, max_new_tokens, "--policy")
@@ -43,10 +47,44 @@ def sample_items(policy: str | Path, prompts_file: str | Path, *, k: int, max_ne
     return items, source
 
 
+def compare_items(policies: dict[str, str], prompts_file, *, max_new_tokens: int, temperature: float,
+                  seed: int) -> tuple[list[dict], dict]:
+    """One answer per prompt from each policy; an item per prompt and pair of policies -> (items, source)."""
+    if len(policies) < 2:
+        raise ValueError(f"--policies needs two or more name=DIR entries, got {list(policies)}")
+    answers = {}
+    for name, path in policies.items():
+        items, _ = sample_items(path, prompts_file, k=1, max_new_tokens=max_new_tokens, temperature=temperature,
+                                seed=seed, min_k=1)
+        answers[name] = items
+    first = next(iter(answers.values()))
+    out = []
+    for i, row in enumerate(first):
+        for a, b in itertools.combinations(policies, 2):
+            out.append({"prompt": row["prompt"], "policies": [a, b],
+                        "responses": [answers[a][i]["responses"][0], answers[b][i]["responses"][0]]})
+    source = {"policies": {n: str(Path(p).resolve()) for n, p in policies.items()},
+              "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+    return out, source
+
+
+def parse_policies(text: str) -> dict[str, str]:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, path = part.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--policies: {part!r} is not name=DIR")
+        if name in out:
+            raise ValueError(f"--policies: the name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
 def links(session, host: str, port: int) -> list[str]:
     base = f"http://{host}:{port}"
     out = [f"admin: {base}/admin?token={session.tokens['admin']}"]
-    out += [f"{name}: {base}/rank?token={tok}" for name, tok in session.tokens["labelers"].items()]
+    page = "rank" if session.settings["kind"] == "rank" else "compare"
+    out += [f"{name}: {base}/{page}?token={tok}" for name, tok in session.tokens["labelers"].items()]
     return out
 
 
@@ -69,7 +107,20 @@ def run_label(args) -> None:
     from .session import Session, create_session
 
     opts = args[args.action]
-    if args.action == "rank":
+    if args.action == "report":
+        from .report import build_report
+
+        build_report(opts.session)
+        print(Path(opts.session) / "report.md")
+        return
+    if args.action == "compare":
+        items, source = compare_items(parse_policies(opts.policies), opts.prompts, max_new_tokens=opts.max_new_tokens,
+                                      temperature=opts.temperature, seed=opts.seed)
+        names = [n.strip() for n in opts.labelers.split(",") if n.strip()]
+        folder = create_session(opts.to, items, names, kind="compare", overlap=opts.overlap,
+                                per_shared=opts.per_shared, seed=opts.seed, source=source)
+        log.info("label: %d blind comparisons in %s", len(items), folder)
+    elif args.action == "rank":
         items, source = sample_items(opts.policy, opts.prompts, k=opts.k, max_new_tokens=opts.max_new_tokens,
                                      temperature=opts.temperature, seed=opts.seed)
         names = [n.strip() for n in opts.labelers.split(",") if n.strip()]

@@ -1,10 +1,13 @@
 """A labeling session: one folder holding what the app serves and everything it was told, nothing else.
 
-    session.json      the settings: kind ("rank"), metadata flags, overlap, seed, the policy and sampling
-    items.jsonl       the items to rank: {"id", "prompt", "responses", "finished"}, written once
+    session.json      the settings: kind ("rank" or "compare"), metadata flags, overlap, seed, where the
+                      answers came from
+    items.jsonl       the items, written once: to rank {"id", "prompt", "responses", "finished"}; to compare
+                      blind {"id", "prompt", "policies": [a, b], "responses": [a's answer, b's answer]}
     tokens.json       (mode 0600) the admin's token and one secret token per labeler
     comparisons.jsonl every ranking submitted, in the engine's K-way comparisons format plus who, when, the
                       ratings and flags (`python -m engine rm --data.comparisons` reads it as it is)
+    judgments.jsonl   every blind A/B verdict: the two policies, the winner's name or null for a tie
     skips.jsonl       every item a labeler skipped
 
 Which labeler gets which item is a function of the seed, the item and the labelers' names, so a restarted
@@ -44,11 +47,14 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def create_session(folder: str | Path, items: list[dict], labelers: list[str], *, flags=FLAGS,
+def create_session(folder: str | Path, items: list[dict], labelers: list[str], *, kind: str = "rank", flags=FLAGS,
                    overlap: float = 0.0, per_shared: int = 2, seed: int = 0, source: dict | None = None) -> Path:
-    """Write a new session folder. items: {"prompt", "responses", "finished"?}; labelers: names (letters,
-    digits, '-', '_'). overlap: the share of items given to `per_shared` labelers instead of one (for
-    agreement). source: what produced the responses (policy, sampling settings), copied into every record."""
+    """Write a new session folder. items (kind "rank"): {"prompt", "responses", "finished"?}; (kind
+    "compare"): {"prompt", "policies": [a, b], "responses": [a's, b's]}. labelers: names (letters, digits,
+    '-', '_'). overlap: the share of items given to `per_shared` labelers instead of one (for agreement).
+    source: what produced the responses (policies, sampling settings), copied into every record."""
+    if kind not in ("rank", "compare"):
+        raise ValueError(f"kind must be rank or compare, got {kind!r}")
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} already holds files; a session folder must be new or empty")
@@ -66,11 +72,19 @@ def create_session(folder: str | Path, items: list[dict], labelers: list[str], *
     rows = []
     for i, item in enumerate(items):
         k = len(item["responses"])
-        if k < 2:
-            raise ValueError(f"item {i}: a ranking needs at least 2 responses, got {k}")
-        rows.append({"id": f"item-{i:06d}", "prompt": item["prompt"], "responses": list(item["responses"]),
-                     "finished": list(item.get("finished") or [True] * k)})
-    settings = {"kind": "rank", "flags": list(flags), "overlap": overlap, "per_shared": per_shared, "seed": seed,
+        row = {"id": f"item-{i:06d}", "prompt": item["prompt"], "responses": list(item["responses"])}
+        if kind == "rank":
+            if k < 2:
+                raise ValueError(f"item {i}: a ranking needs at least 2 responses, got {k}")
+            row["finished"] = list(item.get("finished") or [True] * k)
+        else:
+            pols = list(item["policies"])
+            if k != 2 or len(pols) != 2 or pols[0] == pols[1]:
+                raise ValueError(f"item {i}: a blind comparison shows two different policies' answers, got "
+                                 f"{pols} with {k} responses")
+            row["policies"] = pols
+        rows.append(row)
+    settings = {"kind": kind, "flags": list(flags), "overlap": overlap, "per_shared": per_shared, "seed": seed,
                 "labelers": list(labelers), "source": source or {}}
     (folder / "items.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     (folder / "session.json").write_text(json.dumps(settings, indent=2))
@@ -87,6 +101,7 @@ class Session:
     tokens: dict
     comparisons: SubmissionLog
     skips: SubmissionLog
+    judgments: SubmissionLog
     _done: dict[str, set] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -103,8 +118,9 @@ class Session:
             row = json.loads(line)
             items[row["id"]] = row
         s = cls(folder, settings, items, json.loads((folder / "tokens.json").read_text()),
-                SubmissionLog(folder / "comparisons.jsonl"), SubmissionLog(folder / "skips.jsonl"))
-        for record in s.comparisons.records + s.skips.records:
+                SubmissionLog(folder / "comparisons.jsonl"), SubmissionLog(folder / "skips.jsonl"),
+                SubmissionLog(folder / "judgments.jsonl"))
+        for record in s.comparisons.records + s.skips.records + s.judgments.records:
             s._done.setdefault(record["labeler"], set()).add(record["item"])
         return s
 
@@ -143,8 +159,9 @@ class Session:
             return None
         item = self.items[queue[0]]
         order = self.order(name, item["id"])
-        return {"item": item["id"], "prompt": item["prompt"], "responses": [item["responses"][j] for j in order],
-                "flags": self.settings["flags"], "remaining": len(queue)}
+        return {"item": item["id"], "kind": self.settings["kind"], "prompt": item["prompt"],
+                "responses": [item["responses"][j] for j in order], "flags": self.settings["flags"],
+                "remaining": len(queue)}  # never which policy wrote which answer
 
     # ------------------------------------------------------------------ submissions
     def submit(self, name: str, body: dict) -> bool:
@@ -152,6 +169,8 @@ class Session:
         position], "flags": [[flag, ...] per position], "seconds"}. True when new, False when this id was
         already saved (a resend). SubmissionError for anything else."""
         sid, item = self._common(name, body)
+        if self.settings["kind"] == "compare":
+            return self._judge(name, sid, item, body)
         k = len(item["responses"])
         ranking = body.get("ranking")
         if not isinstance(ranking, list) or sorted(x for x in ranking if isinstance(x, int)) != list(range(k)):
@@ -173,6 +192,20 @@ class Session:
                   "time": _now(), "seconds": _seconds(body), "ratings": [ratings[by_response[j]] for j in range(k)],
                   "flags": [sorted(set(flags[by_response[j]])) for j in range(k)], "source": self.settings["source"]}
         return self._save(self.comparisons, name, record)
+
+    def _judge(self, name: str, sid: str, item: dict, body: dict) -> bool:
+        """A blind verdict: body["choice"] is the shown position (0 left, 1 right) of the better answer, or
+        "tie"."""
+        choice = body.get("choice")
+        if choice not in (0, 1, "tie") or isinstance(choice, bool):
+            raise SubmissionError(f"'choice' must be 0 (the left answer is better), 1 (the right one) or \"tie\", "
+                                  f"got {choice!r}")
+        order = self.order(name, item["id"])
+        winner = None if choice == "tie" else item["policies"][order[choice]]
+        record = {"id": sid, "item": item["id"], "prompt": item["prompt"], "policies": item["policies"],
+                  "responses": item["responses"], "winner": winner, "labeler": name, "time": _now(),
+                  "seconds": _seconds(body), "source": self.settings["source"]}
+        return self._save(self.judgments, name, record)
 
     def skip(self, name: str, body: dict) -> bool:
         sid, item = self._common(name, body)
@@ -204,16 +237,16 @@ class Session:
         total = {n: sum(n in self.assigned(i) for i in self.items) for n in names}
         ranked = {n: 0 for n in names}
         skipped = {n: 0 for n in names}
-        for r in self.comparisons.records:
+        for r in self.comparisons.records + self.judgments.records:
             ranked[r["labeler"]] += 1
         for r in self.skips.records:
             skipped[r["labeler"]] += 1
-        return {"items": len(self.items), "labelers": {n: {"assigned": total[n], "ranked": ranked[n],
+        return {"items": len(self.items), "labelers": {n: {"assigned": total[n], "labeled": ranked[n],
                                                            "skipped": skipped[n]} for n in names}}
 
     def close(self) -> None:
-        self.comparisons.close()
-        self.skips.close()
+        for log in (self.comparisons, self.skips, self.judgments):
+            log.close()
 
 
 def _now() -> str:

@@ -132,7 +132,7 @@ def test_every_request_needs_the_right_token_and_bodies_are_bounded(server):
     assert r.status_code == 409 and "already submitted" in r.json()["detail"]
     assert httpx.post(url + "/api/skip", headers=ann, json={"id": "k1", "item": nxt["item"]}).status_code == 409
     progress = httpx.get(url + "/api/progress", headers=admin).json()
-    assert progress["labelers"]["ann"] == {"assigned": 6, "ranked": 1, "skipped": 0}
+    assert progress["labelers"]["ann"] == {"assigned": 6, "labeled": 1, "skipped": 0}
 
 
 def test_rankings_saved_through_the_app_train_a_reward_model_as_they_are(tmp_path, tiny_models):
@@ -215,3 +215,36 @@ def test_twenty_labelers_2000_submissions_and_a_sigkill_midway_lose_nothing_ackn
     ids = [json.loads(line)["id"] for line in (folder / "comparisons.jsonl").read_text().splitlines()]
     assert killed_at < 2000 and len(state["acked"]) == 2000
     assert len(ids) == len(set(ids)) == 2000 and set(ids) == set(state["acked"])
+
+
+def test_win_rate_interval_and_agreement_against_hand_computations():
+    import math
+    import statistics
+
+    from engine.label.report import agreement, compare_report, win_rate
+
+    w = win_rate([1, 1, 0, 0.5])
+    half = 1.959963984540054 * statistics.stdev([1, 1, 0, 0.5]) / 2
+    assert w["win_rate"] == 0.625 and w["ci95"] == pytest.approx([0.625 - half, min(1, 0.625 + half)])
+    assert win_rate([1])["ci95"] == [None, None] and win_rate([])["win_rate"] is None
+    judged = [{"policies": ["good", "bad"], "winner": "good", "labeler": "a"},
+              {"policies": ["bad", "good"], "winner": None, "labeler": "b"},
+              {"policies": ["good", "bad"], "winner": "bad", "labeler": "a"}]
+    rep = compare_report(judged)["bad vs good"]  # names sorted: the first is "bad"
+    assert rep["win_rate"] == pytest.approx((0 + 0.5 + 1) / 3) and rep["ties"] == 1
+    assert rep["per_labeler"]["a"]["win_rate"] == 0.5 and rep["per_labeler"]["b"]["win_rate"] == 0.5
+    # rankings: A [0, 1, 2], B [0, 2, 1] on item x: pairs (0,1) and (0,2) agree, (1,2) does not -> 2/3
+    ranks = [{"item": "x", "labeler": "A", "ranking": [0, 1, 2]}, {"item": "x", "labeler": "B", "ranking": [0, 2, 1]},
+             {"item": "y", "labeler": "A", "ranking": [1, 0]}]  # y: one labeler only, left out
+    a = agreement(ranks, "rank")
+    assert a["items"] == 1 and a["pairwise"] == pytest.approx(2 / 3) and a["per_labeler"] == {"A": 2 / 3, "B": 2 / 3}
+    # Krippendorff's ordinal alpha by hand: units (item x, response) with places A/B (0,0), (1,2), (2,1): the
+    # coincidences o00 = o12 = o21 = 2, n0 = n1 = n2 = 2, n = 6; ordinal d2(0,1) = d2(1,2) = 2^2, d2(0,2) = 4^2;
+    # D_o = (2*4 + 2*4) / 6, D_e = 2 * (2*2*4 + 2*2*4 + 2*2*16) / (6*5); alpha = 1 - D_o / D_e = 7/12
+    assert a["krippendorff_alpha"] == pytest.approx(7 / 12)
+    same = agreement([{"item": "x", "labeler": n, "ranking": [0, 1, 2]} for n in "AB"], "rank")
+    assert same["pairwise"] == 1.0 and same["krippendorff_alpha"] == pytest.approx(1.0)
+    flipped = agreement([{"item": "x", "labeler": "A", "ranking": [0, 1, 2]},
+                         {"item": "x", "labeler": "B", "ranking": [2, 1, 0]}], "rank")
+    assert flipped["pairwise"] == 0.0 and flipped["krippendorff_alpha"] < 0
+    assert not math.isnan(a["krippendorff_alpha"])

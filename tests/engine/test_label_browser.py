@@ -105,3 +105,52 @@ def test_two_labelers_rank_one_by_dragging_one_by_keyboard_and_the_file_says_exa
     order = shown_to_response(folder, "bob", bob["item"])
     assert bob["ranking"] == [order[1], order[0], order[2]]
     assert [bob["ratings"][order[p]] for p in range(3)] == [1, 6, 4] and bob["flags"] == [[], [], []]
+
+
+def test_a_blind_comparison_through_the_page_reports_the_win_rate_and_interval_of_what_was_chosen(browser, tmp_path):
+    """12 prompts, policies "base" and "tuned" (never named on the page); the labeler picks the answer that says
+    GOOD (tuned's) on 9, base's on 2, a tie on 1, by keyboard and buttons. The report: tuned wins
+    (2 + 0.5) / 12 ... from base's side, with the interval computed from those 12 scores."""
+    import statistics
+
+    from engine.cli import main
+
+    items = [{"prompt": f"Say something ({i}).", "policies": ["tuned", "base"],
+              "responses": [f"GOOD answer {i}.", f"plain answer {i}."]} for i in range(12)]
+    folder = create_session(tmp_path / "c", items, ["ann"], kind="compare", seed=5)
+    port = free_port()
+    proc = start(folder, port)
+    token = json.loads((folder / "tokens.json").read_text())["labelers"]["ann"]
+    try:
+        page = browser.new_page(viewport={"width": 1100, "height": 700})
+        page.goto(f"http://127.0.0.1:{port}/compare?token={token}")
+        page.wait_for_selector("#answer-1 h2")
+        assert "tuned" not in page.content() and "base" not in page.content()
+        if SCREENSHOTS:
+            page.screenshot(path=str(Path(SCREENSHOTS) / "label-compare.png"), full_page=True)
+        for n in range(12):
+            current = page.evaluate("item.item")
+            good = 0 if "GOOD" in page.inner_text("#answer-1") else 1
+            if n == 0:
+                page.click("#tie")
+            elif n in (1, 2):
+                page.keyboard.press("ArrowRight" if good == 0 else "ArrowLeft")  # base's answer
+            elif n % 2:
+                page.keyboard.press("Digit1" if good == 0 else "Digit2")
+            else:
+                page.click("#left" if good == 0 else "#right")
+            page.wait_for_function(f"!item || item.item !== {json.dumps(current)}")
+        assert "Nothing left" in page.inner_text("#prompt")
+        page.close()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert main(["label", "report", "--session", str(folder)]) == 0
+    report = json.loads((folder / "report.json").read_text())
+    scores = [0.5, 1, 1] + [0] * 9  # from base's side ("base vs tuned": names sorted)
+    w = report["win_rates"]["base vs tuned"]
+    half = 1.959963984540054 * statistics.stdev(scores) / 12 ** 0.5
+    assert w["n"] == 12 and w["ties"] == 1 and w["win_rate"] == pytest.approx(2.5 / 12)
+    assert w["ci95"] == pytest.approx([max(0, 2.5 / 12 - half), 2.5 / 12 + half])
+    md = (folder / "report.md").read_text()
+    assert "| base vs tuned | 12 | **20.8%** |" in md and (folder / "report.png").stat().st_size > 1000
