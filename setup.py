@@ -90,6 +90,7 @@ setup(
         "peft>=0.13",  # LoRA for the policy and value model (engine/lora.py)
         "fastapi>=0.110",  # the labeling web app (engine/label/app.py), served by uvicorn
         "uvicorn>=0.29",
+        "krippendorff>=0.6",  # the labeling report's agreement (engine/label/report.py)
     ],
     package_data={"engine.label": ["static/*.html"]},
     extras_require={
