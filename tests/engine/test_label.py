@@ -248,3 +248,27 @@ def test_win_rate_interval_and_agreement_against_hand_computations():
                          {"item": "x", "labeler": "B", "ranking": [2, 1, 0]}], "rank")
     assert flipped["pairwise"] == 0.0 and flipped["krippendorff_alpha"] < 0
     assert not math.isnan(a["krippendorff_alpha"])
+
+
+def test_label_rank_and_compare_sample_from_real_policies_and_print_the_links(tiny_models, tmp_path, capsys):
+    from engine.cli import main
+
+    assert main(["label", "rank", "--policy", str(tiny_models["qwen2"]), "--prompts", str(EXAMPLES / "prompts.jsonl"),
+                 "--labelers", "ann,bob", "--to", str(tmp_path / "r"), "--k", "3", "--max_new_tokens", "5",
+                 "--serve", "false"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "r" / "items.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(len(r["responses"]) == 3 and len(r["finished"]) == 3 for r in rows)
+    assert len({tuple(r["responses"]) for r in rows}) == 5  # sampled, not copied
+    out = capsys.readouterr().out
+    tokens = json.loads((tmp_path / "r" / "tokens.json").read_text())
+    assert f"ann: http://127.0.0.1:8765/rank?token={tokens['labelers']['ann']}" in out
+    assert main(["label", "compare", "--policies", f"q={tiny_models['qwen2']},l={tiny_models['llama']},"
+                 f"m={tiny_models['mistral']}", "--prompts", str(EXAMPLES / "prompts.jsonl"), "--labelers", "ann",
+                 "--to", str(tmp_path / "c"), "--max_new_tokens", "5", "--serve", "false"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "c" / "items.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 * 3 and {tuple(r["policies"]) for r in rows} == {("q", "l"), ("q", "m"), ("l", "m")}
+    assert "/compare?token=" in capsys.readouterr().out
+    assert main(["label", "compare", "--policies", f"q={tiny_models['qwen2']}", "--prompts",
+                 str(EXAMPLES / "prompts.jsonl"), "--labelers", "ann", "--to", str(tmp_path / "d"),
+                 "--serve", "false"]) == 2
+    assert "two or more name=DIR" in capsys.readouterr().err
