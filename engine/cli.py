@@ -104,6 +104,12 @@ def _label_parser(p: ArgumentParser) -> None:
     report = ArgumentParser(description="win rates with 95% intervals, agreement and per-labeler figures of a "
                                         "session -> report.md, report.json, report.png in its folder")
     report.add_argument("--session", type=str, required=True, help="the session folder")
+    simulate = ArgumentParser(description="the built-in task's simulated labelers label a served session through "
+                                          "its HTTP API (session labeler i is the task's labeler i)")
+    simulate.add_argument("--session", type=str, required=True, help="the session folder (for its tokens)")
+    simulate.add_argument("--url", type=str, default="http://127.0.0.1:8765", help="where it is served")
+    simulate.add_argument("--heldout", type=bool, default=False, help="the task's held-out labelers (evaluation)")
+    simulate.add_argument("--seed", type=int, default=0)
     for q in (rank, compare, serve):
         q.add_argument("--host", type=str, default="127.0.0.1", help="listen address (loopback by default)")
         q.add_argument("--port", type=int, default=8765)
@@ -112,6 +118,7 @@ def _label_parser(p: ArgumentParser) -> None:
     actions.add_subcommand("compare", compare, help="make a blind A/B session from two or more policies, and serve it")
     actions.add_subcommand("serve", serve, help="serve an existing session")
     actions.add_subcommand("report", report, help="write the session's report")
+    actions.add_subcommand("simulate", simulate, help="the built-in task's simulated labelers label through the API")
 
 
 @dataclass

@@ -7,6 +7,7 @@
                 one answer per prompt from each policy, every pair of policies per prompt, judged blind
     label serve --session SESSION        serves an existing session again (after a restart, a crash, kill -9)
     label report --session SESSION       win rates with intervals, agreement, per-labeler figures
+    label simulate --session SESSION --url URL [--heldout true]   the built-in task's labelers, through the API
 
 The server listens on 127.0.0.1 unless --host says otherwise, and every page and call needs a token.
 """
@@ -20,8 +21,11 @@ log = logging.getLogger("engine")
 
 
 def sample_items(policy: str | Path, prompts_file: str | Path, *, k: int, max_new_tokens: int, temperature: float,
-                 seed: int, max_prompt_tokens: int = 512, min_k: int = 2) -> tuple[list[dict], dict]:
-    """K sampled responses per prompt of `prompts_file` from the policy at `policy` -> (items, source)."""
+                 seed: int, max_prompt_tokens: int = 512, min_k: int = 2,
+                 allow_empty: bool = False) -> tuple[list[dict], dict]:
+    """K sampled responses with text per prompt of `prompts_file` from the policy at `policy` -> (items, source);
+    a prompt whose samples are mostly empty is left out (logged). allow_empty: K samples, empty or not (a blind
+    evaluation judges an empty answer like any other)."""
     from ..config import DataConfig, RunConfig
     from ..data.encode import make_encoder, special_texts
     from ..data.formats import load
@@ -36,12 +40,21 @@ def sample_items(policy: str | Path, prompts_file: str | Path, *, k: int, max_ne
     records = [r.prompt for r in load(prompts_file, "prompts", special_texts(tok))]
     ids = [enc.prompt(p) for p in records]
     rollout = HFRollout(model, seed=seed, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    results = rollout.generate(ids, n=k, max_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    items = []
+    # 2K samples per prompt, the first K with text kept: an empty answer cannot go into a comparisons file
+    n = k if allow_empty else 2 * k
+    results = rollout.generate(ids, n=n, max_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    items, dropped = [], 0
     for i, prompt in enumerate(records):
-        mine = results[i * k:(i + 1) * k]
-        items.append({"prompt": prompt, "responses": [enc.text_of(r.token_ids) for r in mine],
-                      "finished": [r.finish_reason == "stop" for r in mine]})
+        mine = [(enc.text_of(r.token_ids), r.finish_reason == "stop") for r in results[i * n:(i + 1) * n]]
+        mine = [(text, done) for text, done in mine if allow_empty or text.strip()][:k]
+        if len(mine) < k:
+            dropped += 1
+            continue
+        items.append({"index": i, "prompt": prompt, "responses": [t for t, _ in mine],
+                      "finished": [d for _, d in mine]})
+    if dropped:
+        log.warning("label: %d of %d prompts left out: fewer than %d of their %d samples had any text", dropped,
+                    len(records), k, n)
     source = {"policy": str(Path(policy).resolve()), "k": k, "max_new_tokens": max_new_tokens,
               "temperature": temperature, "seed": seed}
     return items, source
@@ -52,17 +65,17 @@ def compare_items(policies: dict[str, str], prompts_file, *, max_new_tokens: int
     """One answer per prompt from each policy; an item per prompt and pair of policies -> (items, source)."""
     if len(policies) < 2:
         raise ValueError(f"--policies needs two or more name=DIR entries, got {list(policies)}")
-    answers = {}
+    answers = {}  # policy -> {prompt index: its item}; every prompt, since empty answers are kept
     for name, path in policies.items():
         items, _ = sample_items(path, prompts_file, k=1, max_new_tokens=max_new_tokens, temperature=temperature,
-                                seed=seed, min_k=1)
-        answers[name] = items
-    first = next(iter(answers.values()))
+                                seed=seed, min_k=1, allow_empty=True)
+        answers[name] = {row["index"]: row for row in items}
     out = []
-    for i, row in enumerate(first):
+    for i in sorted(answers[next(iter(policies))]):
         for a, b in itertools.combinations(policies, 2):
-            out.append({"prompt": row["prompt"], "policies": [a, b],
-                        "responses": [answers[a][i]["responses"][0], answers[b][i]["responses"][0]]})
+            out.append({"prompt": answers[a][i]["prompt"], "policies": [a, b],
+                        "responses": [answers[a][i]["responses"][0], answers[b][i]["responses"][0]],
+                        "finished": [answers[a][i]["finished"][0], answers[b][i]["finished"][0]]})
     source = {"policies": {n: str(Path(p).resolve()) for n, p in policies.items()},
               "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
     return out, source
@@ -107,6 +120,12 @@ def run_label(args) -> None:
     from .session import Session, create_session
 
     opts = args[args.action]
+    if args.action == "simulate":
+        from .simulate import simulate
+
+        done = simulate(opts.session, opts.url, heldout=opts.heldout, seed=opts.seed)
+        print(", ".join(f"{name}: {n}" for name, n in done.items()))
+        return
     if args.action == "report":
         from .report import build_report
 

@@ -3,7 +3,7 @@
     session.json      the settings: kind ("rank" or "compare"), metadata flags, overlap, seed, where the
                       answers came from
     items.jsonl       the items, written once: to rank {"id", "prompt", "responses", "finished"}; to compare
-                      blind {"id", "prompt", "policies": [a, b], "responses": [a's answer, b's answer]}
+                      blind {"id", "prompt", "policies": [a, b], "responses": [a's, b's], "finished"}
     tokens.json       (mode 0600) the admin's token and one secret token per labeler
     comparisons.jsonl every ranking submitted, in the engine's K-way comparisons format plus who, when, the
                       ratings and flags (`python -m engine rm --data.comparisons` reads it as it is)
@@ -83,6 +83,7 @@ def create_session(folder: str | Path, items: list[dict], labelers: list[str], *
                 raise ValueError(f"item {i}: a blind comparison shows two different policies' answers, got "
                                  f"{pols} with {k} responses")
             row["policies"] = pols
+            row["finished"] = list(item.get("finished") or [True] * k)
         rows.append(row)
     settings = {"kind": kind, "flags": list(flags), "overlap": overlap, "per_shared": per_shared, "seed": seed,
                 "labelers": list(labelers), "source": source or {}}
@@ -159,9 +160,10 @@ class Session:
             return None
         item = self.items[queue[0]]
         order = self.order(name, item["id"])
+        finished = item.get("finished") or [True] * len(order)
         return {"item": item["id"], "kind": self.settings["kind"], "prompt": item["prompt"],
-                "responses": [item["responses"][j] for j in order], "flags": self.settings["flags"],
-                "remaining": len(queue)}  # never which policy wrote which answer
+                "responses": [item["responses"][j] for j in order], "finished": [finished[j] for j in order],
+                "flags": self.settings["flags"], "remaining": len(queue)}  # never which policy wrote which
 
     # ------------------------------------------------------------------ submissions
     def submit(self, name: str, body: dict) -> bool:

@@ -272,3 +272,45 @@ def test_label_rank_and_compare_sample_from_real_policies_and_print_the_links(ti
                  str(EXAMPLES / "prompts.jsonl"), "--labelers", "ann", "--to", str(tmp_path / "d"),
                  "--serve", "false"]) == 2
     assert "two or more name=DIR" in capsys.readouterr().err
+
+
+def test_the_whole_loop_through_the_app_on_the_built_in_task(tiny_run, tmp_path, capsys):
+    """Sample K from SFT -> the task's simulated labelers rank through the HTTP API -> an RM trains on the
+    file -> PPO against it -> the held-out simulated labelers judge PPO against SFT blind through the API ->
+    the report."""
+    from engine.cli import main
+    from engine.label.simulate import simulate
+
+    sft, data, out = tiny_run / "sft" / "final" / "policy", tiny_run / "data", tmp_path / "run"
+    quiet = ["--serve", "false", "--max_new_tokens", "8"]
+    assert main(["label", "rank", "--policy", str(sft), "--prompts", str(data / "ppo_prompts.jsonl"), "--labelers",
+                 "a,b", "--k", "4", "--overlap", "0.3", "--to", str(tmp_path / "rank"), *quiet]) == 0
+    port = free_port()
+    proc = start(tmp_path / "rank", port)
+    try:
+        done = simulate(tmp_path / "rank", f"http://127.0.0.1:{port}")
+    finally:
+        proc.kill()
+        proc.wait()
+    rows = [json.loads(line) for line in (tmp_path / "rank" / "comparisons.jsonl").read_text().splitlines()]
+    assert sum(done.values()) == len(rows) > 64  # every prompt, some twice (the overlap)
+    assert main(["label", "report", "--session", str(tmp_path / "rank")]) == 0
+    agree = json.loads((tmp_path / "rank" / "report.json").read_text())["agreement"]
+    assert agree["items"] > 5 and 0.3 < agree["pairwise"] <= 1  # the task's labelers agree ~73%
+    few = ["--run.progress", "false", "--out", str(out)]
+    assert main(["rm", "--policy.path", str(sft), "--data.comparisons", str(tmp_path / "rank" / "comparisons.jsonl"),
+                 "--rm.steps", "4", "--rm.batch_size", "4", *few]) == 0
+    assert main(["ppo", "--policy.path", str(sft), "--reward.path", str(out / "rm" / "final" / "reward"),
+                 "--data.prompts", str(data / "ppo_prompts.jsonl"), "--ppo.iterations", "2", "--ppo.rollout_batch",
+                 "8", "--ppo.minibatch", "8", "--rollout.max_new_tokens", "8", *few]) == 0
+    assert main(["label", "compare", "--policies", f"sft={sft},ppo={out / 'ppo' / 'final' / 'policy'}", "--prompts",
+                 str(data / "eval_prompts.jsonl"), "--labelers", "h1,h2", "--to", str(tmp_path / "eval"), *quiet]) == 0
+    proc = start(tmp_path / "eval", port)
+    try:
+        done = simulate(tmp_path / "eval", f"http://127.0.0.1:{port}", heldout=True)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert main(["label", "report", "--session", str(tmp_path / "eval")]) == 0
+    w = json.loads((tmp_path / "eval" / "report.json").read_text())["win_rates"]["ppo vs sft"]
+    assert w["n"] == sum(done.values()) == 24 and w["ci95"][0] <= w["win_rate"] <= w["ci95"][1]
