@@ -62,7 +62,8 @@ def shown_to_response(folder, name, item_id):
     return order
 
 
-def test_two_labelers_rank_one_by_dragging_one_by_keyboard_and_the_file_says_exactly_that(browser, session):
+def test_two_labelers_rank_one_by_dragging_one_by_keyboard_and_the_file_says_exactly_that(browser, session, tiny_models,
+                                                                                         tmp_path):
     folder, url, tokens = session
     # ann: drags the third shown response onto the first, rates with the menus, flags one, clicks Submit
     page = browser.new_page(viewport={"width": 1000, "height": 900})
@@ -105,6 +106,13 @@ def test_two_labelers_rank_one_by_dragging_one_by_keyboard_and_the_file_says_exa
     order = shown_to_response(folder, "bob", bob["item"])
     assert bob["ranking"] == [order[1], order[0], order[2]]
     assert [bob["ratings"][order[p]] for p in range(3)] == [1, 6, 4] and bob["flags"] == [[], [], []]
+
+    from engine.cli import main  # a reward model trains on the file the page wrote, as it is
+
+    assert main(["rm", "--policy.path", str(tiny_models["llama"]), "--data.comparisons",
+                 str(folder / "comparisons.jsonl"), "--out", str(tmp_path / "run"), "--run.progress", "false",
+                 "--rm.steps", "2", "--rm.batch_size", "2"]) == 0
+    assert json.loads((tmp_path / "run" / "rm" / "eval.json").read_text())["rm_train_accuracy"] >= 0
 
 
 def test_a_blind_comparison_through_the_page_reports_the_win_rate_and_interval_of_what_was_chosen(browser, tmp_path):
