@@ -33,7 +33,10 @@ def _token(request: Request) -> str | None:
 
 
 def _page(name: str) -> str:
-    return resources.files("engine.label").joinpath("static", name).read_text(encoding="utf-8")
+    """A page of static/, with static/common.js (what the pages share) in place of its /*COMMON*/ marker."""
+    static = resources.files("engine.label").joinpath("static")
+    return static.joinpath(name).read_text(encoding="utf-8").replace(
+        "/*COMMON*/", static.joinpath("common.js").read_text(encoding="utf-8"))
 
 
 def make_app(session: Session) -> FastAPI:
