@@ -40,8 +40,10 @@ def build_parser() -> ArgumentParser:
         if sections:
             p.add_argument("--config", action=ActionConfigFile, help="YAML preset (keys: " + ", ".join(sections) + ")")
         if name == "label":
+            from .label.commands import add_actions
+
             sub.add_subcommand(name, p, help=help_text)
-            _label_parser(p)
+            add_actions(p)
             continue
         p.add_argument("--out", type=Optional[str], default=None,
                        help="the run directory" + (" (same as --run.out)" if sections else ""))
@@ -68,57 +70,6 @@ def build_parser() -> ArgumentParser:
             p.add_argument("--seed", type=int, default=0, help="the random initialisation's seed")
         sub.add_subcommand(name, p, help=help_text)
     return parser
-
-
-def _label_parser(p: ArgumentParser) -> None:
-    """`label rank` (sample, make the session, serve) and `label serve` (serve an existing session)."""
-    actions = p.add_subcommands(dest="action", required=True)
-    rank = ArgumentParser(description="sample K responses per prompt from a policy, make a labeling session "
-                                      "folder, print each labeler's link and serve the ranking page")
-    rank.add_argument("--policy", type=str, required=True, help="the policy: a transformers checkpoint directory")
-    rank.add_argument("--prompts", type=str, required=True, help="prompts file (JSONL, JSON or Parquet)")
-    rank.add_argument("--labelers", type=str, required=True, help="comma-separated labeler names")
-    rank.add_argument("--to", type=str, required=True, help="the session folder to make (new or empty)")
-    rank.add_argument("--k", type=int, default=4, help="responses per prompt")
-    rank.add_argument("--max_new_tokens", type=int, default=128)
-    rank.add_argument("--temperature", type=float, default=1.0)
-    rank.add_argument("--seed", type=int, default=0, help="sampling, assignment and display order")
-    rank.add_argument("--overlap", type=float, default=0.0,
-                      help="share of items given to --per_shared labelers (for agreement)")
-    rank.add_argument("--per_shared", type=int, default=2)
-    compare = ArgumentParser(description="sample one answer per prompt from each policy, make a blind A/B "
-                                         "session (every pair of policies per prompt) and serve it")
-    compare.add_argument("--policies", type=str, required=True,
-                         help="name=DIR,name=DIR[,...]: the policies to compare (names are never shown)")
-    compare.add_argument("--prompts", type=str, required=True, help="held-out prompts file")
-    compare.add_argument("--labelers", type=str, required=True, help="comma-separated labeler names")
-    compare.add_argument("--to", type=str, required=True, help="the session folder to make (new or empty)")
-    compare.add_argument("--max_new_tokens", type=int, default=128)
-    compare.add_argument("--temperature", type=float, default=1.0)
-    compare.add_argument("--seed", type=int, default=0, help="sampling, assignment and left/right order")
-    compare.add_argument("--overlap", type=float, default=0.0,
-                         help="share of items given to --per_shared labelers (for agreement)")
-    compare.add_argument("--per_shared", type=int, default=2)
-    serve = ArgumentParser(description="serve an existing labeling session (resumes where it was)")
-    serve.add_argument("--session", type=str, required=True, help="the session folder")
-    report = ArgumentParser(description="win rates with 95% intervals, agreement and per-labeler figures of a "
-                                        "session -> report.md, report.json, report.png in its folder")
-    report.add_argument("--session", type=str, required=True, help="the session folder")
-    simulate = ArgumentParser(description="the built-in task's simulated labelers label a served session through "
-                                          "its HTTP API (session labeler i is the task's labeler i)")
-    simulate.add_argument("--session", type=str, required=True, help="the session folder (for its tokens)")
-    simulate.add_argument("--url", type=str, default="http://127.0.0.1:8765", help="where it is served")
-    simulate.add_argument("--heldout", type=bool, default=False, help="the task's held-out labelers (evaluation)")
-    simulate.add_argument("--seed", type=int, default=0)
-    for q in (rank, compare, serve):
-        q.add_argument("--host", type=str, default="127.0.0.1", help="listen address (loopback by default)")
-        q.add_argument("--port", type=int, default=8765)
-        q.add_argument("--serve", type=bool, default=True, help="false: only print the links")
-    actions.add_subcommand("rank", rank, help="make a ranking session from a policy and prompts, and serve it")
-    actions.add_subcommand("compare", compare, help="make a blind A/B session from two or more policies, and serve it")
-    actions.add_subcommand("serve", serve, help="serve an existing session")
-    actions.add_subcommand("report", report, help="write the session's report")
-    actions.add_subcommand("simulate", simulate, help="the built-in task's simulated labelers label through the API")
 
 
 @dataclass
@@ -230,9 +181,9 @@ def run(command: Command) -> None:
         print(write_tiny_model(args.family, args.to, seed=args.seed))
         return
     if name == "label":
-        from .label.serve import run_label
+        from .label.commands import run_action
 
-        run_label(args)
+        run_action(args)
         return
     from .run_lock import run_lock
 

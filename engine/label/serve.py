@@ -1,4 +1,5 @@
-"""`python -m engine label ...`: make a ranking session from a policy and prompts, and serve it.
+"""Making a session's items (sampling from the policies) and serving it, for the `label` command's actions
+(engine/label/commands.py):
 
     label rank  --policy DIR --prompts FILE --labelers alice,bob --to SESSION [--k 4] [--overlap 0.2]
                 samples K responses per prompt with the engine's rollout backend (transformers), writes the
@@ -112,45 +113,4 @@ def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 8765) -> None
     try:
         uvicorn.run(make_app(session), host=host, port=port, log_level="warning")
     finally:
-        session.close()
-
-
-def run_label(args) -> None:
-    """The `label` command: args.action is "rank" or "serve", its options under args[action]."""
-    from .session import Session, create_session
-
-    opts = args[args.action]
-    if args.action == "simulate":
-        from .simulate import simulate
-
-        done = simulate(opts.session, opts.url, heldout=opts.heldout, seed=opts.seed)
-        print(", ".join(f"{name}: {n}" for name, n in done.items()))
-        return
-    if args.action == "report":
-        from .report import build_report
-
-        build_report(opts.session)
-        print(Path(opts.session) / "report.md")
-        return
-    if args.action == "compare":
-        items, source = compare_items(parse_policies(opts.policies), opts.prompts, max_new_tokens=opts.max_new_tokens,
-                                      temperature=opts.temperature, seed=opts.seed)
-        names = [n.strip() for n in opts.labelers.split(",") if n.strip()]
-        folder = create_session(opts.to, items, names, kind="compare", overlap=opts.overlap,
-                                per_shared=opts.per_shared, seed=opts.seed, source=source)
-        log.info("label: %d blind comparisons in %s", len(items), folder)
-    elif args.action == "rank":
-        items, source = sample_items(opts.policy, opts.prompts, k=opts.k, max_new_tokens=opts.max_new_tokens,
-                                     temperature=opts.temperature, seed=opts.seed)
-        names = [n.strip() for n in opts.labelers.split(",") if n.strip()]
-        folder = create_session(opts.to, items, names, overlap=opts.overlap, per_shared=opts.per_shared,
-                                seed=opts.seed, source=source)
-        log.info("label: %d items of %d responses in %s", len(items), opts.k, folder)
-    else:
-        folder = opts.session
-    if opts.serve:
-        serve(folder, opts.host, opts.port)
-    else:
-        session = Session.open(folder)
-        print("\n".join(links(session, opts.host, opts.port)))
         session.close()
