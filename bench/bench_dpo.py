@@ -228,7 +228,9 @@ def render(report: dict) -> str:
         for side, name in (("engine", "engine"), ("trl", "TRL")):
             peaks = {int(b): v for b, v in mem[side]["peaks"].items()}
             cells = [f"{peaks[b]:.0f} MiB" if b in peaks else "-" for b in batches]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | **{mem[side]['largest']}** |")
+            over = any(v > mem["budget_mib"] for v in peaks.values())  # else: no batch tried was too large
+            largest = f"{mem[side]['largest']}" if over else f">= {mem[side]['largest']} (the largest tried)"
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | **{largest}** |")
         lines.append("")
     return "\n".join(lines)
 
