@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 from jsonargparse import ArgumentParser
 
@@ -29,6 +30,8 @@ def add_actions(p: ArgumentParser) -> None:
     rank.add_argument("--policy", type=str, required=True, help="the policy: a transformers checkpoint directory")
     rank.add_argument("--prompts", type=str, required=True, help="prompts file (JSONL, JSON or Parquet)")
     rank.add_argument("--k", type=int, default=4, help="responses per prompt")
+    rank.add_argument("--rm", type=Optional[str], default=None,
+                      help="a reward model: the items it separates least are labeled first")
     _session_arguments(rank, "display order")
     compare = ArgumentParser(description="sample one answer per prompt from each policy, make a blind A/B "
                                          "session (every pair of policies per prompt) and serve it")
@@ -86,6 +89,11 @@ def run_action(args) -> None:
     elif args.action == "rank":
         items, source = sample_items(opts.policy, opts.prompts, k=opts.k, max_new_tokens=opts.max_new_tokens,
                                      temperature=opts.temperature, seed=opts.seed)
+        if opts.rm:
+            from .uncertain import most_uncertain_first
+
+            items = most_uncertain_first(opts.rm, items)
+            source["order"] = f"the reward model {Path(opts.rm).resolve()} separates them least first"
         names = [n.strip() for n in opts.labelers.split(",") if n.strip()]
         folder = create_session(opts.to, items, names, overlap=opts.overlap, per_shared=opts.per_shared,
                                 seed=opts.seed, source=source)

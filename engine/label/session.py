@@ -73,6 +73,8 @@ def create_session(folder: str | Path, items: list[dict], labelers: list[str], *
     for i, item in enumerate(items):
         k = len(item["responses"])
         row = {"id": f"item-{i:06d}", "prompt": item["prompt"], "responses": list(item["responses"])}
+        if "rm_spread" in item:  # items come in the order to label them (engine/label/uncertain.py)
+            row["rm_spread"] = item["rm_spread"]
         if kind == "rank":
             if k < 2:
                 raise ValueError(f"item {i}: a ranking needs at least 2 responses, got {k}")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from engine.label.session import FLAGS, Session, SubmissionError, create_session
 from engine.label.store import SubmissionLog
@@ -303,6 +304,11 @@ def test_the_whole_loop_through_the_app_on_the_built_in_task(tiny_run, tmp_path,
     assert main(["ppo", "--policy.path", str(sft), "--reward.path", str(out / "rm" / "final" / "reward"),
                  "--data.prompts", str(data / "ppo_prompts.jsonl"), "--ppo.iterations", "2", "--ppo.rollout_batch",
                  "8", "--ppo.minibatch", "8", "--rollout.max_new_tokens", "8", *few]) == 0
+    # what to label next: with the RM given, the items it separates least come first
+    rm_dir = out / "rm" / "final" / "reward"
+    assert main(["label", "rank", "--policy", str(sft), "--prompts", str(data / "ppo_prompts.jsonl"), "--labelers",
+                 "a", "--k", "3", "--rm", str(rm_dir), "--to", str(tmp_path / "next"), *quiet]) == 0
+    check_uncertainty_order(tmp_path / "next", rm_dir)
     assert main(["label", "compare", "--policies", f"sft={sft},ppo={out / 'ppo' / 'final' / 'policy'}", "--prompts",
                  str(data / "eval_prompts.jsonl"), "--labelers", "h1,h2", "--to", str(tmp_path / "eval"), *quiet]) == 0
     proc = start(tmp_path / "eval", port)
@@ -314,3 +320,31 @@ def test_the_whole_loop_through_the_app_on_the_built_in_task(tiny_run, tmp_path,
     assert main(["label", "report", "--session", str(tmp_path / "eval")]) == 0
     w = json.loads((tmp_path / "eval" / "report.json").read_text())["win_rates"]["ppo vs sft"]
     assert w["n"] == sum(done.values()) == 24 and w["ci95"][0] <= w["win_rate"] <= w["ci95"][1]
+
+
+def check_uncertainty_order(folder, rm_dir):
+    """The items' recorded spreads ascend, and each is the spread of the RM's scores computed here another way
+    (all items in one batch through the RM trainer's own scoring)."""
+    import statistics
+
+    from engine.config import DataConfig
+    from engine.data.encode import make_encoder
+    from engine.loading import load_model, load_tokenizer
+    from engine.models import SequenceScores
+    from engine.trainers.reward import score_comparisons
+
+    items = [json.loads(line) for line in (folder / "items.jsonl").read_text().splitlines()]
+    spreads = [i["rm_spread"] for i in items]
+    assert spreads == sorted(spreads) and spreads[-1] > spreads[0]
+    tok = load_tokenizer(rm_dir)
+    enc = make_encoder(tok, DataConfig(), None, 1)
+    rm = SequenceScores(load_model(rm_dir, flag="rm", scalar=True, device="cpu", tokenizer=tok)).eval()
+    rows = []
+    for i in items:
+        p = enc.prompt(i["prompt"])
+        rows.append({"prompt": p, "ranks": list(range(len(i["responses"]))),
+                     "responses": [enc.response(i["prompt"], r, len(p), f) for r, f in zip(i["responses"], i["finished"])]})
+    with torch.no_grad():
+        scores, _, _ = score_comparisons(rm, rows, tok.pad_token_id)
+    for i, item in enumerate(items):
+        assert item["rm_spread"] == pytest.approx(statistics.pstdev(scores[i].tolist()), abs=1e-5)
