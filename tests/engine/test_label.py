@@ -91,7 +91,7 @@ def free_port() -> int:
 def start(folder, port) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "engine", "label", "serve", "--session", str(folder), "--port",
                              str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for _ in range(200):
+    for _ in range(600):
         try:
             httpx.get(f"http://127.0.0.1:{port}/api/next", timeout=1)
             return proc
