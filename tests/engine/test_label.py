@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -89,15 +90,17 @@ def free_port() -> int:
 
 
 def start(folder, port) -> subprocess.Popen:
+    out = tempfile.TemporaryFile()  # a file, not a pipe: a server that writes much can never block on it
     proc = subprocess.Popen([sys.executable, "-m", "engine", "label", "serve", "--session", str(folder), "--port",
-                             str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             str(port)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     for _ in range(600):
         try:
             httpx.get(f"http://127.0.0.1:{port}/api/next", timeout=1)
             return proc
         except httpx.TransportError:
             if proc.poll() is not None:
-                raise AssertionError(proc.stdout.read())
+                out.seek(0)
+                raise AssertionError(out.read().decode(errors="replace"))
             time.sleep(0.1)
     raise AssertionError("the server did not start")
 
