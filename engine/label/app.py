@@ -69,6 +69,17 @@ def make_app(session: Session) -> FastAPI:
             raise HTTPException(400, "the body must be a JSON object")
         return body
 
+    @app.middleware("http")
+    async def safe_headers(request: Request, call_next):
+        # The token rides in the page's link: never sent on as a Referer, never cached, never framed elsewhere;
+        # the pages load nothing from other origins.
+        response = await call_next(request)
+        response.headers.update({"Referrer-Policy": "no-referrer", "Cache-Control": "no-store",
+                                 "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+                                 "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+                                                            "style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"})
+        return response
+
     @app.exception_handler(SubmissionError)
     async def refused(request: Request, exc: SubmissionError):
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)

@@ -123,7 +123,10 @@ def test_every_request_needs_the_right_token_and_bodies_are_bounded(server):
     for path in ("/api/next", "/rank", "/admin", "/api/progress"):
         assert httpx.get(url + path).status_code == 401
         assert httpx.get(url + path + "?token=wrong").status_code == 401
-    assert httpx.get(url + "/rank?token=" + tokens["labelers"]["ann"]).text.startswith("<!doctype html>")
+    page = httpx.get(url + "/rank?token=" + tokens["labelers"]["ann"])
+    assert page.text.startswith("<!doctype html>")
+    assert page.headers["referrer-policy"] == "no-referrer" and page.headers["cache-control"] == "no-store"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
     assert httpx.get(url + "/api/next", headers=admin).status_code == 401       # the admin ranks nothing
     assert httpx.get(url + "/api/progress", headers=ann).status_code == 401     # a labeler sees no one else
     assert httpx.post(url + "/api/submit", headers=ann, content=b"x" * 70000).status_code == 413
