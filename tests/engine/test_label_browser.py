@@ -55,6 +55,18 @@ def session(tmp_path):
     proc.wait()
 
 
+def wait_until(page, expression: str, timeout: float = 15.0) -> None:
+    """Poll a JavaScript expression with page.evaluate until it is true (Playwright's wait_for_function evals a
+    string inside the page, which the app's content policy forbids, as it should)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        if time.monotonic() > end:
+            raise AssertionError(f"still false after {timeout} s: {expression}")
+        time.sleep(0.05)
+
+
 def shown_to_response(folder, name, item_id):
     s = Session.open(folder)
     order = s.order(name, item_id)
@@ -81,7 +93,7 @@ def test_two_labelers_rank_one_by_dragging_one_by_keyboard_and_the_file_says_exa
         page.select_option(f"#response-{shown} select.rating", str(rating))
     page.check(f"#response-2 >> text={FLAGS[1]}")
     page.click("#submit")
-    page.wait_for_function(f"item && item.item !== {json.dumps(first_item)}")
+    wait_until(page, f"item && item.item !== {json.dumps(first_item)}")
     page.close()
 
     # bob: keyboard only: 2 picks the second shown response, ArrowUp moves it first, Shift+digit rates, Enter
@@ -91,7 +103,7 @@ def test_two_labelers_rank_one_by_dragging_one_by_keyboard_and_the_file_says_exa
     bob_item = page.evaluate("item.item")
     for key in ("Digit2", "ArrowUp", "Shift+Digit6", "Digit1", "Shift+Digit1", "Digit3", "Shift+Digit4", "Enter"):
         page.keyboard.press(key)
-    page.wait_for_function(f"item && item.item !== {json.dumps(bob_item)}")
+    wait_until(page, f"item && item.item !== {json.dumps(bob_item)}")
     page.close()
 
     rows = {r["labeler"]: r for r in map(json.loads, (folder / "comparisons.jsonl").read_text().splitlines())}
@@ -147,7 +159,7 @@ def test_a_blind_comparison_through_the_page_reports_the_win_rate_and_interval_o
                 page.keyboard.press("Digit1" if good == 0 else "Digit2")
             else:
                 page.click("#left" if good == 0 else "#right")
-            page.wait_for_function(f"!item || item.item !== {json.dumps(current)}")
+            wait_until(page, f"!item || item.item !== {json.dumps(current)}")
         assert "Nothing left" in page.inner_text("#prompt")
         page.close()
     finally:
