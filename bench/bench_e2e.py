@@ -53,11 +53,13 @@ def write_inputs(work: Path, size: str) -> dict:
     return {"model": model, "prompts": prompts}
 
 
-def engine_cmd(inputs: dict, out: Path, iterations: int) -> list[str]:
+def engine_cmd(inputs: dict, out: Path, iterations: int, estimator: str = "grpo") -> list[str]:
+    """estimator "grpo" (the job TRL runs too) or "gae" (PPO with a critic: a value model, started from the
+    policy since the reward is a function, trained beside it)."""
     j = JOB
     return [sys.executable, "-m", "engine", "ppo", "--policy.path", str(inputs["model"]), "--data.prompts",
             str(inputs["prompts"]), "--reward.fn", "bench.e2e_reward:length_reward", "--out", str(out),
-            "--ppo.advantage_estimator", "grpo", "--ppo.samples_per_prompt", str(j["n"]),
+            "--ppo.advantage_estimator", estimator, "--ppo.samples_per_prompt", str(j["n"]),
             "--ppo.rollout_batch", str(j["prompts"]), "--ppo.minibatch", str(j["prompts"] * j["n"]),
             "--ppo.epochs", "1", "--ppo.kl_coef", "0", "--ppo.loss_agg", "token-mean", "--ppo.lr", str(j["lr"]),
             "--ppo.iterations", str(iterations), "--ppo.checkpoint_every", str(iterations),
@@ -110,9 +112,9 @@ def timed(cmd: list[str], env: dict | None = None) -> float:
         return int(rss.read().split()[-1]) / 1024
 
 
-def run_engine(inputs: dict, work: Path, iterations: int, tag: str) -> dict:
-    out = work / f"engine-{tag}"
-    peak = timed(engine_cmd(inputs, out, iterations))
+def run_engine(inputs: dict, work: Path, iterations: int, tag: str, estimator: str = "grpo") -> dict:
+    out = work / f"engine-{estimator}-{tag}"
+    peak = timed(engine_cmd(inputs, out, iterations, estimator))
     rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()][1:]
     tokens = [r["response_len"] * JOB["prompts"] * JOB["n"] for r in rows]
     phases = {k[5:]: statistics.median(r[k] for r in rows) for k in rows[0] if k.startswith("time/") and k != "time/step"}
@@ -137,12 +139,17 @@ def main(argv=None) -> None:
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--iterations", type=int, default=6)
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--critic", action="store_true",
+                    help="PPO with a critic (GAE, value model) beside the engine's GRPO on the same job, no peer "
+                         "-> e2e-critic.{md,json}")
     ap.add_argument("--trl", nargs=4, metavar=("MODEL", "PROMPTS", "OUT", "ITERATIONS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.trl:
         return trl_worker(*args.trl[:3], int(args.trl[3]))
     if args.dry_run:
         args.size, args.pairs, args.iterations = "tiny", 1, 3
+    if args.critic:
+        return critic_main(args, argv)
     from .harness import provenance
 
     rows = []
@@ -165,6 +172,56 @@ def main(argv=None) -> None:
         name = "e2e" if args.size == "19m" else f"e2e-{args.size}"
         (dest / f"{name}.json").write_text(json.dumps(report, indent=2))
         (dest / f"{name}.md").write_text(render(report))
+
+
+def critic_main(args, argv) -> None:
+    """The engine's PPO with a critic beside its GRPO on the same job, alternated A B A B."""
+    from .harness import provenance
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        inputs = write_inputs(work, args.size)
+        for i in range(args.pairs):
+            grpo = run_engine(inputs, work, args.iterations, str(i), "grpo")
+            ppo = run_engine(inputs, work, args.iterations, str(i), "gae")
+            rows.append({"pair": i + 1, "grpo": grpo, "ppo": ppo, "ratio": ppo["s_per_iter"] / grpo["s_per_iter"]})
+            print(f"pair {i + 1}: GRPO {grpo['s_per_iter']:.2f} s/iter, PPO with a critic {ppo['s_per_iter']:.2f} "
+                  f"s/iter ({rows[-1]['ratio']:.2f}x the time)", flush=True)
+    report = {"job": {**JOB, "size": args.size, **SIZES[args.size]}, "pairs": rows,
+              "median_ratio": statistics.median(r["ratio"] for r in rows),
+              "provenance": provenance(" ".join(["python -m bench.bench_e2e", *(argv or sys.argv[1:])]), "cpu")}
+    text = render_critic(report)
+    print(text)
+    if not args.dry_run:
+        dest = ROOT / "bench" / "results" / "cpu-2core"
+        name = "e2e-critic" if args.size == "19m" else f"e2e-critic-{args.size}"
+        (dest / f"{name}.json").write_text(json.dumps(report, indent=2))
+        (dest / f"{name}.md").write_text(text)
+
+
+def render_critic(report: dict) -> str:
+    j, p = report["job"], report["provenance"]
+    lines = ["# PPO with a critic beside GRPO, the same job in the engine", "",
+             f"{p['date']}, commit {p['commit']}, {p.get('cpu', p['device'])}, torch {p['torch']}, "
+             f"`{p['command']}`.", "",
+             f"Job: as `e2e.md` (Llama hidden {j['hidden']}, {j['layers']} layers; {j['prompts']} prompts x {j['n']} "
+             f"answers, {j['new_tokens']} new tokens, KL 0, one AdamW step per batch, float32); PPO adds a value "
+             "model (started from the policy, the reward being a function), its forward and its update, and GAE. "
+             "TRL 1.16 ships no PPO trainer at all (no `PPOTrainer` class in the package), so PPO stands beside "
+             "our GRPO. Each run its own process, A B A B, first iteration left out, medians.", "",
+             "| pair | GRPO s/iter | PPO s/iter | PPO / GRPO | GRPO tok/s | PPO tok/s | GRPO peak MiB | PPO peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["pairs"]:
+        g, q = r["grpo"], r["ppo"]
+        lines.append(f"| {r['pair']} | {g['s_per_iter']:.2f} | {q['s_per_iter']:.2f} | {r['ratio']:.2f}x | "
+                     f"{g['tokens_per_s']:.0f} | {q['tokens_per_s']:.0f} | {g['peak_mib']:.0f} | {q['peak_mib']:.0f} |")
+    first = report["pairs"][0]
+    lines += ["", f"Median per-pair time ratio: **{report['median_ratio']:.2f}x** (PPO's iteration over GRPO's).", "",
+              "Phases (median seconds per iteration, first pair): GRPO " + ", ".join(
+                  f"{k} {v:.2f}" for k, v in first["grpo"]["phases"].items()) + "; PPO " + ", ".join(
+                  f"{k} {v:.2f}" for k, v in first["ppo"]["phases"].items()), ""]
+    return "\n".join(lines)
 
 
 def render(report: dict) -> str:

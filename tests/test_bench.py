@@ -62,3 +62,9 @@ def test_the_dpo_benchmark_runs_both_sides_on_the_same_tokens():
     engine, trl = (int(x) for x in out.split("tokens per pair in the engine and ")[0].split()[-1:] +
                    out.split("tokens per pair in the engine and ")[1].split()[:1])
     assert engine == trl > 0
+
+
+def test_the_critic_benchmark_runs_ppo_beside_grpo():
+    """bench/bench_e2e.py --critic's dry run: the engine's PPO with a value model beside its GRPO, A B."""
+    out = run("-m", "bench.bench_e2e", "--critic", "--dry-run")
+    assert "| 1 |" in out and "PPO's iteration over GRPO's" in out and "values" in out
