@@ -29,10 +29,9 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from .bench_e2e import timed
+from .bench_e2e import step_clock, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"full": dict(hidden=512, layers=8, heads=8, vocab=128256), "tiny": dict(hidden=64, layers=1, heads=1,
@@ -81,7 +80,7 @@ def engine_cmd(inputs: dict, out: Path, steps: int, batch: int) -> list[str]:
 def trl_worker(model: str, data: str, out: str, steps: int, batch: int) -> None:
     """TRL's DPOTrainer on the same job; writes {"steps": [seconds per step], "tokens": mean tokens per pair}."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     rows = [json.loads(line) for line in Path(data).read_text().splitlines()]
@@ -89,21 +88,13 @@ def trl_worker(model: str, data: str, out: str, steps: int, batch: int) -> None:
     ds = Dataset.from_list([{"prompt": r["messages"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
                              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
     times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
-
     cfg = DPOConfig(output_dir=str(Path(out).parent / "trl-out"), per_device_train_batch_size=batch,
                     learning_rate=JOB["lr"], beta=JOB["beta"], loss_type=["sigmoid"], max_length=None,
                     max_steps=steps, lr_scheduler_type="constant", warmup_steps=0, use_cpu=True, bf16=False,
                     gradient_checkpointing=False, logging_steps=1, report_to=[], save_strategy="no", seed=0,
                     dataloader_num_workers=0, precompute_ref_log_probs=False, dataset_num_proc=None)
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype="float32"), args=cfg,
-                         train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+                         train_dataset=ds, processing_class=tok, callbacks=[step_clock(times)])
     tokens = statistics.mean(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"])
                              for r in trainer.train_dataset.select(range(64)))
     trainer.train()

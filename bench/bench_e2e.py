@@ -67,10 +67,25 @@ def engine_cmd(inputs: dict, out: Path, iterations: int, estimator: str = "grpo"
             "--rollout.temperature", str(j["temperature"]), "--run.progress", "false", "--run.dtype", "float32"]
 
 
+def step_clock(times: list[float]):
+    """A transformers TrainerCallback appending each optimizer step's seconds (on_step_begin to on_step_end,
+    which wrap a TRL trainer's whole step: generation or reference pass, forward, backward, update) to times."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    return Clock()
+
+
 def trl_worker(model: str, prompts: str, out: str, iterations: int) -> None:
     """TRL's GRPOTrainer on the same job; writes {"steps": [seconds per step], "tokens": [...]} to `out`."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from bench.e2e_reward import length_reward
@@ -80,14 +95,6 @@ def trl_worker(model: str, prompts: str, out: str, iterations: int) -> None:
     tok = AutoTokenizer.from_pretrained(model)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows])
     steps: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            steps.append(time.perf_counter() - self.t0)
-
     cfg = GRPOConfig(output_dir=str(Path(out).parent / "trl-out"), per_device_train_batch_size=j["prompts"] * j["n"],
                      num_generations=j["n"], max_completion_length=j["new_tokens"], temperature=j["temperature"],
                      learning_rate=j["lr"], beta=0.0, num_iterations=1, gradient_accumulation_steps=1,
@@ -95,7 +102,7 @@ def trl_worker(model: str, prompts: str, out: str, iterations: int) -> None:
                      logging_steps=1, report_to=[], save_strategy="no", seed=0, dataloader_num_workers=0)
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype="float32"),
                           reward_funcs=length_reward, args=cfg, train_dataset=data, processing_class=tok,
-                          callbacks=[Clock()])
+                          callbacks=[step_clock(steps)])
     trainer.train()
     lengths = [h.get("completions/mean_length") for h in trainer.state.log_history if "completions/mean_length" in h]
     Path(out).write_text(json.dumps({"steps": steps, "mean_length": lengths}))
