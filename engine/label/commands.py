@@ -32,6 +32,9 @@ def add_actions(p: ArgumentParser) -> None:
     rank.add_argument("--k", type=int, default=4, help="responses per prompt")
     rank.add_argument("--rm", type=Optional[str], default=None,
                       help="a reward model: the items it separates least are labeled first")
+    rank.add_argument("--flags", type=Optional[str], default=None,
+                      help="the metadata flags a labeler may tick per answer, separated by ';' (default: "
+                           "InstructGPT's five)")
     _session_arguments(rank, "display order")
     compare = ArgumentParser(description="sample one answer per prompt from each policy, make a blind A/B "
                                          "session (every pair of policies per prompt) and serve it")
@@ -64,7 +67,7 @@ def add_actions(p: ArgumentParser) -> None:
 def run_action(args) -> None:
     """The `label` command: args.action is "rank" or "serve", its options under args[action]."""
     from .serve import compare_items, links, parse_policies, sample_items, serve
-    from .session import Session, create_session
+    from .session import FLAGS, Session, create_session
 
     opts = args[args.action]
     if args.action == "simulate":
@@ -95,7 +98,8 @@ def run_action(args) -> None:
             items = most_uncertain_first(opts.rm, items)
             source["order"] = f"the reward model {Path(opts.rm).resolve()} separates them least first"
         names = [n.strip() for n in opts.labelers.split(",") if n.strip()]
-        folder = create_session(opts.to, items, names, overlap=opts.overlap, per_shared=opts.per_shared,
+        flags = [f.strip() for f in opts.flags.split(";") if f.strip()] if opts.flags is not None else FLAGS
+        folder = create_session(opts.to, items, names, flags=flags, overlap=opts.overlap, per_shared=opts.per_shared,
                                 seed=opts.seed, source=source)
         log.info("label: %d items of %d responses in %s", len(items), opts.k, folder)
     else:

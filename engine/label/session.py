@@ -63,6 +63,9 @@ def create_session(folder: str | Path, items: list[dict], labelers: list[str], *
     for name in labelers:
         if not name or not all(c.isalnum() or c in "-_" for c in name) or len(name) > 40:
             raise ValueError(f"labeler name {name!r}: use 1-40 letters, digits, '-' or '_'")
+    flags = list(flags)
+    if len(set(flags)) != len(flags) or not all(isinstance(f, str) and 0 < len(f) <= 80 for f in flags):
+        raise ValueError(f"flags must be distinct texts of 1-80 characters, got {flags!r}")
     if not 0 <= overlap <= 1:
         raise ValueError(f"overlap must be in [0, 1], got {overlap}")
     if overlap > 0 and not 2 <= per_shared <= len(labelers):

@@ -262,7 +262,8 @@ def test_label_rank_and_compare_sample_from_real_policies_and_print_the_links(ti
 
     assert main(["label", "rank", "--policy", str(tiny_models["qwen2"]), "--prompts", str(EXAMPLES / "prompts.jsonl"),
                  "--labelers", "ann,bob", "--to", str(tmp_path / "r"), "--k", "3", "--max_new_tokens", "5",
-                 "--serve", "false"]) == 0
+                 "--flags", "off topic; rude", "--serve", "false"]) == 0
+    assert json.loads((tmp_path / "r" / "session.json").read_text())["flags"] == ["off topic", "rude"]
     rows = [json.loads(line) for line in (tmp_path / "r" / "items.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and all(len(r["responses"]) == 3 and len(r["finished"]) == 3 for r in rows)
     assert len({tuple(r["responses"]) for r in rows}) == 5  # sampled, not copied
