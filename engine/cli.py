@@ -21,8 +21,9 @@ from typing import Optional
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from .commands import COMMANDS, SECTIONS, unread
-from .config import (Config, DataConfig, DPOConfig, EvalConfig, FrozenModelConfig, LMTrainConfig, ModelConfig, PPOConfig,
-                     RewardConfig, RewardSourceConfig, RolloutConfig, RunConfig, TaskConfig, TrainedModelConfig)
+from .config import (Config, DataConfig, DPOConfig, EvalConfig, FrozenModelConfig, LMTrainConfig, ModelConfig,
+                     PPOConfig, RewardConfig, RewardSourceConfig, RolloutConfig, RunConfig, TaskConfig,
+                     TrainedModelConfig)
 
 TYPES = {"run": RunConfig, "task": TaskConfig, "model": ModelConfig, "pretrain": LMTrainConfig,
          "sft": LMTrainConfig, "rm": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig, "rollout": RolloutConfig,

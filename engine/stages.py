@@ -148,6 +148,21 @@ def rm(ctx) -> Path:
                         demos, evaluate)
 
 
+def _reference(ctx, needed: bool, why: str):
+    """The frozen reference of PPO and DPO: --reference.path (its tokenizer must be the policy's: `why`), else
+    the policy's starting weights loaded again. None when nothing reads it (`needed` false), or under LoRA
+    without --reference.path: the policy with its adapters disabled, the base weights once in memory."""
+    cfg = ctx.cfg
+    if not needed or (cfg.policy.lora_rank > 0 and not cfg.reference.path):
+        return None
+    if cfg.reference.path:
+        _same_tokenizer(ctx.tokenizer, cfg.reference.path, "--reference.path", why)
+        path, flag = cfg.reference.path, "--reference.path"
+    else:
+        path, flag = cfg.policy.path, "--policy.path"
+    return load_model(path, flag=flag, scalar=False, device=ctx.device, run=cfg.run, tokenizer=ctx.tokenizer)
+
+
 def dpo(ctx) -> Path:
     """DPO, IPO or listwise DPO (--dpo.loss) from the SFT policy on the comparisons, no reward model. The
     reference is --reference.path, else the policy's starting weights (under LoRA: the policy with its
@@ -159,15 +174,8 @@ def dpo(ctx) -> Path:
     rows = _encode_comparisons(enc, path)
     log.info("dpo: %s: %s", path, enc.counts.summary())
     heldout = _encode_comparisons(enc, cfg.data.eval_comparisons) if cfg.data.eval_comparisons else None
-    reference = None
-    if cfg.dpo.reference_free or (cfg.policy.lora_rank > 0 and not cfg.reference.path):
-        pass  # no reference, or the policy with its adapters disabled: the base weights once in memory
-    else:
-        ref_path, flag = (cfg.reference.path, "--reference.path") if cfg.reference.path else \
-            (cfg.policy.path, "--policy.path")
-        if cfg.reference.path:
-            _same_tokenizer(tok, ref_path, flag, "DPO compares the two models' log-probs of the same tokens")
-        reference = load_model(ref_path, flag=flag, scalar=False, device=ctx.device, run=cfg.run, tokenizer=tok)
+    reference = _reference(ctx, not cfg.dpo.reference_free,
+                           "DPO compares the two models' log-probs of the same tokens")
     load_fn = _loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=tok)
     return train_dpo(ctx, load_fn, reference, cfg.dpo, rows, heldout)
 
@@ -249,18 +257,8 @@ def ppo(ctx, ptx: bool = False) -> Path:
                         "the value model scores every policy token, so it needs the policy's tokenizer"
                         + ("" if cfg.value.path else " (it starts from the reward model unless --value.path is "
                            "given: give --value.path, e.g. the SFT policy)"))
-    if not needs_reference(cfg.ppo):
-        reference = None  # nothing reads it (no KL penalty, no KL loss, no KL metric): never loaded
-    elif cfg.reference.path:
-        _same_tokenizer(tok, cfg.reference.path, "--reference.path",
-                        "the KL penalty compares the two models token by token")
-        reference = load_model(cfg.reference.path, flag="--reference.path", scalar=False, device=dev, run=cfg.run,
-                               tokenizer=tok)
-    elif cfg.policy.lora_rank > 0:
-        reference = None  # the policy with its adapters disabled: the base weights once in memory
-    else:
-        reference = load_model(cfg.policy.path, flag="--policy.path", scalar=False, device=dev, run=cfg.run,
-                               tokenizer=tok)
+    # nothing reads it without a KL penalty, KL loss or KL metric: never loaded then
+    reference = _reference(ctx, needs_reference(cfg.ppo), "the KL penalty compares the two models token by token")
     context = _context_length(cfg.policy.path)
     enc = make_encoder(tok, cfg.data, context, cfg.rollout.max_new_tokens, "--policy.path")
     records, prompts = [], []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -64,11 +65,8 @@ class ReferenceLogps:
         was = model.training
         model.eval()
         try:
-            if self.reference is not None:
+            with nullcontext() if self.reference is not None else model.lm.disable_adapter():
                 logps = comparison_logps(model, [row], self.pad_id, self.length_norm)[0]
-            else:
-                with model.lm.disable_adapter():
-                    logps = comparison_logps(model, [row], self.pad_id, self.length_norm)[0]
         finally:
             model.train(was)
         return logps[0].float().cpu()
