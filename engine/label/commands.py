@@ -64,8 +64,13 @@ def add_actions(p: ArgumentParser) -> None:
     actions.add_subcommand("simulate", simulate, help="the built-in task's simulated labelers label through the API")
 
 
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def run_action(args) -> None:
-    """The `label` command: args.action is "rank" or "serve", its options under args[action]."""
+    """The `label` command: args.action is rank, compare, serve, report or simulate, its options under
+    args[action]."""
     from .serve import compare_items, links, parse_policies, sample_items, serve
     from .session import FLAGS, Session, create_session
 
@@ -85,8 +90,7 @@ def run_action(args) -> None:
     if args.action == "compare":
         items, source = compare_items(parse_policies(opts.policies), opts.prompts, max_new_tokens=opts.max_new_tokens,
                                       temperature=opts.temperature, seed=opts.seed)
-        names = [n.strip() for n in opts.labelers.split(",") if n.strip()]
-        folder = create_session(opts.to, items, names, kind="compare", overlap=opts.overlap,
+        folder = create_session(opts.to, items, _names(opts.labelers), kind="compare", overlap=opts.overlap,
                                 per_shared=opts.per_shared, seed=opts.seed, source=source)
         log.info("label: %d blind comparisons in %s", len(items), folder)
     elif args.action == "rank":
@@ -97,10 +101,9 @@ def run_action(args) -> None:
 
             items = most_uncertain_first(opts.rm, items)
             source["order"] = f"the reward model {Path(opts.rm).resolve()} separates them least first"
-        names = [n.strip() for n in opts.labelers.split(",") if n.strip()]
         flags = [f.strip() for f in opts.flags.split(";") if f.strip()] if opts.flags is not None else FLAGS
-        folder = create_session(opts.to, items, names, flags=flags, overlap=opts.overlap, per_shared=opts.per_shared,
-                                seed=opts.seed, source=source)
+        folder = create_session(opts.to, items, _names(opts.labelers), flags=flags, overlap=opts.overlap,
+                                per_shared=opts.per_shared, seed=opts.seed, source=source)
         log.info("label: %d items of %d responses in %s", len(items), opts.k, folder)
     else:
         folder = opts.session

@@ -109,6 +109,7 @@ class Session:
     skips: SubmissionLog
     judgments: SubmissionLog
     _done: dict[str, set] = field(default_factory=dict)
+    _assignments: dict[str, list[str]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -143,11 +144,15 @@ class Session:
         return token is not None and hmac.compare_digest(token.encode(), self.tokens["admin"].encode())
 
     def assigned(self, item_id: str) -> list[str]:
-        """The labelers an item goes to: one, or `per_shared` for the overlapping share."""
-        s = self.settings
-        names = sorted(s["labelers"], key=lambda n: derive_seed(s["seed"], "assign", item_id, n))
-        shared = derive_seed(s["seed"], "shared", item_id) / 2**63 < s["overlap"]
-        return names[:s["per_shared"] if shared else 1]
+        """The labelers an item goes to: one, or `per_shared` for the overlapping share (a function of the
+        settings alone, worked out once per item: every request asks)."""
+        names = self._assignments.get(item_id)
+        if names is None:
+            s = self.settings
+            names = sorted(s["labelers"], key=lambda n: derive_seed(s["seed"], "assign", item_id, n))
+            shared = derive_seed(s["seed"], "shared", item_id) / 2**63 < s["overlap"]
+            names = self._assignments[item_id] = names[:s["per_shared"] if shared else 1]
+        return names
 
     def queue(self, name: str) -> list[str]:
         done = self._done.get(name, set())

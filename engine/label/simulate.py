@@ -62,4 +62,5 @@ def simulate(folder: str | Path, url: str, heldout: bool = False, seed: int = 0)
     tokens = json.loads((Path(folder) / "tokens.json").read_text())["labelers"]
     first = cfg.n_labelers if heldout else 0
     people = make_labelers(len(tokens), first, cfg.label_noise, cfg.labeler_spread, cfg.seed)
-    return {name: label_queue(url.rstrip("/"), tok, person, seed) for (name, tok), person in zip(tokens.items(), people)}
+    return {name: label_queue(url.rstrip("/"), tok, person, seed)
+            for (name, tok), person in zip(tokens.items(), people)}
