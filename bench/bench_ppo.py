@@ -64,7 +64,7 @@ def measure(size: str, device: str, *, batch: int, prompt_len: int, new_tokens: 
     from engine.config import Config, PPOConfig, RolloutConfig, RunConfig
     from engine.context import RunContext
     from engine.loading import compute_precision
-    from engine.models import SequenceScores
+    from engine.models import PolicyLogprobs, SequenceScores
     from engine.trainers.ppo import PPOSetup, make_ppo_run, ppo_iteration
 
     spec = SIZES[size]
@@ -80,7 +80,8 @@ def measure(size: str, device: str, *, batch: int, prompt_len: int, new_tokens: 
                                    advantage_estimator=estimator, minibatch=minibatch, epochs=1, eval_every=0,
                                    backend=backend),
                      rollout=RolloutConfig(backend="hf", max_new_tokens=new_tokens))
-        setup = PPOSetup(load_policy=None, load_value=None, reference=reference,
+        ref = PolicyLogprobs(reference, backend=backend, fused=fused)
+        setup = PPOSetup(load_policy=None, load_value=None, reference=ref,
                          score=lambda b, idx, results: rm(b), policy_dir=Path(out), prompts=prompts,
                          max_model_len=prompt_len + new_tokens)
         ctx = RunContext(cfg, Path(out), _Ids(), None)

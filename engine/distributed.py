@@ -110,11 +110,12 @@ def _blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in module.modules() if type(m).__name__ in names]
 
 
-def shard(module: torch.nn.Module, *, train: bool = True) -> torch.nn.Module:
+def shard(module: torch.nn.Module) -> torch.nn.Module:
     """FSDP2 over the mesh: each transformer block, then `module` itself as the root (a forward module of
     engine.models, so that everything it computes runs inside its forward's all-gather). On GPUs the
     parameters are gathered in bfloat16 and gradients reduced in float32. The identity in a world of one.
-    Build optimizers after this: the parameters become DTensors holding this rank's rows."""
+    Build optimizers after this: the parameters become DTensors holding this rank's rows. A model that
+    `loading.load_model` built on the meta device is allocated and read here, this rank's rows only."""
     w = _WORLD
     if w.size == 1:
         return module
@@ -128,9 +129,14 @@ def shard(module: torch.nn.Module, *, train: bool = True) -> torch.nn.Module:
     kw = {"mesh": w.mesh}
     if w.mesh.device_type == "cuda":
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    # reshard after every forward, frozen models too: kept gathered, a model that never runs backward would
+    # stay whole on every rank from its first forward on
     for block in _blocks(module):
-        fully_shard(block, reshard_after_forward=train, **kw)
-    fully_shard(module, reshard_after_forward=train, **kw)
+        fully_shard(block, reshard_after_forward=True, **kw)
+    fully_shard(module, reshard_after_forward=True, **kw)
+    from .meta_load import materialize
+
+    materialize(module, device_of(w.mesh.device_type))  # models built on the meta device get their slices
     return module
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed as dist
 from .lora import add_lora, load_adapters
 
 log = logging.getLogger("engine")
@@ -151,6 +152,10 @@ def _from_pretrained(cls, p: Path, flag: str, *, head_required: bool, **kw):
         raise ValueError(f"{flag} {p}: this checkpoint has no trained score head ({sorted(head)[0]} is not in it), so "
                          f"its rewards would come from a random head. Give a reward model (`python -m engine rm` "
                          f"writes OUT/rm/final/reward)")
+    if head:
+        from .meta_load import init_missing_head
+
+        init_missing_head(model, head)
     return model
 
 
@@ -173,6 +178,14 @@ def check_causal(model, flag: str, path) -> None:
         raise ValueError(f"{flag} {path}: this {type(model).__name__} sees future tokens (changing the last token "
                          f"changed the earlier positions), so it is not a causal LM; RLHF here needs a decoder-only "
                          f"model (Llama, Qwen2, Mistral, GPT-2, ...), not an encoder such as BERT")
+
+
+def placed(model, device):
+    """`model` on `device`, unless it was built on the meta device for sharding (`distributed.shard` places
+    its slices)."""
+    from .meta_load import pending
+
+    return model if pending(model) else model.to(device)
 
 
 def load_model(path, *, flag: str, scalar: bool, device="cpu", run=None, train=None, resume=None, tokenizer=None,
@@ -209,14 +222,24 @@ def load_model(path, *, flag: str, scalar: bool, device="cpu", run=None, train=N
     kw = dict(dtype=dtype, attn_implementation=resolve_attention(run.attention, device))
     if resume is not None:  # a run directory holds safetensors only; never unpickle a file found there
         kw["use_safetensors"] = True
-    if scalar:
+    # several processes: built on the meta device; `distributed.shard` gives each rank its slices (meta_load)
+    meta = dist.world().size > 1 and adapters is None and (train is None or train.lora_rank == 0)
+    if meta:
+        from transformers import AutoConfig
+
+        from .meta_load import build
+
+        config = AutoConfig.from_pretrained(str(p), **({"num_labels": 1} if scalar else {}))
+        cls = AutoModelForSequenceClassification if scalar else AutoModelForCausalLM
+        model = build(cls, config, p, flag, head_required=head_required and scalar, **kw)
+    elif scalar:
         model = _from_pretrained(AutoModelForSequenceClassification, p, flag, head_required=head_required,
                                  num_labels=1, **kw)
-        if not isinstance(getattr(model, "score", None), torch.nn.Linear):
-            raise ValueError(f"{flag} {path}: {type(model).__name__} has no linear `score` head, which reward and "
-                             f"value models here read; use a decoder-only model (Llama, Qwen2, Mistral, GPT-2, ...)")
     else:
         model = _from_pretrained(AutoModelForCausalLM, p, flag, head_required=False, **kw)
+    if scalar and not isinstance(getattr(model, "score", None), torch.nn.Linear):
+        raise ValueError(f"{flag} {path}: {type(model).__name__} has no linear `score` head, which reward and "
+                         f"value models here read; use a decoder-only model (Llama, Qwen2, Mistral, GPT-2, ...)")
     if tokenizer is not None:
         check_vocab(tokenizer, model, flag, path)
         if model.config.pad_token_id is None:
@@ -229,6 +252,8 @@ def load_model(path, *, flag: str, scalar: bool, device="cpu", run=None, train=N
         model = add_lora(model, train, scalar=scalar)
     if train is None:
         model.requires_grad_(False).eval()
+    if meta:  # moved, filled and checked by distributed.shard, one rank's slices at a time
+        return model
     model = model.to(device)
     check_causal(model, flag, path)
     return model

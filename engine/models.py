@@ -24,6 +24,21 @@ from .batch import SequenceBatch
 from .lora import unwrap
 
 
+class Inside:
+    """Passed to a model wrapper in place of a batch: the wrapper calls fn(its transformers model) inside its
+    own forward and returns the result. Under FSDP2 the root's forward is where the root's parameters
+    (embeddings, final norm, heads) are gathered, so generation and checks on the inner model run through
+    here (`run_inside`); in one process it is a plain call."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+
+def run_inside(wrapper: nn.Module, fn):
+    """fn(the model inside `wrapper`), run within the wrapper's forward."""
+    return wrapper(Inside(fn))
+
+
 def quiet_transformers() -> None:
     from transformers.utils import logging as tlog
 
@@ -58,6 +73,8 @@ class PolicyLogprobs(nn.Module):
         self.lm, self.backend, self.fused = lm, backend, fused
 
     def forward(self, batch: SequenceBatch, temperature: float = 1.0, return_entropy: bool = False):
+        if isinstance(batch, Inside):
+            return batch.fn(self.lm)
         p = batch.prompt_len
         h = _hidden(self.lm, batch)[:, p - 1:-1]          # the state before each response token, [B, R, H]
         head = unwrap(self.lm).get_output_embeddings()
@@ -84,6 +101,8 @@ class TokenValues(nn.Module):
         self.scalar = scalar
 
     def forward(self, batch: SequenceBatch) -> torch.Tensor:
+        if isinstance(batch, Inside):
+            return batch.fn(self.scalar)
         h = _hidden(self.scalar, batch)[:, batch.prompt_len - 1:-1]
         return unwrap(self.scalar).score(h).squeeze(-1).float()
 
@@ -97,6 +116,8 @@ class SequenceScores(nn.Module):
         self.scalar = scalar
 
     def forward(self, batch: SequenceBatch) -> torch.Tensor:
+        if isinstance(batch, Inside):
+            return batch.fn(self.scalar)
         h = _hidden(self.scalar, batch)
         idx, _ = kernels.reference.last_valid_index(batch.attention_mask)
         last = h[torch.arange(h.shape[0], device=h.device), idx]

@@ -30,7 +30,7 @@ from .config import TrainedModelConfig
 from .data.encode import make_encoder, special_texts, text_examples
 from .data.formats import load
 from .loading import load_model, load_tokenizer, resolve_dtype, same_vocabulary
-from .models import SequenceScores
+from .models import PolicyLogprobs, SequenceScores
 from .reward_fn import call_reward_fn, load_reward_fn, prompt_text
 from .trainers.dpo import train_dpo
 from .trainers.lm import train_lm
@@ -188,7 +188,7 @@ def _reward_model(ctx):
     rm_tok = load_tokenizer(cfg.reward.path, "--reward.path")
     rm = load_model(cfg.reward.path, flag="--reward.path", scalar=True, device=ctx.device, run=cfg.run,
                     tokenizer=rm_tok, head_required=True)
-    return dist.shard(SequenceScores(rm), train=False), rm_tok
+    return dist.shard(SequenceScores(rm)), rm_tok
 
 
 def _scorer(ctx, reward_model, prompts, enc):
@@ -274,10 +274,13 @@ def ppo(ctx, ptx: bool = False) -> Path:
                       "pretraining text ({\"text\": ...} records)")
         ptx_examples = text_examples(tok, load(texts, "texts", special_texts(tok)),
                                      min(cfg.data.max_response_tokens, context - 1))
+    heads = dict(backend=cfg.ppo.backend, fused=cfg.run.fused_lm_head)
+    if reference is not None:  # as the trainer calls it, sharded (with several processes, read sharded)
+        reference = dist.shard(PolicyLogprobs(reference, **heads))
     evaluate = None
     if ctx.task is not None and cfg.ppo.eval_every:
-        sft_policy = reference if reference is not None else load_model(
-            cfg.policy.path, flag="--policy.path", scalar=False, device=dev, run=cfg.run, tokenizer=tok)
+        sft_policy = reference if reference is not None else dist.shard(PolicyLogprobs(load_model(
+            cfg.policy.path, flag="--policy.path", scalar=False, device=dev, run=cfg.run, tokenizer=tok), **heads))
         evaluate = ctx.task.ppo_evaluator(ctx, sft_policy)
     setup = PPOSetup(
         load_policy=_loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=tok),

@@ -7,6 +7,8 @@ import torch
 
 import kernels
 
+from .. import distributed as dist
+from ..models import run_inside
 from ..seeds import MASK, sample_seed
 from .base import RolloutResult, prompt_seeds
 
@@ -78,7 +80,10 @@ class HFRollout:
     """Generate with a transformers causal LM.
 
     `model_or_dir` is a model instance (then the trainer's own policy is used in place and weight updates
-    are free) or a directory to load one from.
+    are free), a directory to load one from, or the trainer's `models.PolicyLogprobs` around it. With several
+    processes that wrapper is FSDP-sharded and no process holds the whole policy: generation runs inside its
+    forward (where the root's parameters are gathered; each block gathers its own as it runs), with
+    generate(synced_gpus=True) so every rank runs as many decoding steps as the slowest.
     """
 
     def __init__(self, model_or_dir, *, device="cpu", seed: int = 0, pad_token_id: int | None = None,
@@ -87,7 +92,10 @@ class HFRollout:
             from ..loading import load_model
 
             model_or_dir = load_model(model_or_dir, flag="HFRollout", scalar=False, device=device)
-        self.model = model_or_dir
+        from ..models import PolicyLogprobs
+
+        self.wrapper = model_or_dir if isinstance(model_or_dir, PolicyLogprobs) else None
+        self.model = model_or_dir.lm if self.wrapper is not None else model_or_dir
         cfg = self.model.config
         self.pad_id = pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)
         self.eos_id = eos_token_id if eos_token_id is not None else cfg.eos_token_id
@@ -122,11 +130,16 @@ class HFRollout:
         sampler = SeededSampler(temperature, top_p, top_k, [(s, j) for s in per_prompt for j in range(n)])
         # greedy over the sampler's Gumbel-perturbed scores is a draw from softmax(logits / T), top-k/top-p
         ids, attn = ids.to(device), attn.to(device)
-        cache = shared_prefill(self.model, ids, attn, n) if self.share_prefill and n > 1 and p_len > 1 else None
-        sequences = self.model.generate(
-            input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=max_tokens, past_key_values=cache,
-            eos_token_id=sorted(stops), pad_token_id=self.pad_id, logits_processor=[recorder, sampler],
-        )
+        synced = dist.world().size > 1 and self.wrapper is not None
+
+        def run(model):
+            cache = shared_prefill(model, ids, attn, n) if self.share_prefill and n > 1 and p_len > 1 else None
+            return model.generate(
+                input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=max_tokens, past_key_values=cache,
+                eos_token_id=sorted(stops), pad_token_id=self.pad_id, logits_processor=[recorder, sampler],
+                synced_gpus=synced)
+
+        sequences = run_inside(self.wrapper, run) if self.wrapper is not None else run(self.model)
         self.model.train(was_training)
         new = sequences[:, p_len:]
         logp = recorder.finish(new[:, -1]).cpu()    # [N, steps]

@@ -21,6 +21,7 @@ from kernels import preference_loss, sequence_logps
 from .. import distributed as dist
 from ..checkpoint import save_models, write_text_atomic
 from ..lora import plain
+from ..loading import placed
 from ..models import PolicyLogprobs
 from .loop import run_steps
 from .reward import comparison_batch, n_pairs, per_prompt
@@ -114,9 +115,9 @@ def train_dpo(ctx, load_policy, reference, cfg, rows: list[dict], heldout: list[
     dist.require_rows(cfg.batch_size, "the batch of prompts", "--dpo.batch_size")
     pad, device = ctx.tokenizer.pad_token_id, ctx.device
     heads = dict(backend=cfg.backend, fused=ctx.cfg.run.fused_lm_head)
-    model = load_policy(saved_model(ckpt, "policy")).to(device).train()
+    model = placed(load_policy(saved_model(ckpt, "policy")), device).train()
     policy = dist.shard(PolicyLogprobs(model, **heads))
-    ref_model = None if reference is None else dist.shard(PolicyLogprobs(reference, **heads), train=False)
+    ref_model = None if reference is None else dist.shard(PolicyLogprobs(reference, **heads))
     ref_kw = dict(reference=ref_model, policy=policy, length_norm=cfg.length_norm, reference_free=cfg.reference_free)
     ref = ReferenceLogps(rows, pad, **ref_kw)
     optim, state, start = train_one(stage_dir, "policy", model, cfg, "--dpo.lr", ctx.tokenizer, ckpt)

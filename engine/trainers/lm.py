@@ -12,6 +12,7 @@ from .. import distributed as dist
 from ..batch import make_batch
 from ..checkpoint import save_models
 from ..lora import plain
+from ..loading import placed
 from ..models import PolicyLogprobs
 from .loop import run_steps
 from .state import open_stage, saved_model, train_one
@@ -50,7 +51,7 @@ def train_lm(ctx, stage: str, examples: list[tuple[list[int], list[int]]], load_
     if not examples:
         raise ValueError(f"{stage}: no training examples (every one was dropped by the length rule?)")
     pad = ctx.tokenizer.pad_token_id
-    model = load_model(saved_model(ckpt, "policy")).to(ctx.device).train()
+    model = placed(load_model(saved_model(ckpt, "policy")), ctx.device).train()
     policy = dist.shard(PolicyLogprobs(model, fused=ctx.cfg.run.fused_lm_head))
     optim, state, start = train_one(stage_dir, "policy", model, cfg, f"--{stage}.lr", ctx.tokenizer, ckpt)
 

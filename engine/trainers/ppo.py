@@ -14,7 +14,6 @@ as the RM.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from ..batch import SequenceBatch, make_batch
 from ..checkpoint import save_models
 from ..kl_control import KLController
 from ..lora import is_peft, merged_named_weights, plain
+from ..loading import placed
 from ..models import PolicyLogprobs, TokenValues
 from ..rollout import make_rollout, resolve_backend
 from ..seeds import rollout_seeds
@@ -196,7 +196,7 @@ class PPOSetup:
     """
     load_policy: Callable
     load_value: Callable | None
-    reference: torch.nn.Module | None      # frozen SFT policy; None: the policy with its adapters disabled
+    reference: PolicyLogprobs | None       # the frozen SFT policy, sharded; None: the policy without adapters
     score: Callable                        # score(batch, prompt index of each row, results) -> rewards [B]
     policy_dir: Path                       # the starting weights (a vLLM engine loads them)
     prompts: list[list[int]]               # prompt token ids
@@ -225,12 +225,12 @@ class PPORun:
     ptx: bool
     phases: Phases
     engine_sleeps: bool = False            # vLLM colocated on a GPU frees its memory during the trainer's passes
-    sampler: torch.nn.Module | None = None  # the whole policy the HF backend samples from (None: vLLM's own)
+    sampler: torch.nn.Module | None = None  # the policy the HF backend samples from (None: vLLM's own)
 
     def plain_policy(self):
-        """A whole policy to sample from outside the trainer's passes (the win-rate evaluation): the trained
-        one in one process, the HF backend's synced copy with several; None with vLLM across processes."""
-        return self.sampler if self.sampler is not None else (self.policy.lm if dist.world().size == 1 else None)
+        """The policy to sample from outside the trainer's passes (the win-rate evaluation): the trained one
+        (sharded with several processes, sampled through its wrapper); None with vLLM across processes."""
+        return self.sampler if self.sampler is not None else (self.policy if dist.world().size == 1 else None)
 
 
 def ppo_iteration(run: PPORun, step: int, gen: torch.Generator) -> dict:
@@ -380,9 +380,9 @@ def engine_asleep(run: PPORun):
 
 
 def sync_weights(run: PPORun) -> None:
-    """The HF backend of one process samples from the policy object itself; an engine gets the merged
-    weights, with several processes gathered one tensor at a time from the shards (a collective: every
-    process pushes into its own engine)."""
+    """The HF backend samples from the policy object itself; an engine gets the merged weights, with several
+    processes gathered one tensor at a time from the shards (a collective: every process pushes into its own
+    engine)."""
     if getattr(run.engine, "model", None) is not run.policy.lm:
         run.engine.update_weights(dist.full_named(merged_named_weights(run.policy.lm)))
 
@@ -415,18 +415,17 @@ def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) 
     heads = dict(backend=cfg.backend, fused=run_cfg.fused_lm_head)
     gpu = dict(gpu_memory_utilization=rcfg.gpu_memory_utilization, enable_sleep_mode=rcfg.sleep) \
         if dev.type == "cuda" else dict(cpu_packed_gemm=rcfg.cpu_packed_gemm)
-    # The HF backend samples from a whole policy: the trained one in one process; with several (where the
-    # trained one is sharded) a copy, which every sync refreshes like any engine. vLLM holds its own.
-    backend, sampler = resolve_backend(rcfg.backend), None
-    if backend == "hf":
-        sampler = policy_model if dist.world().size == 1 else copy.deepcopy(policy_model)
+    policy = dist.shard(PolicyLogprobs(policy_model, **heads))
+    value = dist.shard(TokenValues(value_model)) if value_model is not None else None
+    # The HF backend samples from the trained policy itself (sharded with several processes: no rank holds it
+    # whole, see HFRollout); vLLM holds its own copy, which every sync refreshes.
+    backend = resolve_backend(rcfg.backend)
+    sampler = policy if backend == "hf" else None
     engine = make_rollout(backend, policy=sampler, model_dir=setup.policy_dir, seed=run_cfg.seed,
                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                           dtype=setup.engine_dtype or str(next(policy_model.parameters()).dtype).split(".")[-1],
                           max_model_len=setup.max_model_len, **gpu)
-    policy = dist.shard(PolicyLogprobs(policy_model, **heads))
-    value = dist.shard(TokenValues(value_model)) if value_model is not None else None
-    ref = dist.shard(PolicyLogprobs(setup.reference, **heads), train=False) if setup.reference is not None else None
+    ref = setup.reference
     optim = dict(weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
     optims = {"policy": Optim.adamw(policy_model, lr=cfg.lr, flag="--ppo.lr", **optim)}
     if value_model is not None:
@@ -449,10 +448,10 @@ def train_ppo(ctx, setup: PPOSetup, *, ptx: bool) -> Path:
                          "records)")
     if not setup.prompts:
         raise ValueError("ppo: no prompts (every one was dropped by the length rule?)")
-    policy_model = setup.load_policy(saved_model(ckpt, "policy")).to(ctx.device).train()
+    policy_model = placed(setup.load_policy(saved_model(ckpt, "policy")), ctx.device).train()
     models = {"policy": policy_model}
     if setup.load_value is not None:  # a critic (GAE); the critic-free estimators train the policy alone
-        models["value"] = setup.load_value(saved_model(ckpt, "value")).to(ctx.device).train()
+        models["value"] = placed(setup.load_value(saved_model(ckpt, "value")), ctx.device).train()
     run = make_ppo_run(ctx, setup, policy_model, models.get("value"), ptx=ptx)
     state = TrainState(stage_dir, models, run.optims, ctx.tokenizer, extra=lambda: {"kl_coef": run.kl.coef})
     start = 0

@@ -18,6 +18,7 @@ from ..batch import make_batch
 from ..checkpoint import save_models, write_text_atomic
 from .. import distributed as dist
 from ..lora import is_peft, plain, unwrap
+from ..loading import placed
 from ..models import SequenceScores
 from .loop import run_steps
 from .state import open_stage, saved_model, train_one
@@ -103,7 +104,7 @@ def train_reward(ctx, load_model, cfg, rows: list[dict], demos: tuple[list, list
         raise ValueError("rm: no comparisons to train on (every one was dropped by the length rule?)")
     dist.require_rows(cfg.batch_size, "the batch of prompts", "--rm.batch_size")
     tok, pad = ctx.tokenizer, ctx.tokenizer.pad_token_id
-    model = load_model(saved_model(ckpt, "reward")).to(ctx.device).train()
+    model = placed(load_model(saved_model(ckpt, "reward")), ctx.device).train()
     unwrap(model).config.score_offset = 0.0
     rm = dist.shard(SequenceScores(model))
     optim, state, start = train_one(stage_dir, "reward", model, cfg, "--rm.lr", tok, ckpt)
