@@ -93,7 +93,7 @@ setup(
         "uvicorn>=0.29",
         "krippendorff>=0.6",  # the labeling report's agreement (engine/label/report.py)
     ],
-    package_data={"engine.label": ["static/*.html", "static/*.js"]},
+    package_data={"engine.label": ["static/*.html", "static/*.js"], "engine.plan": ["configs/*.json"]},
     extras_require={
         "triton": ["triton>=3.0"],
         # trl: the peer of bench/bench_e2e.py, whose dry run is a test

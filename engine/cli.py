@@ -40,6 +40,12 @@ def build_parser() -> ArgumentParser:
         sections = SECTIONS[name]
         if sections:
             p.add_argument("--config", action=ActionConfigFile, help="YAML preset (keys: " + ", ".join(sections) + ")")
+        if name == "plan":
+            from .plan.commands import add_arguments
+
+            add_arguments(p)
+            sub.add_subcommand(name, p, help=help_text)
+            continue
         if name == "label":
             from .label.commands import add_actions
 
@@ -87,7 +93,7 @@ def parse(argv: list[str] | None = None, parser: ArgumentParser | None = None) -
     args = parser.instantiate(parser.parse_args(argv))
     name = args.command
     sub = args[name]
-    if name == "label":
+    if name in ("label", "plan"):
         return Command(name, Config(), sub)
     cfg = Config(**{s: sub[s] for s in SECTIONS[name]})
     if sub.out is not None:
@@ -185,6 +191,11 @@ def run(command: Command) -> None:
         from .label.commands import run_action
 
         run_action(args)
+        return
+    if name == "plan":
+        from .plan.commands import run_plan
+
+        run_plan(args)
         return
     from .run_lock import run_lock
 

@@ -20,6 +20,8 @@ COMMANDS = {
     "export": "write a run's final policy as a plain transformers directory (loads in transformers and vLLM)",
     "label": "the labeling web app: people rank a policy's answers or judge two policies blind (`label rank`, "
              "`label compare`, `label serve`, `label report`)",
+    "plan": "memory per GPU (or CPU process) of an sft/rm/dpo/ppo/grpo job at any size, by simulation on this "
+            "machine, and the smallest setting that fits (`--policy CONFIG.json --nodes N --gpus-per-node G`)",
     "tiny-model": "write a small random checkpoint of a real family (llama, qwen2, mistral, gpt2) with its "
                   "tokenizer, to try --policy.path without downloads",
 }
@@ -35,6 +37,7 @@ SECTIONS = {
     "reproduce": ALL,
     "export": (),
     "label": (),
+    "plan": (),
     "tiny-model": (),
 }
 DATA_FILES = ("prompts", "demonstrations", "comparisons", "eval_comparisons", "pretrain")

@@ -1,0 +1,153 @@
+"""Per-rank memory of a job, from the simulated shards and the traced block (world.py, activations.py).
+
+What the engine holds, and so what is counted (bytes per element):
+- trained models (the policy; the value model in PPO; the reward model in `rm`): float32 master weights (4),
+  float32 gradients (4), AdamW's two float32 moments (8), each rank its FSDP2 shard;
+- frozen models (the reference; the reward model in PPO): weights in --dtype, sharded; on the CPU with
+  --offload_frozen (FSDP2's CPUOffloadPolicy, not counted against the GPU);
+- gathered: with several ranks FSDP2 all-gathers one unit (a block, or the root's embeddings and heads)
+  while prefetching the next, in the compute dtype, and holds the unit's whole gradient in float32 until
+  its reduce-scatter;
+- activations: the training pass of a micro-batch, every block's saved tensors plus one block's transient
+  peak (with gradient checkpointing: each block's input plus one block recomputed);
+- the rollout engine (ppo, grpo): vLLM's weights in --dtype split over --engine_tp, and the KV cache of
+  --rollout_sequences x --rollout_len tokens, likewise split; with --engine_sleep (vLLM's sleep mode, the
+  engine's default on GPUs) it is freed while the trainer runs, so the training and rollout phases peak
+  apart. --engine hf samples from the sharded policy itself (no copy);
+- per process: --overhead_gib on GPUs (CUDA context, NCCL, allocator slack); on the CPU, this process's own
+  resident memory with torch and transformers loaded, measured.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .activations import trace_block
+from .settings import PlanSettings
+from .world import Shards, shards
+
+GIB = 2**30
+ROLES = {  # stage -> [(role, trained, scalar)]
+    "sft": [("policy", True, False)],
+    "rm": [("reward", True, True)],
+    "dpo": [("policy", True, False), ("reference", False, False)],
+    "ppo": [("policy", True, False), ("value", True, True), ("reference", False, False), ("reward", False, True)],
+    "grpo": [("policy", True, False), ("reference", False, False), ("reward", False, True)],
+}
+
+
+@dataclass
+class Estimate:
+    """Bytes per rank (the largest rank) by component, each phase's total and the verdict."""
+    settings: PlanSettings
+    parts: dict[str, int] = field(default_factory=dict)
+    train_total: int = 0
+    rollout_total: int = 0
+    params: dict[str, int] = field(default_factory=dict)  # each role's parameter count
+
+    @property
+    def peak(self) -> int:
+        return max(self.train_total, self.rollout_total)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.settings.gpu_mem_gib * GIB
+
+
+def _cached(cache: dict, key, make):
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
+def _config(path: str, flag: str):
+    from transformers import AutoConfig
+
+    from ..loading import check_json_object
+
+    if not Path(path).is_file():
+        raise ValueError(f"plan: {flag} {path}: no such file; give a model's config.json (shipped: "
+                         f"engine/plan/configs/*.json)")
+    try:
+        check_json_object(Path(path), flag, path)
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"plan: {flag} {path}: not a readable model config.json ({str(exc).splitlines()[0]}); give "
+                         f"a config.json, e.g. engine/plan/configs/llama-3-8b.json") from None
+
+
+def _bytes(dtype: str) -> int:
+    return torch.finfo(getattr(torch, dtype)).bits // 8
+
+
+def process_baseline() -> int:
+    """This process's resident bytes now (torch and transformers imported): what every CPU process carries."""
+    import resource
+
+    from ..models import quiet_transformers
+
+    quiet_transformers()
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def estimate(s: PlanSettings, cache: dict | None = None) -> Estimate:
+    """The per-rank memory of job `s`. cache: reused between calls (shards and traced blocks by key)."""
+    cache = {} if cache is None else cache
+    compute = 4 if s.device == "cpu" else _bytes(s.dtype)
+    frozen_bytes = 4 if s.device == "cpu" else _bytes(s.dtype)
+    gathered_bytes = compute  # FSDP2 gathers in bfloat16 on GPUs (MixedPrecisionPolicy), as stored on CPUs
+    est = Estimate(s)
+    parts = {"params": 0, "grads": 0, "optimizer": 0, "frozen": 0}
+    largest_unit, trained_cfgs = 0, []
+    for role, trained, scalar in ROLES[s.stage]:
+        path = getattr(s, role) or s.policy
+        cfg = _cached(cache, ("config", path), lambda: _config(path, f"--{role}"))
+        sh: Shards = _cached(cache, ("shards", path, scalar, s.world), lambda: shards(cfg, scalar, s.world))
+        est.params[role] = sh.params
+        if trained:
+            parts["params"] += 4 * sh.local
+            parts["grads"] += 4 * sh.local
+            parts["optimizer"] += 8 * sh.local
+            trained_cfgs.append((cfg, path, sh))
+        elif not (s.offload_frozen and s.device == "cuda"):
+            parts["frozen"] += frozen_bytes * sh.local
+        largest_unit = max(largest_unit, sh.largest_unit)
+    parts["gathered"] = 0 if s.world == 1 else largest_unit * (2 * gathered_bytes + 4)
+    parts["activations"] = max(_activations(cfg, path, sh, s, compute, cache) for cfg, path, sh in trained_cfgs)
+    engine, kv = _engine(s, cache, compute)
+    parts["engine_weights"], parts["kv_cache"] = engine, kv
+    parts["overhead"] = int(s.overhead_gib * GIB) if s.device == "cuda" else _cached(cache, "base", process_baseline)
+    resident = parts["params"] + parts["grads"] + parts["optimizer"] + parts["frozen"] + parts["overhead"]
+    asleep = s.engine_sleep and s.device == "cuda" and s.engine == "vllm"
+    est.train_total = resident + parts["gathered"] + parts["activations"] + (0 if asleep else engine + kv)
+    est.rollout_total = resident + engine + kv + (parts["gathered"] if s.engine == "hf" else 0) \
+        if s.stage in ("ppo", "grpo") else 0
+    est.parts = parts
+    return est
+
+
+def _activations(cfg, path, sh: Shards, s: PlanSettings, compute: int, cache: dict) -> int:
+    dtype = torch.float32 if compute == 4 else getattr(torch, s.dtype)
+    b = _cached(cache, ("block", path, s.micro_batch_tokens, dtype), lambda: trace_block(cfg, s.micro_batch_tokens, dtype))
+    head = s.micro_batch_tokens * cfg.hidden_size * 4  # the fused LM head's float32 hidden states and gradient
+    if s.gradient_checkpointing:
+        return sh.layers * b.hidden_bytes + b.peak + head
+    return sh.layers * b.saved + (b.peak - b.saved) + head
+
+
+def _engine(s: PlanSettings, cache: dict, compute: int) -> tuple[int, int]:
+    """(weights, KV cache) bytes of the rollout engine on one rank."""
+    if s.stage not in ("ppo", "grpo"):
+        return 0, 0
+    cfg = cache[("config", s.policy)]
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv = 2 * cfg.num_hidden_layers * kv_heads * head_dim * compute * s.rollout_sequences * s.rollout_len
+    if s.engine == "hf":
+        return 0, kv
+    params = cache[("shards", s.policy, False, s.world)].params
+    return params * compute // s.engine_tp, kv // s.engine_tp

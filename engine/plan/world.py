@@ -1,0 +1,75 @@
+"""The engine's own sharding, applied in a fake world: models built on the meta device, `distributed.shard`
+run with torch's "fake" process group of any size (no peers, no memory), and each rank's share read off the
+resulting DTensors."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .. import distributed as dist
+
+
+@contextlib.contextmanager
+def fake_world(size: int):
+    """engine.distributed's world set to rank 0 of `size` on the fake process group, for the block."""
+    import torch.distributed as tdist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    before = dist._WORLD
+    if size > 1:
+        tdist.init_process_group("fake", store=tdist.HashStore(), rank=0, world_size=size)
+        dist._WORLD = dist.World(0, size, 0, init_device_mesh("cpu", (size,)))
+    try:
+        yield
+    finally:
+        dist._WORLD = before
+        if size > 1:
+            tdist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class Shards:
+    """One model as FSDP2 lays it out over the world, counted in elements. params: the whole model; local:
+    the largest rank's share (rank 0: FSDP2 gives it ceil(rows / W) of every weight); units: each FSDP
+    unit's whole size (the transformer blocks, then the root's embeddings, norm and heads), what one
+    all-gather materialises."""
+    params: int
+    local: int
+    units: tuple[int, ...]
+    layers: int
+
+    @property
+    def largest_unit(self) -> int:
+        return max(self.units)
+
+
+def build(config, scalar: bool) -> torch.nn.Module:
+    """The transformers model of `config` on the meta device (a causal LM, or the same body with a scalar
+    head), weights tied as from_pretrained ties them."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from ..models import quiet_transformers
+
+    quiet_transformers()
+    cls = AutoModelForSequenceClassification if scalar else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    model.tie_weights()
+    return model
+
+
+def shards(config, scalar: bool, world: int) -> Shards:
+    """Build, wrap and shard one model as the engine does, in a fake world of `world` ranks."""
+    from ..models import PolicyLogprobs, SequenceScores
+
+    model = build(config, scalar)
+    wrapper = SequenceScores(model) if scalar else PolicyLogprobs(model)
+    blocks = dist._blocks(wrapper)
+    whole = sum(p.numel() for p in model.parameters())
+    units = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    with fake_world(world):
+        dist.shard(wrapper)
+        local = sum(dist.local(p).numel() for p in model.parameters())
+    return Shards(whole, local, (*units, whole - sum(units)), len(blocks))
