@@ -124,21 +124,23 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise CheckpointWriteError(exc.errno or errno.EIO, f"could not write {path}: {_reason(exc)}") from exc
 
 
-def _write_models(tmp: Path, models: dict, tokenizer, states: dict | None = None) -> None:
+def _write_models(tmp: Path, models: dict, tokenizer) -> None:
     for name, model in models.items():
-        state = (states or {}).get(name)
-        model.save_pretrained(tmp / name, safe_serialization=True, **({"state_dict": state} if state else {}))
+        model.save_pretrained(tmp / name, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / name)
 
 
 def save_models(target: Path, models: dict, tokenizer=None) -> None:
     """Plain transformers directories (with the tokenizer), atomically. With several processes every rank
-    calls it (the weights are gathered), the main rank writes."""
-    states = {name: dist.full_state_dict(model) for name, model in models.items()}
-    if dist.world().main:
-        _atomic_dir(target, lambda tmp: _write_models(tmp, models, tokenizer, states))
-    dist.barrier()
+    calls it and writes its shards, which the main rank consolidates (sharded.save_plain_models: no rank
+    holds a whole model)."""
+    if dist.world().size > 1:
+        from .sharded import save_plain_models
+
+        save_plain_models(target, models, tokenizer)
+        return
+    _atomic_dir(target, lambda tmp: _write_models(tmp, models, tokenizer))
 
 
 def save_checkpoint(stage_dir: Path, step: int, models: dict, state: dict, tokenizer=None) -> Path:

@@ -157,21 +157,6 @@ def full_named(named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str,
         yield name, full(t).detach()
 
 
-def full_state_dict(model: torch.nn.Module) -> dict | None:
-    """The whole state dict on the main rank (on the CPU), None on the others; None in a world of one, where
-    the model's own tensors are already whole."""
-    if _WORLD.size == 1:
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not _WORLD.main:
-        return None
-    # a tied parameter (lm_head = embeddings) once, under its first name, as save_pretrained writes it
-    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-    return {k: v for k, v in sd.items() if k not in tied}
-
-
 def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """A whole tensor (from a one-process checkpoint) cut the way `param` is sharded."""
     if not hasattr(param, "device_mesh"):
@@ -183,9 +168,12 @@ def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------- splitting work
 
-def rows(n: int) -> list[int]:
-    """The rows of an n-row global batch this rank computes: r, r + W, r + 2W, ..."""
-    return list(range(_WORLD.rank, n, _WORLD.size))
+def rows(n: int, group: int = 1) -> list[int]:
+    """The rows of an n-row global batch this rank computes: r, r + W, r + 2W, ... With group > 1 (ranks that
+    work together, e.g. a tensor-parallel rollout engine: ranks [g*group, (g+1)*group) are group g of
+    W / group), the rows of this rank's group: g, g + W/group, ..."""
+    groups = _WORLD.size // group
+    return list(range(_WORLD.rank // group, n, groups))
 
 
 def require_rows(n: int, what: str, flag: str) -> None:
@@ -195,8 +183,9 @@ def require_rows(n: int, what: str, flag: str) -> None:
                          f"across processes, and each needs at least one row. Raise {flag} or start fewer")
 
 
-def gather_objects(mine: list) -> list:
-    """Each rank's share (its `rows(n)`, in order) put back into the global order, on every rank."""
+def gather_objects(mine: list, group: int = 1) -> list:
+    """Each rank's share (its `rows(n, group)`, in order) put back into the global order, on every rank (with
+    group > 1 the ranks of a group hold the same share: the first one's is taken)."""
     w = _WORLD
     if w.size == 1:
         return list(mine)
@@ -204,8 +193,9 @@ def gather_objects(mine: list) -> list:
 
     parts: list = [None] * w.size
     dist.all_gather_object(parts, mine)
+    parts = parts[::group]
     n = sum(len(p) for p in parts)
-    return [parts[i % w.size][i // w.size] for i in range(n)]
+    return [parts[i % len(parts)][i // len(parts)] for i in range(n)]
 
 
 def map_rows(fn: Callable[[list[int]], torch.Tensor], n: int) -> torch.Tensor:

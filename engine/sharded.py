@@ -107,9 +107,10 @@ def save_sharded_checkpoint(stage_dir: Path, step: int, models: dict, optimizers
     tmp = Path(dist.broadcast(tmp))
     tensors: dict = {}
     skeleton = split_tensors(_states(models, optimizers), "", tensors)
+    writer = HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True, fqn_to_index_mapping=files(tensors))
     try:
         with _write_errors(target):
-            dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True))
+            dcp.save(tensors, storage_writer=writer)
             if dist.world().main:
                 write_state(tmp, {**state, "step": step, "rng": rng_state(), "world_size": dist.world().size,
                                   "sharded": skeleton})
@@ -123,6 +124,74 @@ def save_sharded_checkpoint(stage_dir: Path, step: int, models: dict, optimizers
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+FILE_BYTES = 64 * 2**20
+
+
+def files(tensors: dict, max_bytes: int = FILE_BYTES) -> dict[str, int]:
+    """key -> file number (from 1), each file at most max_bytes of one rank's shards (a tensor larger than that
+    alone): DCP's safetensors writer builds each file in memory before writing it, so this bounds what a save
+    adds to a rank's memory. The same on every rank (from the whole tensors' sizes)."""
+    out, index, size = {}, 1, 0
+    world = dist.world().size
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size() // world
+        if size and size + nbytes > max_bytes:
+            index, size = index + 1, 0
+        out[key] = index
+        size += nbytes
+    return out
+
+
+def save_plain_models(target: Path, models: dict, tokenizer=None) -> None:
+    """Plain transformers directories of sharded models, written without any rank holding a whole model: every
+    rank writes its shards (DCP's safetensors writer, files bounded by `files`), then the main rank
+    consolidates them tensor piece by tensor piece into `model.safetensors` (or save_pretrained's
+    `model-0000i-of-0000n.safetensors` with its index, for a model past one file), adds config.json and the
+    tokenizer, and renames the folder into place."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    tmp = None
+    if dist.world().main:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    tmp = Path(dist.broadcast(tmp))
+    try:
+        with _write_errors(target):
+            for name, model in models.items():
+                tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - \
+                    {n for n, _ in model.named_parameters()}
+                state = {k: v for k, v in get_model_state_dict(model).items() if k not in tied}
+                index = files(state, max_bytes=5 * 2**30)  # save_pretrained's default shard size
+                n = max(index.values())
+                dcp.save(state, storage_writer=HuggingFaceStorageWriter(
+                    str(tmp / name), save_distributed=True, enable_consolidation=True, fqn_to_index_mapping=index))
+                if dist.world().main:
+                    shutil.rmtree(tmp / name / "sharded")
+                    if n == 1:  # one file: the name save_pretrained gives it
+                        (tmp / name / "model-00001-of-00001.safetensors").rename(tmp / name / "model.safetensors")
+                        (tmp / name / "model.safetensors.index.json").unlink()
+                    else:
+                        meta = json.loads((tmp / name / "model.safetensors.index.json").read_text())
+                        (tmp / name / "model.safetensors.index.json").write_text(json.dumps(meta, indent=2))
+                    model.config.save_pretrained(tmp / name)
+                    if getattr(model, "generation_config", None) is not None and model.can_generate():
+                        model.generation_config.save_pretrained(tmp / name)
+                    if tokenizer is not None:
+                        tokenizer.save_pretrained(tmp / name)
+        dist.barrier()
+        if dist.world().main:
+            _rename_into_place(tmp, target)
+        dist.barrier()
+    except BaseException:
+        if dist.world().main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def check_sharded_files(ckpt: Path) -> None:
