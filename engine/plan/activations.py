@@ -61,4 +61,5 @@ def trace_block(config, tokens: int, dtype: torch.dtype) -> BlockActivations:
         finally:
             torch.set_default_dtype(default)
     hidden = tokens * config.hidden_size * torch.finfo(dtype).bits // 8
-    return BlockActivations(tokens, saved, peak.get("ACT", 0) + peak.get("TEMP", 0), hidden)
+    # at the tracker's peak (backward: saved tensors partly freed, gradients allocated) or at the end of forward
+    return BlockActivations(tokens, saved, max(saved, peak.get("ACT", 0) + peak.get("TEMP", 0)), hidden)

