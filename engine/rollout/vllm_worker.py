@@ -73,3 +73,7 @@ class WeightSyncExtension:
         plan = state["plan"]
         return {"in_place": len(plan.targets), "reloaded": sorted(n for n, _ in pending),
                 "skipped": sorted(plan.skipped)}
+
+    def rlhf_engine_held_bytes(self) -> int:
+        """Bytes of the weights this worker's model holds (1/tensor_parallel of them under TP)."""
+        return sum(p.numel() * p.element_size() for p in self.model_runner.model.parameters())

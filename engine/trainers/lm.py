@@ -35,6 +35,13 @@ def lm_loss_part(policy: PolicyLogprobs, examples, idx: list[int], pad_id: int) 
     return dist.part(loss, sum(len(examples[i][1]) for i in mine), sum(len(examples[i][1]) for i in idx))
 
 
+def padded_tokens(rows: list[tuple[list[int], list[int]]]) -> int:
+    """This rank's padded [rows, prompt + response] tokens of its share of `rows`: what a training pass holds
+    activations for (`python -m engine plan` calls it the micro-batch)."""
+    mine = [rows[i] for i in dist.rows(len(rows))]
+    return len(mine) * (max(len(p) for p, _ in mine) + max(1, max(len(r) for _, r in mine)))
+
+
 def train_lm(ctx, stage: str, examples: list[tuple[list[int], list[int]]], load_model, cfg) -> Path:
     """Train a causal LM on (prompt ids, response ids) pairs; returns the directory of the final model.
 
@@ -61,7 +68,8 @@ def train_lm(ctx, stage: str, examples: list[tuple[list[int], list[int]]], load_
         optim.zero_grad()
         dist.backward(loss)
         grad_norm = optim.step()
-        return {**dist.all_sum({"loss": loss.item()}), "grad_norm": grad_norm, "lr": optim.current_lr}
+        return {**dist.all_sum({"loss": loss.item()}), "grad_norm": grad_norm, "lr": optim.current_lr,
+                "padded_tokens_per_rank": padded_tokens([examples[i] for i in idx])}
 
     run_steps(stage=stage, seed=ctx.cfg.run.seed, start=start, total=cfg.steps, step_fn=step_fn, state=state,
               log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=ctx.cfg.run.progress,

@@ -247,6 +247,10 @@ def ppo_iteration(run: PPORun, step: int, gen: torch.Generator) -> dict:
     with phase("sync"):
         sync_weights(run)
     metrics = iteration_metrics(exp, rollouts.results, stats, run.kl.coef, cfg.kl_estimator)
+    if hasattr(run.engine, "held_bytes"):  # what this rank's rollout engine holds (1/TP of the policy)
+        metrics["engine_weights_mib"] = run.engine.held_bytes() / 2**20
+    rows, width = exp.batch.input_ids.shape  # this rank's padded tokens in one minibatch's pass
+    metrics["padded_tokens_per_rank"] = len(dist.rows(min(cfg.minibatch, rows))) * width
     if cfg.drop_constant_groups:
         metrics.update(groups_dropped=rollouts.groups_dropped, answers=len(rollouts.results))
     if "kl" in metrics:
@@ -319,7 +323,7 @@ def generate(run: PPORun, idx: list[int], *, seeds: list[int]) -> list:
     of the prompts with its own engine. Prompt k of the call samples with seeds[k] whichever process holds
     it, so the answers do not depend on the number of processes."""
     cfg, rcfg = run.cfg, run.rollout_cfg
-    mine = dist.rows(len(idx))
+    mine = dist.rows(len(idx), rcfg.tensor_parallel)  # a tensor-parallel engine's ranks share their prompts
     results = run.engine.generate([run.setup.prompts[idx[k]] for k in mine], n=cfg.samples_per_prompt,
                                   max_tokens=rcfg.max_new_tokens, temperature=rcfg.temperature, top_p=rcfg.top_p,
                                   top_k=rcfg.top_k, seeds=[seeds[k] for k in mine])
@@ -327,7 +331,7 @@ def generate(run: PPORun, idx: list[int], *, seeds: list[int]) -> list:
     for r in results:  # prompt_index: the call's local index, made the global one
         groups[r.prompt_index].append(r)
         r.prompt_index = mine[r.prompt_index]
-    return [r for group in dist.gather_objects(groups) for r in group]
+    return [r for group in dist.gather_objects(groups, rcfg.tensor_parallel) for r in group]
 
 
 def ppo_update(run: PPORun, exp: Experience, gen: torch.Generator) -> dict[str, list]:
@@ -404,6 +408,16 @@ def iteration_metrics(exp: Experience, results, stats: dict[str, list], kl_coef:
     return m
 
 
+def tensor_parallel_engines(tp: int) -> int:
+    """--rollout.tensor_parallel checked against the launch: the processes split into whole engine groups."""
+    w = dist.world().size
+    if w % tp:
+        raise ValueError(f"--rollout.tensor_parallel {tp} does not divide the {w} process(es) of this launch: each "
+                         f"engine spans {tp} trainer processes. Start a multiple of {tp} processes (torchrun "
+                         f"--nproc_per_node), or lower --rollout.tensor_parallel")
+    return tp
+
+
 def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) -> PPORun:
     """Everything an iteration needs around the two trained models: their optimizers, beta, the reference and
     reward wrappers, and the rollout engine (started from setup.policy_dir). The benchmark of one iteration
@@ -415,6 +429,8 @@ def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) 
     heads = dict(backend=cfg.backend, fused=run_cfg.fused_lm_head)
     gpu = dict(gpu_memory_utilization=rcfg.gpu_memory_utilization, enable_sleep_mode=rcfg.sleep) \
         if dev.type == "cuda" else dict(cpu_packed_gemm=rcfg.cpu_packed_gemm)
+    if rcfg.tensor_parallel > 1:
+        gpu["tensor_parallel"] = tensor_parallel_engines(rcfg.tensor_parallel)
     policy = dist.shard(PolicyLogprobs(policy_model, **heads))
     value = dist.shard(TokenValues(value_model)) if value_model is not None else None
     # The HF backend samples from the trained policy itself (sharded with several processes: no rank holds it

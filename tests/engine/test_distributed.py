@@ -44,10 +44,13 @@ def metrics(out: Path, stage: str) -> list[dict]:
     return [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
 
 
+PER_RANK = ("step", "held_mib", "padded_tokens_per_rank", "engine_weights_mib")  # not global quantities
+
+
 def assert_same_metrics(a: list[dict], b: list[dict], keys=None):
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
-        for k in [k for k in (keys or ra) if k in ra and k not in ("step", "held_mib") and "time/" not in k]:
+        for k in [k for k in (keys or ra) if k in ra and k not in PER_RANK and "time/" not in k]:
             assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), (ra["step"], k, ra[k], rb[k])
 
 
@@ -270,15 +273,30 @@ def test_parameters_and_optimizer_state_per_rank_are_half_of_one_process(tiny_mo
         assert whole / 2 <= b <= whole / 2 * 1.01, (whole, per_rank)
 
 
-def test_ppo_with_a_vllm_engine_on_each_of_two_processes(tiny_run, tmp_path, tiny_args):
+def test_ppo_with_a_vllm_engine_on_each_of_two_processes_and_with_one_engine_tensor_parallel_across_them(
+        tiny_run, tmp_path, tiny_args):
+    """An engine per process (each with all the weights), then one engine spread over both processes
+    (--rollout.tensor_parallel 2: vLLM's external_launcher in the trainer's own launch), each rank's engine
+    holding half the weights (the norms are replicated) and, after a sync of whole tensors from which each
+    keeps its slice, giving the trainer's log-probs."""
     pytest.importorskip("vllm")
-    out = copy_run(tiny_run, tmp_path / "run", ["pretrain", "sft", "rm"])
-    flags = [*tiny_args("ppo"), "--rollout.backend", "vllm", "--ppo.iterations", "2", "--ppo.checkpoint_every", "2"]
-    ok(engine(2, "ppo", "--out", out, *flags))
-    rows = metrics(out, "ppo")
-    # iteration 2 sampled after a sync into both engines: their log-probs match the trainer's
-    assert rows[-1]["logprob_diff_max"] < 1e-3, rows[-1]
-    assert (out / "ppo" / "final" / "policy" / "model.safetensors").is_file()
+    base = tmp_path / "base"  # the tiny model with 2 heads (of vLLM's CPU head size, 64), to split in 2
+    two_heads = ["--model.hidden_size", "128", "--model.num_heads", "2", "--model.intermediate_size", "128"]
+    ok(engine(1, "pretrain", "--out", base, *tiny_args("pretrain"), *two_heads))
+    for stage in ("sft", "rm"):
+        ok(engine(1, stage, "--out", base, *tiny_args(stage)))
+    held = {}
+    for tp in (1, 2):
+        out = copy_run(base, tmp_path / f"tp{tp}", ["pretrain", "sft", "rm"])
+        flags = [*tiny_args("ppo"), "--rollout.backend", "vllm", "--ppo.iterations", "2", "--ppo.checkpoint_every",
+                 "2", "--rollout.tensor_parallel", str(tp)]
+        ok(engine(2, "ppo", "--out", out, *flags))
+        rows = metrics(out, "ppo")
+        # iteration 2 sampled after a sync into the engines: their log-probs match the trainer's
+        assert rows[-1]["logprob_diff_max"] < 1e-4, (tp, rows[-1])
+        assert (out / "ppo" / "final" / "policy" / "model.safetensors").is_file()
+        held[tp] = rows[-1]["engine_weights_mib"]
+    assert 0.5 * held[1] <= held[2] <= 0.52 * held[1], held
 
 
 LOAD = """
