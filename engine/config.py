@@ -35,6 +35,8 @@ class RunConfig:
     attention: str = "auto"            # auto = flash_attention_2 on cuda when flash-attn is installed, else sdpa
     dist_timeout: float = 600.0        # under torchrun: seconds a process waits for the others in a collective
                                        # before the job stops (a rank that died cannot hang the rest)
+    offload_frozen: bool = False       # on GPUs under torchrun: the reference's and reward model's shards in
+                                       # CPU memory (FSDP2's CPUOffloadPolicy), copied over for each pass
 
     def __post_init__(self):
         _require(self.device in ("cpu", "cuda"), f"run.device must be 'cpu' or 'cuda', got {self.device!r}")
@@ -44,6 +46,8 @@ class RunConfig:
                  f"run.attention must be auto, sdpa, eager or flash_attention_2, got {self.attention!r}")
         _require(self.threads >= 1, f"run.threads must be >= 1, got {self.threads}")
         _require(self.dist_timeout > 0, f"run.dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        _require(not self.offload_frozen or self.device == "cuda", "run.offload_frozen moves the frozen models' "
+                 "shards from the GPU to CPU memory; with --run.device cpu they are there already")
         _require(not (self.resume and self.overwrite), "run.resume and run.overwrite exclude each other: resume "
                  "continues a stage, overwrite deletes it and starts over")
 

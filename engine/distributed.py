@@ -110,14 +110,17 @@ def _blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in module.modules() if type(m).__name__ in names]
 
 
-def shard(module: torch.nn.Module) -> torch.nn.Module:
+def shard(module: torch.nn.Module, *, offload: bool = False) -> torch.nn.Module:
     """FSDP2 over the mesh: each transformer block, then `module` itself as the root (a forward module of
     engine.models, so that everything it computes runs inside its forward's all-gather). On GPUs the
     parameters are gathered in bfloat16 and gradients reduced in float32. The identity in a world of one.
     Build optimizers after this: the parameters become DTensors holding this rank's rows. A model that
-    `loading.load_model` built on the meta device is allocated and read here, this rank's rows only."""
+    `loading.load_model` built on the meta device is allocated and read here, this rank's rows only.
+    offload: a frozen model's shards kept in CPU memory (FSDP2's CPUOffloadPolicy; --run.offload_frozen)."""
     w = _WORLD
     if w.size == 1:
+        if offload:
+            log.warning("--run.offload_frozen: one process shards nothing, so nothing is offloaded")
         return module
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -129,6 +132,10 @@ def shard(module: torch.nn.Module) -> torch.nn.Module:
     kw = {"mesh": w.mesh}
     if w.mesh.device_type == "cuda":
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if offload:  # a frozen model's shards live in (pinned) CPU memory, copied to the GPU for each all-gather
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        kw["offload_policy"] = CPUOffloadPolicy()
     # reshard after every forward, frozen models too: kept gathered, a model that never runs backward would
     # stay whole on every rank from its first forward on
     for block in _blocks(module):
@@ -136,7 +143,8 @@ def shard(module: torch.nn.Module) -> torch.nn.Module:
     fully_shard(module, reshard_after_forward=True, **kw)
     from .meta_load import materialize
 
-    materialize(module, device_of(w.mesh.device_type))  # models built on the meta device get their slices
+    # models built on the meta device get their slices (offloaded: in CPU memory)
+    materialize(module, torch.device("cpu") if offload else device_of(w.mesh.device_type))
     return module
 
 

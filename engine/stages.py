@@ -188,7 +188,7 @@ def _reward_model(ctx):
     rm_tok = load_tokenizer(cfg.reward.path, "--reward.path")
     rm = load_model(cfg.reward.path, flag="--reward.path", scalar=True, device=ctx.device, run=cfg.run,
                     tokenizer=rm_tok, head_required=True)
-    return dist.shard(SequenceScores(rm)), rm_tok
+    return dist.shard(SequenceScores(rm), offload=cfg.run.offload_frozen), rm_tok
 
 
 def _scorer(ctx, reward_model, prompts, enc):
@@ -276,11 +276,12 @@ def ppo(ctx, ptx: bool = False) -> Path:
                                      min(cfg.data.max_response_tokens, context - 1))
     heads = dict(backend=cfg.ppo.backend, fused=cfg.run.fused_lm_head)
     if reference is not None:  # as the trainer calls it, sharded (with several processes, read sharded)
-        reference = dist.shard(PolicyLogprobs(reference, **heads))
+        reference = dist.shard(PolicyLogprobs(reference, **heads), offload=cfg.run.offload_frozen)
     evaluate = None
     if ctx.task is not None and cfg.ppo.eval_every:
         sft_policy = reference if reference is not None else dist.shard(PolicyLogprobs(load_model(
-            cfg.policy.path, flag="--policy.path", scalar=False, device=dev, run=cfg.run, tokenizer=tok), **heads))
+            cfg.policy.path, flag="--policy.path", scalar=False, device=dev, run=cfg.run, tokenizer=tok), **heads),
+            offload=cfg.run.offload_frozen)
         evaluate = ctx.task.ppo_evaluator(ctx, sft_policy)
     setup = PPOSetup(
         load_policy=_loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=tok),

@@ -5,9 +5,9 @@ What the engine holds, and so what is counted (bytes per element):
   float32 gradients (4), AdamW's two float32 moments (8), each rank its FSDP2 shard;
 - frozen models (the reference; the reward model in PPO): weights in --dtype, sharded; on the CPU with
   --offload_frozen (FSDP2's CPUOffloadPolicy, not counted against the GPU);
-- gathered: with several ranks FSDP2 all-gathers one unit (a block, or the root's embeddings and heads)
-  while prefetching the next, in the compute dtype, and holds the unit's whole gradient in float32 until
-  its reduce-scatter;
+- gathered: with several ranks FSDP2 keeps the root unit (embeddings, final norm, heads) gathered from its
+  forward through its backward, and all-gathers one block while prefetching the next, in the compute dtype;
+  each holds its whole gradient in float32 until its reduce-scatter (the largest model's units count);
 - activations: the training pass of a micro-batch, every block's saved tensors plus one block's transient
   peak (with gradient checkpointing: each block's input plus one block recomputed);
 - the rollout engine (ppo, grpo): vLLM's weights in --dtype split over --engine_tp, and the KV cache of
@@ -106,7 +106,7 @@ def estimate(s: PlanSettings, cache: dict | None = None) -> Estimate:
     gathered_bytes = compute  # FSDP2 gathers in bfloat16 on GPUs (MixedPrecisionPolicy), as stored on CPUs
     est = Estimate(s)
     parts = {"params": 0, "grads": 0, "optimizer": 0, "frozen": 0}
-    largest_unit, trained_cfgs = 0, []
+    gathered, trained_cfgs = 0, []
     for role, trained, scalar in ROLES[s.stage]:
         path = getattr(s, role) or s.policy
         cfg = _cached(cache, ("config", path), lambda: _config(path, f"--{role}"))
@@ -119,8 +119,11 @@ def estimate(s: PlanSettings, cache: dict | None = None) -> Estimate:
             trained_cfgs.append((cfg, path, sh))
         elif not (s.offload_frozen and s.device == "cuda"):
             parts["frozen"] += frozen_bytes * sh.local
-        largest_unit = max(largest_unit, sh.largest_unit)
-    parts["gathered"] = 0 if s.world == 1 else largest_unit * (2 * gathered_bytes + 4)
+        # the root (embeddings, norm, heads) stays gathered from its forward through its backward, with its
+        # float32 gradient; a block is gathered while the next is prefetched, and holds its gradient
+        block = max(sh.units[:-1], default=0)
+        gathered = max(gathered, sh.units[-1] * (gathered_bytes + 4) + block * (2 * gathered_bytes + 4))
+    parts["gathered"] = 0 if s.world == 1 else gathered
     parts["activations"] = max(_activations(cfg, path, sh, s, compute, cache) for cfg, path, sh in trained_cfgs)
     engine, kv = _engine(s, cache, compute)
     parts["engine_weights"], parts["kv_cache"] = engine, kv

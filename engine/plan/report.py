@@ -11,7 +11,7 @@ LABELS = {
     "grads": "gradients (float32)",
     "optimizer": "optimizer state (AdamW, float32)",
     "frozen": "frozen models' weights",
-    "gathered": "largest gathered block (FSDP2 all-gather + prefetch + its gradient)",
+    "gathered": "gathered by FSDP2 (the root unit, a block and the next, their gradients)",
     "activations": "activations (one micro-batch)",
     "engine_weights": "rollout engine weights",
     "kv_cache": "rollout engine KV cache",

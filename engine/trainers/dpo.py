@@ -117,7 +117,8 @@ def train_dpo(ctx, load_policy, reference, cfg, rows: list[dict], heldout: list[
     heads = dict(backend=cfg.backend, fused=ctx.cfg.run.fused_lm_head)
     model = placed(load_policy(saved_model(ckpt, "policy")), device).train()
     policy = dist.shard(PolicyLogprobs(model, **heads))
-    ref_model = None if reference is None else dist.shard(PolicyLogprobs(reference, **heads))
+    ref_model = None if reference is None else dist.shard(PolicyLogprobs(reference, **heads),
+                                                          offload=ctx.cfg.run.offload_frozen)
     ref_kw = dict(reference=ref_model, policy=policy, length_norm=cfg.length_norm, reference_free=cfg.reference_free)
     ref = ReferenceLogps(rows, pad, **ref_kw)
     optim, state, start = train_one(stage_dir, "policy", model, cfg, "--dpo.lr", ctx.tokenizer, ckpt)

@@ -56,6 +56,9 @@ def test_yaml_preset_values_are_used(tmp_path):
     ("--task.k_min", "1", "task.k_min"),
     ("--rollout.backend", "tpu", "rollout.backend"),
     ("--run.device", "gpu", "run.device"),
+    ("--run.offload_frozen", "true", "run.offload_frozen moves the frozen models' shards from the GPU"),
+    ("--rollout.tensor_parallel", "2", "rollout.tensor_parallel 2 needs --rollout.backend vllm"),
+    ("--rollout.tensor_parallel", "0", "rollout.tensor_parallel must be >= 1"),
 ])
 def test_bad_values_name_the_key(flag, value, needle, capsys):
     assert main(["ppo", flag, value]) == 2
