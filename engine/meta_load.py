@@ -166,22 +166,20 @@ def materialize(module: torch.nn.Module, device: torch.device) -> None:
     checks = []
     for model in models:
         source: WeightSource = getattr(model, ATTR)
-        by_file: dict[Path, list] = {}
         for name, p in model.named_parameters():
             if name in source.missing_head:
                 continue
-            by_file.setdefault(source.files[_key(name, source.files, model)], []).append((name, p))
-        for file, params in by_file.items():
-            with safe_open(str(file), framework="pt") as sf:
-                for name, p in params:
-                    sl = sf.get_slice(_key(name, source.files, model))
-                    if hasattr(p, "device_mesh"):
-                        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-                        rows = slice(offset[0], offset[0] + shape[0]) if shape[0] else slice(0, 0)
-                        value = sl[rows] if len(shape) > 1 or shape[0] else torch.empty(0)
-                    else:
-                        value = sl[:]
-                    _local_copy(p, value.reshape(p.to_local().shape if hasattr(p, "to_local") else p.shape))
+            key = _key(name, source.files, model)
+            # the file opened per tensor: the pages of it that were read are let go as soon as they are copied
+            with safe_open(str(source.files[key]), framework="pt") as sf:
+                sl = sf.get_slice(key)
+                if hasattr(p, "device_mesh"):
+                    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                    rows = slice(offset[0], offset[0] + shape[0]) if shape[0] else slice(0, 0)
+                    value = sl[rows] if len(shape) > 1 or shape[0] else torch.empty(0)
+                else:
+                    value = sl[:]
+                _local_copy(p, value.reshape(p.to_local().shape if hasattr(p, "to_local") else p.shape))
         init_missing_head(model, source.missing_head)
         buffers = dict(model.named_buffers())
         for name, value in source.buffers.items():

@@ -18,6 +18,7 @@ Layout: checkpoints/step-N/{dcp/shard-*.safetensors, trainer.json, trainer.safet
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import tempfile
@@ -100,30 +101,41 @@ def save_sharded_checkpoint(stage_dir: Path, step: int, models: dict, optimizers
 
     ckpts = stage_dir / "checkpoints"
     target = ckpts / f"step-{step:06d}"
-    tmp = None
-    if dist.world().main:
-        ckpts.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=ckpts)
-    tmp = Path(dist.broadcast(tmp))
     tensors: dict = {}
     skeleton = split_tensors(_states(models, optimizers), "", tensors)
-    writer = HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True, fqn_to_index_mapping=files(tensors))
+    with written_together(target) as tmp:
+        writer = HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True,
+                                          fqn_to_index_mapping=files(tensors))
+        dcp.save(tensors, storage_writer=writer)
+        if dist.world().main:
+            write_state(tmp, {**state, "step": step, "rng": rng_state(), "world_size": dist.world().size,
+                              "sharded": skeleton})
+    if dist.world().main:
+        _publish(ckpts, target)
+    dist.barrier()
+    return target
+
+
+@contextlib.contextmanager
+def written_together(target: Path):
+    """A temporary folder beside `target` that every rank writes into (the main rank makes it and tells the
+    others); after the block and a barrier the main rank renames it into place. On failure it is removed and
+    `target` is left as it was."""
+    tmp = None
+    if dist.world().main:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    tmp = Path(dist.broadcast(tmp))
     try:
         with _write_errors(target):
-            dcp.save(tensors, storage_writer=writer)
-            if dist.world().main:
-                write_state(tmp, {**state, "step": step, "rng": rng_state(), "world_size": dist.world().size,
-                                  "sharded": skeleton})
+            yield tmp
         dist.barrier()
         if dist.world().main:
             _rename_into_place(tmp, target)
-            _publish(ckpts, target)
-        dist.barrier()
     except BaseException:
         if dist.world().main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 FILE_BYTES = 64 * 2**20
@@ -147,51 +159,42 @@ def files(tensors: dict, max_bytes: int = FILE_BYTES) -> dict[str, int]:
 def save_plain_models(target: Path, models: dict, tokenizer=None) -> None:
     """Plain transformers directories of sharded models, written without any rank holding a whole model: every
     rank writes its shards (DCP's safetensors writer, files bounded by `files`), then the main rank
-    consolidates them tensor piece by tensor piece into `model.safetensors` (or save_pretrained's
-    `model-0000i-of-0000n.safetensors` with its index, for a model past one file), adds config.json and the
-    tokenizer, and renames the folder into place."""
-    import json
-
+    consolidates them a tensor piece at a time (torch's own consolidation of DCP's safetensors) into
+    `model.safetensors` (or save_pretrained's `model-0000i-of-0000n.safetensors` with its index, past 5 GiB),
+    adds config.json and the tokenizer, and renames the folder into place."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    tmp = None
-    if dist.world().main:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    tmp = Path(dist.broadcast(tmp))
-    try:
-        with _write_errors(target):
-            for name, model in models.items():
-                tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - \
-                    {n for n, _ in model.named_parameters()}
-                state = {k: v for k, v in get_model_state_dict(model).items() if k not in tied}
-                index = files(state, max_bytes=5 * 2**30)  # save_pretrained's default shard size
-                n = max(index.values())
-                dcp.save(state, storage_writer=HuggingFaceStorageWriter(
-                    str(tmp / name), save_distributed=True, enable_consolidation=True, fqn_to_index_mapping=index))
-                if dist.world().main:
-                    shutil.rmtree(tmp / name / "sharded")
-                    if n == 1:  # one file: the name save_pretrained gives it
-                        (tmp / name / "model-00001-of-00001.safetensors").rename(tmp / name / "model.safetensors")
-                        (tmp / name / "model.safetensors.index.json").unlink()
-                    else:
-                        meta = json.loads((tmp / name / "model.safetensors.index.json").read_text())
-                        (tmp / name / "model.safetensors.index.json").write_text(json.dumps(meta, indent=2))
-                    model.config.save_pretrained(tmp / name)
-                    if getattr(model, "generation_config", None) is not None and model.can_generate():
-                        model.generation_config.save_pretrained(tmp / name)
-                    if tokenizer is not None:
-                        tokenizer.save_pretrained(tmp / name)
-        dist.barrier()
-        if dist.world().main:
-            _rename_into_place(tmp, target)
-        dist.barrier()
-    except BaseException:
-        if dist.world().main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with written_together(target) as tmp:
+        for name, model in models.items():
+            tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - \
+                {n for n, _ in model.named_parameters()}
+            state = {k: v for k, v in get_model_state_dict(model).items() if k not in tied}
+            shards = tmp / name / "sharded"
+            dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(shards), save_distributed=True,
+                                                                    fqn_to_index_mapping=files(state)))
+            dist.barrier()
+            if dist.world().main:  # into files of save_pretrained's default size, a tensor piece at a time
+                index = files(state, max_bytes=5 * 2**30 * dist.world().size)
+                consolidate_safetensors_files(str(shards), str(tmp / name), fqn_to_index_mapping=index)
+                _plain_layout(tmp / name, model, tokenizer, max(index.values()))
+    dist.barrier()
+
+
+def _plain_layout(folder: Path, model, tokenizer, n_files: int) -> None:
+    """What save_pretrained leaves beside consolidated weights: one file named model.safetensors (several:
+    model-0000i-of-0000n with the index), config.json, generation_config.json and the tokenizer."""
+    shutil.rmtree(folder / "sharded")
+    if n_files == 1:
+        (folder / "model-00001-of-00001.safetensors").rename(folder / "model.safetensors")
+        (folder / "model.safetensors.index.json").unlink()
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 def check_sharded_files(ckpt: Path) -> None:
