@@ -93,7 +93,7 @@ def process_baseline(engine: str) -> int:
 
     quiet_transformers()
     if engine == "vllm" and importlib.util.find_spec("vllm") is not None:
-        import vllm  # noqa: F401
+        importlib.import_module("vllm")
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
 

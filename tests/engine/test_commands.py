@@ -21,7 +21,8 @@ OTHER = {
     "ppo.old_logprobs": "engine", "dpo.backend": "torch", "dpo.loss": "ipo",
 }
 # fields whose other value needs a companion to be valid, or to be read at all
-WITH = {"ppo.drop_constant_groups": ["--ppo.samples_per_prompt", "2"]}
+WITH = {"ppo.drop_constant_groups": ["--ppo.samples_per_prompt", "2"], "run.offload_frozen": ["--run.device", "cuda"],
+        "rollout.tensor_parallel": ["--rollout.backend", "vllm"]}
 
 
 def other(key: str, default):
@@ -44,6 +45,7 @@ def fields(section):
 
 ALL = {k for s in SECTIONS["pipeline"] for k in fields(s)}
 RUN = set(fields("run"))
+NO_FROZEN = RUN - {"run.offload_frozen"}  # the run fields of a command with no reference or reward model to load
 FILES = {f"data.{f}" for f in ("prompts", "demonstrations", "comparisons", "eval_comparisons", "pretrain")}
 LENGTHS = {"data.max_prompt_tokens", "data.max_response_tokens", "data.long_prompts"}
 LORA_DETAILS = {"lora_alpha", "lora_dropout", "lora_targets"}
@@ -59,18 +61,20 @@ PPO_READS = (set(fields("ppo")) - {"ppo.ptx_coef", "ppo.ptx_batch", "ppo.target_
     (set(fields("rollout")) - {"rollout.gpu_memory_utilization", "rollout.sleep", "rollout.cpu_packed_gemm"}) \
     | {"reward.fn"}
 READS = {  # command -> (read on the built-in task, read on a user's checkpoint)
-    "pretrain": (RUN | set(fields("task")) | set(fields("model")) | set(fields("pretrain")), RUN | {"policy.path"}),
-    "sft": (RUN | set(fields("task")) | trained("policy") | LENGTHS | set(fields("sft")),
-            RUN | trained("policy") | LENGTHS | set(fields("sft")) | {"data.demonstrations"}),
-    "rm": (RUN | set(fields("task")) | {"policy.path", "reward.path", "value.lora_rank", "value.gradient_checkpointing"}
-           | LENGTHS | set(fields("rm")),
-           RUN | {"policy.path", "reward.path", "value.lora_rank", "value.gradient_checkpointing"} | LENGTHS
+    "pretrain": (NO_FROZEN | set(fields("task")) | set(fields("model")) | set(fields("pretrain")),
+                 NO_FROZEN | {"policy.path"}),
+    "sft": (NO_FROZEN | set(fields("task")) | trained("policy") | LENGTHS | set(fields("sft")),
+            NO_FROZEN | trained("policy") | LENGTHS | set(fields("sft")) | {"data.demonstrations"}),
+    "rm": (NO_FROZEN | set(fields("task")) | {"policy.path", "reward.path", "value.lora_rank",
+                                              "value.gradient_checkpointing"} | LENGTHS | set(fields("rm")),
+           NO_FROZEN | {"policy.path", "reward.path", "value.lora_rank", "value.gradient_checkpointing"} | LENGTHS
            | set(fields("rm")) | {"data.comparisons", "data.demonstrations", "data.eval_comparisons"}),
     "ppo": (RUN | set(fields("task")) | set(fields("eval")) | trained("policy") | trained("value") | LENGTHS
             | {"reference.path", "reward.path"} | PPO_READS,
             RUN | trained("policy") | trained("value") | LENGTHS | {"reference.path", "reward.path", "data.prompts"}
             | PPO_READS - {"ppo.eval_every", "ppo.eval_prompts"}),
-    "eval": (RUN | set(fields("task")) | set(fields("eval")) | {"rollout.max_new_tokens"}, RUN | {"policy.path"}),
+    "eval": (NO_FROZEN | set(fields("task")) | set(fields("eval")) | {"rollout.max_new_tokens"},
+             NO_FROZEN | {"policy.path"}),
     "dpo": (RUN | set(fields("task")) | trained("policy") | LENGTHS | {"reference.path"} | set(fields("dpo")),
             RUN | trained("policy") | LENGTHS | {"reference.path"} | set(fields("dpo"))
             | {"data.comparisons", "data.eval_comparisons"}),
