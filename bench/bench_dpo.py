@@ -190,12 +190,13 @@ def main(argv=None) -> None:
 
 
 def render(report: dict) -> str:
+    from .harness import provenance_line
+
     from .bench_e2e import _trl_version
 
     j, p, mem = report["job"], report["provenance"], report["memory"]
     lines = [f"# One DPO job, the engine against TRL {_trl_version()}'s DPOTrainer", "",
-             f"{p['date']}, commit {p['commit']}, {p.get('cpu', p['device'])}, torch {p['torch']}, "
-             f"`{p['command']}`.", "",
+             provenance_line(p), "",
              f"Job: Llama hidden {j['hidden']}, {j['layers']} layers, vocabulary {j['vocab']:,} "
              f"({j['params'] / 1e6:.1f}M parameters, untied LM head); {j['batch']} pairs per step, "
              f"{j['tokens_per_pair']['engine']:.0f} tokens per pair in the engine and "

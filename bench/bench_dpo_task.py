@@ -78,11 +78,12 @@ def _mean(runs, key, stage):
 
 
 def render(report: dict) -> str:
+    from .harness import provenance_line
+
     runs, p = report["runs"], report["provenance"]
     seeds = [r["seed"] for r in runs]
     lines = ["# DPO, IPO and listwise DPO against PPO on the built-in task", "",
-             f"{p['date']}, commit {p['commit']}, {p.get('cpu', p['device'])}, torch {p['torch']}, "
-             f"`{p['command']}`.", "",
+             provenance_line(p), "",
              f"The held-out labelers (never used in training) compare each policy's answer with the SFT policy's on "
              f"{runs[0]['n_eval_prompts']} held-out prompts (ties count half); one row per policy, one column per "
              f"training seed. Every policy starts from the same run's SFT model; the DPO losses train on the RM's "

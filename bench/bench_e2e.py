@@ -208,10 +208,11 @@ def critic_main(args, argv) -> None:
 
 
 def render_critic(report: dict) -> str:
+    from .harness import provenance_line
+
     j, p = report["job"], report["provenance"]
     lines = ["# PPO with a critic beside GRPO, the same job in the engine", "",
-             f"{p['date']}, commit {p['commit']}, {p.get('cpu', p['device'])}, torch {p['torch']}, "
-             f"`{p['command']}`.", "",
+             provenance_line(p), "",
              f"Job: as `e2e.md` (Llama hidden {j['hidden']}, {j['layers']} layers; {j['prompts']} prompts x {j['n']} "
              f"answers, {j['new_tokens']} new tokens, KL 0, one AdamW step per batch, float32); PPO adds a value "
              "model (started from the policy, the reward being a function), its forward and its update, and GAE. "
@@ -232,10 +233,11 @@ def render_critic(report: dict) -> str:
 
 
 def render(report: dict) -> str:
+    from .harness import provenance_line
+
     j, p = report["job"], report["provenance"]
     lines = [f"# One GRPO job, the engine against TRL {_trl_version()}'s GRPOTrainer", "",
-             f"{p['date']}, commit {p['commit']}, {p.get('cpu', p['device'])}, torch {p['torch']}, "
-             f"`{p['command']}`.", "",
+             provenance_line(p), "",
              f"Job: Llama hidden {j['hidden']}, {j['layers']} layers ({j['size']}); {j['prompts']} prompts x {j['n']} "
              f"answers, {j['new_tokens']} new tokens, KL 0, one AdamW step per batch, float32; each run in its own "
              f"process, A B A B, first iteration left out, medians.", "",

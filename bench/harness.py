@@ -203,6 +203,11 @@ def provenance(command: str, device: str) -> dict:
     return info
 
 
+def provenance_line(p: dict) -> str:
+    """The line under a result's title that says when, where and how it was measured (from `provenance`)."""
+    return f"{p['date']}, commit {p['commit']}, {p.get('cpu', p['device'])}, torch {p['torch']}, `{p['command']}`."
+
+
 def _cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):

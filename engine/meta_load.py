@@ -34,8 +34,9 @@ class WeightSource:
     missing_head: list[str] = field(default_factory=list)
 
 
-def index(path: Path, flag: str) -> dict[str, Path]:
-    """tensor name -> the safetensors file holding it (one `model.safetensors`, or an index's shards)."""
+def index(path: Path, flag: str) -> tuple[dict[str, Path], dict[str, list[int]]]:
+    """(tensor name -> the safetensors file holding it, tensor name -> its shape), from the headers of
+    `model.safetensors` or of an index's shards."""
     from safetensors import SafetensorError, safe_open
 
     idx = path / "model.safetensors.index.json"
@@ -51,6 +52,7 @@ def index(path: Path, flag: str) -> dict[str, Path]:
         raise ValueError(f"{flag} {path}: no model.safetensors here; with several processes weights are read "
                          f"as safetensors only (save the model with save_pretrained(safe_serialization=True))")
     out: dict[str, Path] = {}
+    shapes: dict[str, list[int]] = {}
     for f in files:
         if f.parent.resolve() != path.resolve() or not f.is_file() or f.is_symlink():
             raise ValueError(f"{flag} {path}: the index names {f.name}, which is not a regular file in this "
@@ -58,11 +60,11 @@ def index(path: Path, flag: str) -> dict[str, Path]:
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for key in sf.keys():
-                    out[key] = f
+                    out[key], shapes[key] = f, list(sf.get_slice(key).get_shape())
         except (SafetensorError, OSError) as exc:
             raise ValueError(f"{flag} {path}: {f.name} cannot be read ({exc}); is the checkpoint complete? Write "
                              f"it again with save_pretrained") from None
-    return out
+    return out, shapes
 
 
 def _non_persistent(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -79,30 +81,25 @@ def build(cls, config, path: Path, flag: str, *, head_required: bool, **kw):
     """cls built from `config` with meta parameters (buffers real, on the CPU), checked against the files'
     headers, carrying its WeightSource."""
     from accelerate import init_empty_weights
-    from safetensors import safe_open
 
-    files = index(path, flag)  # safetensors only, always
+    files, shapes = index(path, flag)  # safetensors only, always
     kw.pop("use_safetensors", None)
     with init_empty_weights(include_buffers=False):
         model = cls.from_config(config, **kw)
     model.tie_weights()  # from_pretrained ties after loading; here the tied head must be the embedding before sharding
     source = WeightSource(path, flag, files, _non_persistent(model))
-    head_prefix = "score."
-    shapes = {}
     for name, p in model.named_parameters():
         key = _key(name, files, model)
         if key is None:
-            if name.startswith(head_prefix):
+            if name.startswith("score."):
                 source.missing_head.append(name)
                 continue
             raise ValueError(f"{flag} {path}: weights are missing from the checkpoint (e.g. {name}) and would be "
                              f"random; is this a {config.model_type} checkpoint of the architecture config.json "
                              f"names, written completely?")
-        with safe_open(str(files[key]), framework="pt") as sf:
-            shapes[name] = list(sf.get_slice(key).get_shape())
-        if shapes[name] != list(p.shape):
+        if shapes[key] != list(p.shape):
             raise ValueError(f"{flag} {path}: weights do not fit the shapes config.json gives (e.g. {key}: "
-                             f"{shapes[name]} in the weights file, {list(p.shape)} from the config); the config "
+                             f"{shapes[key]} in the weights file, {list(p.shape)} from the config); the config "
                              f"and the weights come from different models")
     if source.missing_head and head_required:
         raise ValueError(f"{flag} {path}: this checkpoint has no trained score head ({source.missing_head[0]} is "
@@ -171,15 +168,14 @@ def materialize(module: torch.nn.Module, device: torch.device) -> None:
                 continue
             key = _key(name, source.files, model)
             # the file opened per tensor: the pages of it that were read are let go as soon as they are copied
+            rows = slice(None)
+            if hasattr(p, "device_mesh"):
+                shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                if shape[0] == 0:  # FSDP2 gave this rank none of its rows
+                    continue
+                rows = slice(offset[0], offset[0] + shape[0])
             with safe_open(str(source.files[key]), framework="pt") as sf:
-                sl = sf.get_slice(key)
-                if hasattr(p, "device_mesh"):
-                    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-                    rows = slice(offset[0], offset[0] + shape[0]) if shape[0] else slice(0, 0)
-                    value = sl[rows] if len(shape) > 1 or shape[0] else torch.empty(0)
-                else:
-                    value = sl[:]
-                _local_copy(p, value.reshape(p.to_local().shape if hasattr(p, "to_local") else p.shape))
+                _local_copy(p, sf.get_slice(key)[rows])
         init_missing_head(model, source.missing_head)
         buffers = dict(model.named_buffers())
         for name, value in source.buffers.items():

@@ -274,14 +274,14 @@ def ppo(ctx, ptx: bool = False) -> Path:
                       "pretraining text ({\"text\": ...} records)")
         ptx_examples = text_examples(tok, load(texts, "texts", special_texts(tok)),
                                      min(cfg.data.max_response_tokens, context - 1))
-    heads = dict(backend=cfg.ppo.backend, fused=cfg.run.fused_lm_head)
-    if reference is not None:  # as the trainer calls it, sharded (with several processes, read sharded)
-        reference = dist.shard(PolicyLogprobs(reference, **heads), offload=cfg.run.offload_frozen)
+    def frozen(model):  # as the trainer calls it, sharded (with several processes, read sharded)
+        return dist.shard(PolicyLogprobs(model, backend=cfg.ppo.backend, fused=cfg.run.fused_lm_head),
+                          offload=cfg.run.offload_frozen)
+    reference = frozen(reference) if reference is not None else None
     evaluate = None
     if ctx.task is not None and cfg.ppo.eval_every:
-        sft_policy = reference if reference is not None else dist.shard(PolicyLogprobs(load_model(
-            cfg.policy.path, flag="--policy.path", scalar=False, device=dev, run=cfg.run, tokenizer=tok), **heads),
-            offload=cfg.run.offload_frozen)
+        sft_policy = reference if reference is not None else frozen(load_model(
+            cfg.policy.path, flag="--policy.path", scalar=False, device=dev, run=cfg.run, tokenizer=tok))
         evaluate = ctx.task.ppo_evaluator(ctx, sft_policy)
     setup = PPOSetup(
         load_policy=_loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=tok),

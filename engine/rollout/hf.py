@@ -8,7 +8,7 @@ import torch
 import kernels
 
 from .. import distributed as dist
-from ..models import run_inside
+from ..models import PolicyLogprobs, run_inside
 from ..seeds import MASK, sample_seed
 from .base import RolloutResult, prompt_seeds
 
@@ -92,8 +92,6 @@ class HFRollout:
             from ..loading import load_model
 
             model_or_dir = load_model(model_or_dir, flag="HFRollout", scalar=False, device=device)
-        from ..models import PolicyLogprobs
-
         self.wrapper = model_or_dir if isinstance(model_or_dir, PolicyLogprobs) else None
         self.model = model_or_dir.lm if self.wrapper is not None else model_or_dir
         cfg = self.model.config

@@ -54,7 +54,9 @@ def external_launcher(tp: int) -> dict:
     scheduling is deterministic). With more processes than tp, the groups are vLLM's data-parallel ranks."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % tp:
-        raise ValueError(f"tensor_parallel {tp} does not divide the launch's {world} processes")
+        raise ValueError(f"tensor parallel {tp} (--rollout.tensor_parallel) does not divide the {world} process(es) "
+                         f"of this launch: each engine spans {tp} of them. Start a multiple of {tp} processes "
+                         f"(torchrun --nproc_per_node), or lower the tensor parallel size")
     kw = dict(tensor_parallel_size=tp, distributed_executor_backend="external_launcher")
     if world > tp:
         kw["data_parallel_size"] = world // tp

@@ -408,16 +408,6 @@ def iteration_metrics(exp: Experience, results, stats: dict[str, list], kl_coef:
     return m
 
 
-def tensor_parallel_engines(tp: int) -> int:
-    """--rollout.tensor_parallel checked against the launch: the processes split into whole engine groups."""
-    w = dist.world().size
-    if w % tp:
-        raise ValueError(f"--rollout.tensor_parallel {tp} does not divide the {w} process(es) of this launch: each "
-                         f"engine spans {tp} trainer processes. Start a multiple of {tp} processes (torchrun "
-                         f"--nproc_per_node), or lower --rollout.tensor_parallel")
-    return tp
-
-
 def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) -> PPORun:
     """Everything an iteration needs around the two trained models: their optimizers, beta, the reference and
     reward wrappers, and the rollout engine (started from setup.policy_dir). The benchmark of one iteration
@@ -427,10 +417,10 @@ def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) 
     dist.require_rows(cfg.rollout_batch, "each iteration's prompts", "--ppo.rollout_batch")
     dist.require_rows(cfg.minibatch, "each minibatch", "--ppo.minibatch")
     heads = dict(backend=cfg.backend, fused=run_cfg.fused_lm_head)
-    gpu = dict(gpu_memory_utilization=rcfg.gpu_memory_utilization, enable_sleep_mode=rcfg.sleep) \
+    engine_kw = dict(gpu_memory_utilization=rcfg.gpu_memory_utilization, enable_sleep_mode=rcfg.sleep) \
         if dev.type == "cuda" else dict(cpu_packed_gemm=rcfg.cpu_packed_gemm)
-    if rcfg.tensor_parallel > 1:
-        gpu["tensor_parallel"] = tensor_parallel_engines(rcfg.tensor_parallel)
+    if rcfg.tensor_parallel > 1:  # VLLMRollout checks it against the launch
+        engine_kw["tensor_parallel"] = rcfg.tensor_parallel
     policy = dist.shard(PolicyLogprobs(policy_model, **heads))
     value = dist.shard(TokenValues(value_model)) if value_model is not None else None
     # The HF backend samples from the trained policy itself (sharded with several processes: no rank holds it
@@ -440,7 +430,7 @@ def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) 
     engine = make_rollout(backend, policy=sampler, model_dir=setup.policy_dir, seed=run_cfg.seed,
                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                           dtype=setup.engine_dtype or str(next(policy_model.parameters()).dtype).split(".")[-1],
-                          max_model_len=setup.max_model_len, **gpu)
+                          max_model_len=setup.max_model_len, **engine_kw)
     ref = setup.reference
     optim = dict(weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
     optims = {"policy": Optim.adamw(policy_model, lr=cfg.lr, flag="--ppo.lr", **optim)}
@@ -448,7 +438,7 @@ def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) 
         optims["value"] = Optim.adamw(value_model, lr=cfg.value_lr, flag="--ppo.value_lr", **optim)
     return PPORun("ppo_ptx" if ptx else "ppo", run_cfg.seed, cfg, rcfg, setup, policy, ref, value, optims,
                   KLController.from_config(cfg), engine, tok.pad_token_id, dev, ptx,
-                  Phases(dev), engine_sleeps=bool(gpu.get("enable_sleep_mode")) and hasattr(engine, "sleep"),
+                  Phases(dev), engine_sleeps=bool(engine_kw.get("enable_sleep_mode")) and hasattr(engine, "sleep"),
                   sampler=sampler)
 
 
