@@ -66,6 +66,16 @@ def engine(procs: int, argv: list[str]) -> float:
         return int(rss.read().split()[-1]) / 1024
 
 
+def vllm_runtime(model_dir: Path) -> float:
+    """One vLLM engine's memory beyond its weights and KV cache on this policy (bench/vllm_runtime.py, run in
+    a process of its own): the planner's --engine_overhead_gib, measured again."""
+    done = subprocess.run([sys.executable, "-m", "bench.vllm_runtime", str(model_dir)], capture_output=True,
+                          text=True, env={**os.environ, **ENV})
+    if done.returncode != 0:
+        raise RuntimeError(f"bench.vllm_runtime failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["runtime_gib"]
+
+
 def predict(base: Path, command: str, procs: int, tokens: int, engine_name: str, tp: int, device: str) -> dict:
     """What `python -m engine plan` says of the same job: held (parameters + optimizer state) and peak MiB."""
     from engine.plan.estimate import estimate
@@ -96,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         engine(1, ["pretrain", "--out", str(base), *common, *MODEL, "--pretrain.steps", "1"])
         engine(1, ["sft", "--out", str(base), *common, "--sft.steps", "1"])
         engine(1, ["rm", "--out", str(base), *common, "--rm.steps", "1"])
+        runtime = vllm_runtime(base / "pretrain" / "final" / "policy") if args.device == "cpu" else None
         for stage, flags in STAGES.items():
             for procs in args.procs:
                 if stage.endswith("-tp") and procs == 1:
@@ -116,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                                        2 if stage.endswith("-tp") else 1, args.device)})
                 shutil.rmtree(out)  # a run of 4 x 203M models with checkpoints is gigabytes
                 print(rows[-1], flush=True)
+    meta["vllm_runtime_gib"] = runtime
     text = table(rows, meta)
     print(text)
     if not args.no_save:
@@ -154,6 +166,13 @@ def table(rows: list[dict], meta: dict) -> str:
               "keep the freed all-gather blocks of this small model's 11 MiB weights in its heaps (a 106M model "
               "measured 3.60 GiB per process on 2 processes instead of 3.28); real models' weights are past "
               "its 32 MiB ceiling and always returned."]
+    if meta.get("vllm_runtime_gib") is not None:
+        from engine.plan.settings import PlanSettings
+
+        lines += ["", f"vLLM's runtime beyond its weights and KV cache, one engine on this policy measured in a "
+                      f"process of its own (`python -m bench.vllm_runtime`): {meta['vllm_runtime_gib']:.2f} GiB; the "
+                      f"planner counts --engine_overhead_gib {PlanSettings.engine_overhead_gib} per engine process, "
+                      f"and with several processes the weight sync's bucket of whole tensors (512 MiB)."]
     return "\n".join(lines) + "\n"
 
 

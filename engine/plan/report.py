@@ -15,6 +15,8 @@ LABELS = {
     "activations": "activations (one micro-batch)",
     "engine_weights": "rollout engine weights",
     "kv_cache": "rollout engine KV cache",
+    "engine_runtime": "rollout engine runtime (scheduler, buffers)",
+    "sync": "weight sync (whole tensors in flight to the engine)",
     "overhead": "per-process overhead",
 }
 

@@ -30,6 +30,7 @@ class PlanSettings:
     rollout_sequences: int = 256         # sequences generated at once per engine (prompts x samples / DP)
     rollout_len: int = 2048              # prompt + response tokens per sequence
     overhead_gib: float = 1.0            # per process: CUDA context, NCCL buffers, allocator slack (cuda)
+    engine_overhead_gib: float = 0.32    # per vLLM engine process: its runtime beyond weights and KV cache
 
     def __post_init__(self):
         problems = []
@@ -42,6 +43,8 @@ class PlanSettings:
                      "rollout_len"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} {getattr(self, name)}: must be at least 1")
+        if self.engine_overhead_gib < 0:
+            problems.append(f"--engine_overhead_gib {self.engine_overhead_gib}: must be at least 0")
         if self.gpu_mem_gib <= 0:
             problems.append(f"--gpu_mem {self.gpu_mem_gib}: must be positive (GiB per GPU)")
         if self.device not in ("cuda", "cpu"):

@@ -34,11 +34,12 @@ class Shards:
     """One model as FSDP2 lays it out over the world, counted in elements. params: the whole model; local:
     the largest rank's share (rank 0: FSDP2 gives it ceil(rows / W) of every weight); units: each FSDP
     unit's whole size (the transformer blocks, then the root's embeddings, norm and heads), what one
-    all-gather materialises."""
+    all-gather materialises; largest: the largest single weight (what one gather of a whole tensor holds)."""
     params: int
     local: int
     units: tuple[int, ...]
     layers: int
+    largest: int = 0
 
     @property
     def largest_unit(self) -> int:
@@ -72,4 +73,5 @@ def shards(config, scalar: bool, world: int) -> Shards:
     with fake_world(world):
         dist.shard(wrapper)
         local = sum(dist.local(p).numel() for p in model.parameters())
-    return Shards(whole, local, (*units, whole - sum(units)), len(blocks))
+    largest = max(p.numel() for p in model.parameters())
+    return Shards(whole, local, (*units, whole - sum(units)), len(blocks), largest)

@@ -82,7 +82,15 @@ def test_the_parts_add_up_and_follow_the_engine_s_byte_counts():
     assert est.parts["engine_weights"] == 2 * policy  # one vLLM engine per GPU, all its weights in bf16
     resident = sum(est.parts[k] for k in ("params", "grads", "optimizer", "frozen", "overhead"))
     assert est.train_total == resident + est.parts["gathered"] + est.parts["activations"]  # the engine sleeps
-    assert est.rollout_total == resident + est.parts["engine_weights"] + est.parts["kv_cache"]
+    # the engine's runtime, and the sync: a 512 MiB bucket of whole float32 tensors and the next one gathered,
+    # the largest being the 128256 x 4096 embedding (untied in Llama-3-8B)
+    assert est.parts["engine_runtime"] == int(0.32 * 2**30)
+    assert est.parts["sync"] == 512 * 2**20 + 4 * 128256 * 4096
+    assert est.rollout_total == resident + sum(est.parts[k] for k in ("engine_weights", "kv_cache", "engine_runtime",
+                                                                      "sync"))
+    alone = estimate(s.but(gpus_per_node=1))  # one process hands its own parameters over: no copy
+    assert alone.parts["sync"] == 0 and alone.parts["engine_runtime"] == est.parts["engine_runtime"]
+    assert estimate(s.but(engine="hf")).parts["engine_runtime"] == 0
     checkpointed = estimate(s.but(gradient_checkpointing=True))
     assert checkpointed.parts["activations"] < est.parts["activations"] / 5
     offloaded = estimate(s.but(offload_frozen=True))
