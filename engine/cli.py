@@ -137,6 +137,7 @@ def _run_and_report(command: Command, rank: int) -> int:
     from . import peers
     from .checkpoint import CheckpointWriteError
     from .guard import DivergedError
+    from .rollout.async_engine import EngineProcessDied
     from .trainers.loop import StoppedAtStepBoundary
 
     try:
@@ -166,6 +167,10 @@ def _run_and_report(command: Command, rank: int) -> int:
         print("interrupted in the middle of a step: its partial update was not saved; rerun the same command "
               "with --run.resume true to continue from the last checkpoint", file=sys.stderr)
         return 130
+    except EngineProcessDied as exc:
+        print(f"error: {exc}. The last checkpoint is kept: rerun the same command with --run.resume true",
+              file=sys.stderr)
+        return 5
     except RuntimeError as exc:  # a collective failed because a peer is gone (killed, or crashed outside Python)
         if not dist.launched() or not (isinstance(exc, DistError) or peers.peer_lost(wait=5.0)):
             raise

@@ -277,6 +277,12 @@ class PPOConfig:
     ptx_batch: int = 32
     max_grad_norm: float = 1.0
     tis_cap: float = 0.0                # truncated importance sampling vs the rollout engine (0 = off; e.g. 2)
+    # Asynchronous rollouts: the engine in its own process generates batch t with the policy after t - k
+    # updates while the trainer updates (0: the synchronous loop). Such answers are corrected by importance
+    # weights to the engine's log-probs (tis: clamped at tis_cap; decoupled: AReaL's, tokens beyond the cap
+    # dropped), capped at tis_cap, or 2 when tis_cap is 0.
+    max_staleness: int = 0
+    off_policy_correction: str = "decoupled"
     log_kl: bool = False                # the KL-to-reference metric even when nothing trains on it (one forward more)
     old_logprobs: str = "auto"          # auto | trainer | engine: where the sampling-time log-probs come from
     eval_every: int = 25                # win rate against SFT over training (0 = off)
@@ -311,6 +317,9 @@ class PPOConfig:
                  f"be a multiple of ppo.minibatch ({self.minibatch})")
         _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
         _require(self.tis_cap == 0 or self.tis_cap >= 1, f"ppo.tis_cap must be 0 (off) or >= 1, got {self.tis_cap}")
+        _require(self.max_staleness >= 0, f"ppo.max_staleness must be >= 0 (0: synchronous), got {self.max_staleness}")
+        _require(self.off_policy_correction in ("tis", "decoupled"), f"ppo.off_policy_correction must be tis or "
+                 f"decoupled, got {self.off_policy_correction!r}")
         _require(self.backend in ("auto", "torch", "triton", "cuda", "cpu"), f"unknown ppo.backend {self.backend!r}")
         _require(self.old_logprobs in ("auto", "trainer", "engine"), f"ppo.old_logprobs must be auto, trainer or "
                  f"engine, got {self.old_logprobs!r}")

@@ -75,6 +75,41 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float = 0.2,
     return loss, stats
 
 
+OFF_POLICY = ("tis", "decoupled")
+
+
+def off_policy_weights(proximal: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tensor, *, mode: str = "tis",
+                       cap: float = 2.0) -> tuple[torch.Tensor, dict]:
+    """Per-token importance weights [B, T] (no grad) of answers sampled by a behaviour policy (the rollout
+    engine's log-probs `behaviour`, [B, T]) for a PPO update clipped around `proximal` (the trainer's policy
+    when the update starts, [B, T]); 0 on padding (mask [B, T]). w = exp(proximal - behaviour), then
+
+    tis:       min(w, cap): truncated importance sampling (Ionides 2008; TRL, OpenRLHF and verl against the
+               rollout engine), every token kept, the rare large weights clamped
+    decoupled: w where w <= cap, else 0: AReaL's decoupled PPO objective (Fu et al. 2025), whose tokens
+               beyond the cap are dropped from the gradient instead of clamped
+
+    stats: the weights' mean, standard deviation and maximum before truncation ("is_weight_*"), the share of
+    tokens the cap changed ("is_truncated"), and the effective sample size of the final weights as a fraction
+    of the tokens, (sum w)^2 / (n sum w^2) ("is_ess": 1 when all weights are equal)."""
+    if mode not in OFF_POLICY:
+        raise ValueError(f"off-policy correction must be one of {OFF_POLICY}, got {mode!r}")
+    check_loss_args(mask, "cap", cap, proximal=proximal, behaviour=behaviour)
+    with torch.no_grad():
+        valid = mask != 0
+        raw = torch.exp((proximal - behaviour).double()) * valid
+        over = (raw > cap) & valid
+        w = raw.clamp(max=cap) if mode == "tis" else torch.where(over, torch.zeros_like(raw), raw)
+        n = valid.sum().clamp(min=1)
+        x = raw[valid]
+        stats = {"is_weight_mean": float(x.mean()) if x.numel() else 1.0,
+                 "is_weight_std": float(x.std(unbiased=False)) if x.numel() else 0.0,
+                 "is_weight_max": float(x.max()) if x.numel() else 1.0,
+                 "is_truncated": float(over.sum() / n),
+                 "is_ess": float(w.sum() ** 2 / (n * (w * w).sum()).clamp(min=1e-300)) if x.numel() else 1.0}
+    return w.to(proximal.dtype), stats
+
+
 def value_loss(values, old_values, returns, mask, clip_eps: float = 0.2):
     """Clipped value loss, all [B, T]: 0.5 * mean over valid tokens of max((v - R)^2, (v_clipped - R)^2),
     where v_clipped = old_v + clip(v - old_v, -eps, eps). Returns (loss, stats)."""

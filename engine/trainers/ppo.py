@@ -33,7 +33,9 @@ from ..lora import is_peft, merged_named_weights, plain
 from ..loading import placed
 from ..models import PolicyLogprobs, TokenValues
 from ..rollout import make_rollout, resolve_backend
+from ..rollout.async_engine import EngineSpec
 from ..seeds import rollout_seeds
+from .async_ppo import Pipeline, check_async
 from .lm import lm_loss_part
 from .loop import run_steps
 from .passes import needs_reference, old_logprobs_source
@@ -137,17 +139,19 @@ def ppo_minibatch_loss(policy: PolicyLogprobs, value: TokenValues | None, exp: E
     lp, ent = policy(mb, temperature, return_entropy=True)
     # on-policy (one update from the sampling policy): the old log-probs are this forward's, detached
     old = exp.old_logprobs[idx] if exp.old_logprobs is not None else lp.detach()
-    is_weights = None
-    if cfg.tis_cap > 0 and exp.engine_logprobs is not None:
-        # Truncated importance sampling: the samples came from the engine's distribution, not the
-        # trainer's; reweight by min(pi_trainer / pi_engine, cap) (as TRL, OpenRLHF and verl do).
-        is_weights = torch.exp(old - exp.engine_logprobs[idx]).clamp(max=cfg.tis_cap) * mask
+    is_weights, is_stats = None, {}
+    correction = off_policy(cfg)
+    if correction is not None and exp.engine_logprobs is not None:
+        # The samples came from the engine's distribution (another numerics, or with max_staleness an older
+        # policy), the clip is around the trainer's policy at the update's start: reweight by pi_old / pi_engine
+        is_weights, is_stats = kernels.off_policy_weights(old, exp.engine_logprobs[idx], mask, mode=correction[0],
+                                                          cap=correction[1])
     pg, pg_stats = policy_loss(lp, old, exp.advantages[idx], mask, cfg.clip_eps,
                                is_weights=is_weights, clip_high=cfg.clip_high or None, loss_agg=cfg.loss_agg,
                                norm_len=norm_len)
     loss = part(pg, cfg.loss_agg)
     stats = {"pg_loss": loss.item(), "entropy": part(masked_mean(ent, mask)).item(),
-             **{k: part(v) for k, v in pg_stats.items()}}
+             **{k: part(v) for k, v in pg_stats.items()}, **{k: part(v) for k, v in is_stats.items()}}
     if record is not None:  # this forward's log-probs of rows idx (the on-policy update's old log-probs)
         record.append((idx, lp.detach()))
     if value is not None:
@@ -166,6 +170,14 @@ def ppo_minibatch_loss(policy: PolicyLogprobs, value: TokenValues | None, exp: E
         loss = loss + cfg.ptx_coef * ptx_loss
         stats["ptx_loss"] = ptx_loss.item()
     return loss, stats
+
+
+def off_policy(cfg) -> tuple[str, float] | None:
+    """(correction, cap) of the importance weights to the rollout engine, or None. cfg: PPOConfig. With
+    max_staleness > 0 always (off_policy_correction, tis_cap or 2); otherwise TIS when tis_cap > 0."""
+    if cfg.max_staleness > 0:
+        return cfg.off_policy_correction, cfg.tis_cap or 2.0
+    return ("tis", cfg.tis_cap) if cfg.tis_cap > 0 else None
 
 
 def engine_logprobs(results, like: torch.Tensor) -> torch.Tensor:
@@ -226,6 +238,7 @@ class PPORun:
     phases: Phases
     engine_sleeps: bool = False            # vLLM colocated on a GPU frees its memory during the trainer's passes
     sampler: torch.nn.Module | None = None  # the policy the HF backend samples from (None: vLLM's own)
+    pipeline: Pipeline | None = None       # max_staleness > 0: the engine in its own process (engine is None)
 
     def plain_policy(self):
         """The policy to sample from outside the trainer's passes (the win-rate evaluation): the trained one
@@ -236,7 +249,12 @@ class PPORun:
 def ppo_iteration(run: PPORun, step: int, gen: torch.Generator) -> dict:
     """One PPO iteration; returns its metrics."""
     cfg, rcfg, setup, phase = run.cfg, run.rollout_cfg, run.setup, run.phases
-    rollouts = collect_rollouts(run, step, gen)
+    if run.pipeline is None:
+        rollouts = collect_rollouts(run, step, gen)
+    else:
+        with phase("wait"):  # the trainer idle until the engine process has the batch
+            idx, version, results, engine_s = run.pipeline.take(step)
+        rollouts = score_rollouts(run, step, [idx[r.prompt_index] for r in results], results)
     with engine_asleep(run):
         eng = engine_logprobs(rollouts.results, rollouts.batch.response_mask)
         exp = make_experience(run.policy, run.ref, run.value, rollouts.batch, rollouts.scores, kl_coef=run.kl.coef,
@@ -245,8 +263,13 @@ def ppo_iteration(run: PPORun, step: int, gen: torch.Generator) -> dict:
         with phase("update"):
             stats = ppo_update(run, exp, gen)
     with phase("sync"):
-        sync_weights(run)
+        if run.pipeline is None:
+            sync_weights(run)
+        else:  # into shared memory, and the next batch asked for
+            run.pipeline.advance(step, merged_named_weights(run.policy.lm))
     metrics = iteration_metrics(exp, rollouts.results, stats, run.kl.coef, cfg.kl_estimator)
+    if run.pipeline is not None:
+        metrics.update(policy_version=version, staleness=step - version, engine_generate_s=engine_s)
     if hasattr(run.engine, "held_bytes"):  # what this rank's rollout engine holds (1/TP of the policy)
         metrics["engine_weights_mib"] = run.engine.held_bytes() / 2**20
     rows, width = exp.batch.input_ids.shape  # this rank's padded tokens in one minibatch's pass
@@ -285,13 +308,10 @@ def collect_rollouts(run: PPORun, step: int, gen: torch.Generator) -> Rollouts:
         with phase("generate"):
             results = generate(run, idx, seeds=rollout_seeds(run.seed, run.stage, step, round_, len(idx)))
         rows = [idx[r.prompt_index] for r in results]
-        batch = make_batch([setup.prompts[i] for i in rows], [r.token_ids for r in results], run.pad_id).to(run.device)
-        with phase("score"):  # each process scores its rows (the RM's forward is sharded)
-            scores = dist.map_rows(lambda ix: setup.score(batch.select(ix), [rows[i] for i in ix],
-                                                          [results[i] for i in ix]).to(run.device), len(rows))
-        check_scores(scores, step, [setup.prompts[i] for i in rows])
+        scored = score_rollouts(run, step, rows, results)
         if not cfg.drop_constant_groups:
-            return Rollouts(results, batch, scores)
+            return scored
+        scores = scored.scores
         groups = scores.view(-1, n)
         live = (groups != groups[:, :1]).any(dim=1).tolist()
         dropped += live.count(False)
@@ -305,6 +325,17 @@ def collect_rollouts(run: PPORun, step: int, gen: torch.Generator) -> Rollouts:
     results = [r for group in kept for r in group[1]]
     batch = make_batch([setup.prompts[i] for i in rows], [r.token_ids for r in results], run.pad_id).to(run.device)
     return Rollouts(results, batch, torch.cat([group[2] for group in kept]), dropped)
+
+
+def score_rollouts(run: PPORun, step: int, rows: list[int], results: list) -> Rollouts:
+    """The answers `results` to prompts `rows` (one prompt index per answer) batched and scored."""
+    setup = run.setup
+    batch = make_batch([setup.prompts[i] for i in rows], [r.token_ids for r in results], run.pad_id).to(run.device)
+    with run.phases("score"):  # each process scores its rows (the RM's forward is sharded)
+        scores = dist.map_rows(lambda ix: setup.score(batch.select(ix), [rows[i] for i in ix],
+                                                      [results[i] for i in ix]).to(run.device), len(rows))
+    check_scores(scores, step, [setup.prompts[i] for i in rows])
+    return Rollouts(results, batch, scores)
 
 
 def check_scores(scores: torch.Tensor, step: int, prompts: list) -> None:
@@ -426,11 +457,21 @@ def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) 
     # The HF backend samples from the trained policy itself (sharded with several processes: no rank holds it
     # whole, see HFRollout); vLLM holds its own copy, which every sync refreshes.
     backend = resolve_backend(rcfg.backend)
-    sampler = policy if backend == "hf" else None
-    engine = make_rollout(backend, policy=sampler, model_dir=setup.policy_dir, seed=run_cfg.seed,
-                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                          dtype=setup.engine_dtype or str(next(policy_model.parameters()).dtype).split(".")[-1],
-                          max_model_len=setup.max_model_len, **engine_kw)
+    dtype = setup.engine_dtype or str(next(policy_model.parameters()).dtype).split(".")[-1]
+    sampler = policy if backend == "hf" and not cfg.max_staleness else None
+    engine = pipeline = None
+    if cfg.max_staleness:  # the engine in a process of its own, started from the same weights
+        check_async(cfg, rcfg, dev)
+        spec = EngineSpec(backend, str(setup.policy_dir), run_cfg.seed, tok.pad_token_id, tok.eos_token_id, dtype,
+                          setup.max_model_len, cfg.samples_per_prompt, rcfg.max_new_tokens, rcfg.temperature,
+                          rcfg.top_p, rcfg.top_k, engine_kw=engine_kw)
+        pipeline = Pipeline(spec, merged_named_weights(policy_model), k=cfg.max_staleness, total=cfg.iterations,
+                            stage="ppo_ptx" if ptx else "ppo", seed=run_cfg.seed, n_prompts=len(setup.prompts),
+                            rollout_batch=cfg.rollout_batch, prompts=setup.prompts)
+    else:
+        engine = make_rollout(backend, policy=sampler, model_dir=setup.policy_dir, seed=run_cfg.seed,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, dtype=dtype,
+                              max_model_len=setup.max_model_len, **engine_kw)
     ref = setup.reference
     optim = dict(weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
     optims = {"policy": Optim.adamw(policy_model, lr=cfg.lr, flag="--ppo.lr", **optim)}
@@ -439,12 +480,11 @@ def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) 
     return PPORun("ppo_ptx" if ptx else "ppo", run_cfg.seed, cfg, rcfg, setup, policy, ref, value, optims,
                   KLController.from_config(cfg), engine, tok.pad_token_id, dev, ptx,
                   Phases(dev), engine_sleeps=bool(engine_kw.get("enable_sleep_mode")) and hasattr(engine, "sleep"),
-                  sampler=sampler)
+                  sampler=sampler, pipeline=pipeline)
 
 
 def train_ppo(ctx, setup: PPOSetup, *, ptx: bool) -> Path:
     """Run PPO (or PPO-ptx) from the SFT policy and the RM; returns the final policy directory."""
-    cfg, run_cfg = ctx.cfg.ppo, ctx.cfg.run
     stage = "ppo_ptx" if ptx else "ppo"
     stage_dir, final, ckpt = open_stage(ctx, stage, "policy")
     if final.is_dir():
@@ -459,8 +499,26 @@ def train_ppo(ctx, setup: PPOSetup, *, ptx: bool) -> Path:
     if setup.load_value is not None:  # a critic (GAE); the critic-free estimators train the policy alone
         models["value"] = placed(setup.load_value(saved_model(ckpt, "value")), ctx.device).train()
     run = make_ppo_run(ctx, setup, policy_model, models.get("value"), ptx=ptx)
-    state = TrainState(stage_dir, models, run.optims, ctx.tokenizer, extra=lambda: {"kl_coef": run.kl.coef})
-    start = 0
+    try:
+        return _train(ctx, run, models, stage_dir, final, ckpt, ptx)
+    finally:
+        close_engine(run)
+
+
+def close_engine(run: PPORun) -> None:
+    for engine in (run.engine, run.pipeline):
+        if engine is not None:
+            engine.close()
+
+
+def _train(ctx, run: PPORun, models: dict, stage_dir: Path, final: Path, ckpt: Path | None, ptx: bool) -> Path:
+    cfg, run_cfg, stage, policy_model = ctx.cfg.ppo, ctx.cfg.run, run.stage, models["policy"]
+
+    def extra() -> dict:  # with max_staleness, the batches already generated from older weights
+        pending = {"async_pending": run.pipeline.pending_state()} if run.pipeline else {}
+        return {"kl_coef": run.kl.coef, **pending}
+    state = TrainState(stage_dir, models, run.optims, ctx.tokenizer, extra=extra)
+    start, saved = 0, {}
     if ckpt is not None:
         saved = state.restore(ckpt)
         start = saved["step"]
@@ -469,13 +527,14 @@ def train_ppo(ctx, setup: PPOSetup, *, ptx: bool) -> Path:
         else:  # a fixed beta changed between runs is honoured
             log.warning("resuming with --ppo.kl_coef %g (the checkpoint was trained with %g)", cfg.kl_coef,
                         saved["kl_coef"])
-    if ckpt is not None or is_peft(policy_model):
+    if run.pipeline is not None:
+        run.pipeline.start(start, merged_named_weights(policy_model), saved.get("async_pending"))
+    elif ckpt is not None or is_peft(policy_model):
         sync_weights(run)  # the engine started from the SFT weights
     run_steps(stage=stage, seed=run_cfg.seed, start=start, total=cfg.iterations,
               step_fn=lambda step, gen: ppo_iteration(run, step, gen), state=state, log_every=1,
               checkpoint_every=cfg.checkpoint_every, progress=run_cfg.progress, lr=cfg.lr)
     save_models(stage_dir / "final", {name: plain(m) for name, m in models.items()}, ctx.tokenizer)
-    run.engine.close()
     if dist.world().main:
         (stage_dir / "summary.json").write_text(json.dumps({"ptx": ptx, "kl_coef_final": run.kl.coef}, indent=2))
     return final

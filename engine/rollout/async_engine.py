@@ -1,0 +1,164 @@
+"""A rollout engine in a process of its own, generating the next batches while the trainer updates on this one.
+
+The trainer and the engine split the machine's cores (`split_cores`). Weights go from the trainer to the engine
+through shared memory (PyTorch's own multiprocessing: tensors in `share_memory_()` storage, handed to the child
+once at start), in `slots` of whole tensors, one per policy version kept: version v lives in slot
+v mod len(slots). The engine copies a version into its own weights between batches, when a request asks for
+it, before generating (vLLM's in-place sync, or the transformers model's parameters). Requests and answers are
+plain Python values on two queues; no socket protocol of ours.
+
+Which version generates which batch is the caller's to decide (engine/trainers/async_ppo.py: batch t with
+version t - k), so a run is deterministic whatever the processes' speeds. A slot is rewritten only once the
+batch that reads it is back (the caller's order guarantees it with max_staleness + 1 slots).
+
+    engine = AsyncRollout(spec, named_weights, slots=2)
+    engine.submit(batch=0, prompts=[[1, 5, 7]], seeds=[11], version=0)
+    version, results, seconds = engine.result(0)   # RolloutResult list, as the in-process backends return
+    engine.publish(1, model.named_parameters())    # into slot 1 % 2
+"""
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import RolloutResult
+
+
+class EngineProcessDied(RuntimeError):
+    """The engine's process ended (killed, out of memory, an error inside it) while the trainer needed it."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How the child builds its engine and what every generate call passes. backend: "hf" | "vllm";
+    engine_kw: VLLMRollout's keyword arguments; cores: the CPUs the engine runs on (its threads)."""
+    backend: str
+    model_dir: str
+    seed: int
+    pad_token_id: int
+    eos_token_id: int
+    dtype: str
+    max_model_len: int
+    n: int
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    cores: tuple[int, ...] = ()
+    engine_kw: dict = field(default_factory=dict)
+
+
+def split_cores() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the trainer's cores, the engine's): the CPUs this process may use, halved (the engine the upper half).
+    One CPU: both share it."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) == 1:
+        return tuple(cpus), tuple(cpus)
+    half = len(cpus) // 2
+    return tuple(cpus[:len(cpus) - half]), tuple(cpus[len(cpus) - half:])
+
+
+def _build(spec: EngineSpec):
+    if spec.backend == "vllm":
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, spec.cores)) if spec.cores else "auto"
+        from .vllm import VLLMRollout
+
+        return VLLMRollout(spec.model_dir, dtype=spec.dtype, seed=spec.seed, max_model_len=spec.max_model_len,
+                           **spec.engine_kw)
+    from .hf import HFRollout
+
+    return HFRollout(spec.model_dir, seed=spec.seed, pad_token_id=spec.pad_token_id, eos_token_id=spec.eos_token_id)
+
+
+def _serve(spec: EngineSpec, slots: list[dict], requests, answers) -> None:
+    """The child: build the engine, then for each request (batch, prompts, seeds, version) adopt that version's
+    weights if the engine holds another, generate, and answer (batch, version, results, seconds). None ends it."""
+    try:
+        if spec.cores:
+            os.sched_setaffinity(0, spec.cores)
+            torch.set_num_threads(len(spec.cores))
+        engine = _build(spec)
+        held = None
+        while (req := requests.get()) is not None:
+            batch, prompts, seeds, version = req
+            began = time.perf_counter()
+            if version != held:
+                engine.update_weights(slots[version % len(slots)].items())
+                held = version
+            results = engine.generate(prompts, n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature,
+                                      top_p=spec.top_p, top_k=spec.top_k, seeds=seeds)
+            plain = [(r.prompt_index, list(r.token_ids), list(r.logprobs), r.finish_reason) for r in results]
+            answers.put(("batch", batch, version, plain, time.perf_counter() - began))
+        engine.close()
+    except BaseException:  # noqa: BLE001 - whatever ends the engine is the trainer's to report, once
+        answers.put(("error", traceback.format_exc()))
+        answers.close()
+        answers.join_thread()
+        sys.exit(1)
+
+
+class AsyncRollout:
+    """The trainer's handle on the engine process. named_weights: the policy's (name, tensor) pairs, whose
+    shapes size the shared slots; slots: how many versions can be in flight at once (max_staleness + 1)."""
+
+    def __init__(self, spec: EngineSpec, named_weights, *, slots: int):
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.spec = spec
+        named = [(n, t.detach()) for n, t in named_weights]
+        self.slots = [{n: t.to("cpu", copy=True).contiguous().share_memory_() for n, t in named} for _ in range(slots)]
+        self.requests, self.answers = ctx.Queue(), ctx.Queue()
+        self.done: dict[int, tuple] = {}
+        self.proc = ctx.Process(target=_serve, args=(spec, self.slots, self.requests, self.answers), daemon=True,
+                                name="rlhf-engine-rollouts")
+        self.proc.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def publish(self, version: int, named_tensors) -> None:
+        """Copy the policy's weights (name, tensor) into version `version`'s slot."""
+        slot = self.slots[version % len(self.slots)]
+        with torch.no_grad():
+            for name, t in named_tensors:
+                slot[name].copy_(t)
+
+    def submit(self, batch: int, prompts: list[list[int]], seeds: list[int], version: int) -> None:
+        """Ask for batch `batch`: samples of `prompts` (one seed each) with version `version`'s weights."""
+        self.requests.put((batch, [list(map(int, p)) for p in prompts], list(seeds), version))
+
+    def result(self, batch: int) -> tuple[int, list[RolloutResult], float]:
+        """(version, results, seconds the engine took) of batch `batch`, waiting for it. An engine that died
+        raises EngineProcessDied with what it said."""
+        while batch not in self.done:
+            try:
+                msg = self.answers.get(timeout=0.5)
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    raise EngineProcessDied(f"the rollout engine process (pid {self.proc.pid}) ended with exit code "
+                                            f"{self.proc.exitcode} while batch {batch} was awaited") from None
+                continue
+            if msg[0] == "error":
+                raise EngineProcessDied(f"the rollout engine process (pid {self.proc.pid}) failed:\n{msg[1]}")
+            _, b, version, plain, seconds = msg
+            self.done[b] = (version, [RolloutResult(*r) for r in plain], seconds)
+        return self.done.pop(batch)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.requests.put(None)
+            self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        for q in (self.requests, self.answers):
+            q.cancel_join_thread()
+            q.close()

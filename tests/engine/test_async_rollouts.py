@@ -1,0 +1,139 @@
+"""--ppo.max_staleness k: the rollout engine in a process of its own, through the real CLI (the engine process
+is real: spawned, fed through shared memory, killed for real in the crash test)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.cli import main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_run):
+    return tiny_run
+
+
+def _prepare(run_dir, path):
+    shutil.copytree(run_dir, path, ignore=shutil.ignore_patterns("ppo", "ppo_ptx"))
+    return path
+
+
+def _rows(out, stage="ppo"):
+    return [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(out, stage="ppo"):
+    return load_file(out / stage / "final" / "policy" / "model.safetensors")
+
+
+def _flags(tiny, *extra, ptx=False):
+    return [*tiny("ppo", ptx=ptx), *(["--ptx", "true"] if ptx else []), "--ppo.iterations", "5",
+            "--ppo.eval_every", "0", *extra]
+
+
+@pytest.mark.parametrize("k, correction", [(1, "decoupled"), (2, "tis")])
+def test_every_batch_is_k_versions_old_at_most_and_exactly_the_schedule(run_dir, tmp_path, tiny, k, correction):
+    out = _prepare(run_dir, tmp_path / "run")
+    assert main(["ppo", "--out", str(out), *_flags(tiny, "--ppo.max_staleness", str(k),
+                                                    "--ppo.off_policy_correction", correction)]) == 0
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    for r in rows:
+        trained = r["step"] - 1                         # iteration t trains on batch t
+        assert r["policy_version"] == max(trained - k, 0)
+        assert r["staleness"] == trained - r["policy_version"] <= k
+        # the correction ran and says how far the engine's policy was: weights near 1 on a tiny model
+        assert 0 < r["is_ess"] <= 1 and r["is_weight_max"] >= r["is_weight_mean"] > 0
+    assert any(r["staleness"] == k for r in rows)
+    assert all(torch.isfinite(t).all() for t in _weights(out).values())
+
+
+def test_k0_is_the_synchronous_loop(run_dir, tmp_path, tiny):
+    a, b = _prepare(run_dir, tmp_path / "a"), _prepare(run_dir, tmp_path / "b")
+    assert main(["ppo", "--out", str(a), *_flags(tiny)]) == 0
+    assert main(["ppo", "--out", str(b), *_flags(tiny, "--ppo.max_staleness", "0")]) == 0
+    ra, rb = _rows(a), _rows(b)
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith("time/")}  # noqa: E731
+    assert [drop(r) for r in ra] == [drop(r) for r in rb]
+    assert "staleness" not in ra[0] and "time/generate" in ra[0]  # no engine process: generated in the loop
+    wa, wb = _weights(a), _weights(b)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stage", ["ppo", "ppo_ptx"])
+def test_resume_after_ctrl_c_matches_uninterrupted(run_dir, tmp_path, tiny, monkeypatch, interrupt, stage):
+    import engine.trainers.ppo as ppo
+
+    flags = _flags(tiny, "--ppo.max_staleness", "2", "--ppo.checkpoint_every", "2", ptx=stage == "ppo_ptx")
+    straight = _prepare(run_dir, tmp_path / "straight")
+    assert main(["ppo", "--out", str(straight), *flags]) == 0
+    broken = _prepare(run_dir, tmp_path / "broken")
+    with monkeypatch.context() as m:
+        interrupt(m, ppo, "make_experience", 4)  # during iteration 4 of 5: batches 2 and 3 were generated early
+        assert main(["ppo", "--out", str(broken), *flags]) == 130
+    assert (broken / stage / "checkpoints" / "latest").read_text() == "step-000002"
+    state = json.loads((broken / stage / "checkpoints" / "step-000002" / "trainer.json").read_text())["state"]
+    assert [(p["batch"], p["version"]) for p in state["async_pending"]] == [(2, 0), (3, 1)]
+    assert main(["ppo", "--out", str(broken), "--run.resume", "true", *flags]) == 0
+    a, b = _weights(straight, stage), _weights(broken, stage)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    keep = ("score", "loss", "policy_version", "staleness", "is_ess")
+    assert [{k: r[k] for k in keep} for r in _rows(straight, stage)] == \
+           [{k: r[k] for k in keep} for r in _rows(broken, stage)]
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(x) for x in f.read().split()]
+    return kids
+
+
+def test_a_killed_engine_process_ends_the_run_with_one_message_and_keeps_the_checkpoint(run_dir, tmp_path, tiny):
+    from flag_bundles import only_for
+
+    out = _prepare(run_dir, tmp_path / "run")
+    flags = only_for("ppo", [*tiny("ppo"), "--ppo.iterations", "400", "--ppo.eval_every", "0",
+                             "--ppo.checkpoint_every", "2", "--ppo.max_staleness", "1"])
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "ppo", "--out", str(out), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "ppo" / "checkpoints" / "latest").exists():  # running, a checkpoint written
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.2)
+        engines = [p for p in _children(proc.pid) if "spawn" in open(f"/proc/{p}/cmdline").read()]
+        assert len(engines) == 1
+        os.kill(engines[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 5
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "rollout engine process" in lines[0] and "-9" in lines[0], err[-2000:]
+    assert "--run.resume true" in lines[0] and "Traceback" not in err
+    latest = (out / "ppo" / "checkpoints" / "latest").read_text()
+    assert (out / "ppo" / "checkpoints" / latest / "trainer.json").is_file()
+    assert not (out / "ppo" / "final").exists()
+
+
+@pytest.mark.parametrize("flag, says", [
+    (["--ppo.drop_constant_groups", "true", "--ppo.samples_per_prompt", "2", "--ppo.minibatch", "8"],
+     "drop_constant_groups"),
+    (["--ppo.old_logprobs", "engine"], "old_logprobs engine"),
+])
+def test_what_async_does_not_support_is_refused_by_name(run_dir, tmp_path, tiny, flag, says, capsys):
+    out = _prepare(run_dir, tmp_path / "run")
+    assert main(["ppo", "--out", str(out), *_flags(tiny, "--ppo.max_staleness", "1", *flag)]) == 2
+    assert says in capsys.readouterr().err
