@@ -18,11 +18,11 @@ OTHER = {
     "value.lora_dropout": 0.1, "data.long_prompts": "drop", "model.num_heads": 4, "model.hidden_size": 256,
     "task.n_heldout_labelers": 5, "run.resume": True, "reward.fn": "my_rewards:exact",
     "ppo.advantage_estimator": "reinforce_pp", "ppo.loss_agg": "seq-mean-token-mean", "ppo.kl_loss_estimator": "k2",
-    "ppo.old_logprobs": "engine", "dpo.backend": "torch", "dpo.loss": "ipo",
+    "ppo.old_logprobs": "engine", "dpo.backend": "torch", "dpo.loss": "ipo", "ppo.off_policy_correction": "tis",
 }
 # fields whose other value needs a companion to be valid, or to be read at all
 WITH = {"ppo.drop_constant_groups": ["--ppo.samples_per_prompt", "2"], "run.offload_frozen": ["--run.device", "cuda"],
-        "rollout.tensor_parallel": ["--rollout.backend", "vllm"]}
+        "rollout.tensor_parallel": ["--rollout.backend", "vllm"], "ppo.off_policy_correction": ["--ppo.max_staleness", "1"]}
 
 
 def other(key: str, default):
