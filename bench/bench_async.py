@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 from .bench_estimators import engine, judge
-from .harness import RESULTS, device_name, provenance
+from .harness import provenance, write_rows
 
 KS = (0, 1, 2, 4)
 CORRECTIONS = ("decoupled", "tis")
@@ -73,6 +73,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="rounds of the 26M job (each k once per round)")
     ap.add_argument("--iterations", type=int, default=10, help="iterations of each 26M run")
     ap.add_argument("--ppo-iterations", type=int, default=250, help="iterations of each built-in run")
+    ap.add_argument("--cores", nargs="+", default=["split"], choices=["split", "shared"],
+                    help="--rollout.engine_cores of the 26M job's k > 0 runs (each one every round)")
+    ap.add_argument("--no-builtin", action="store_true",
+                    help="the 26M job only (saved as async-cores.{md,json})")
     ap.add_argument("--work", help="a directory for the runs (default: a temporary one)")
     args = ap.parse_args(argv)
     from engine.config import Config
@@ -89,14 +93,23 @@ def main(argv=None) -> int:
         engine(["sft", "--out", str(big), *quiet, "--sft.steps", "1"])
         engine(["rm", "--out", str(big), *quiet, "--rm.steps", "1"])
     for round_ in range(args.rounds):
-        for k in KS:
+        for k, cores in [(0, "")] + [(k, c) for c in args.cores for k in KS[1:]]:
             run = copy_base(big, work / f"26m-k{k}")
             seconds, peak = engine(["ppo", "--out", str(run), "--ppo.iterations", str(args.iterations), *COMMON,
-                                    *GRPO_26M, "--ppo.max_staleness", str(k)])
-            rows.append({"job": "26M", "round": round_, "k": k, "correction": "decoupled" if k else "",
+                                    *GRPO_26M, "--ppo.max_staleness", str(k),
+                                    *(["--rollout.engine_cores", cores] if k else [])])
+            rows.append({"job": "26M", "round": round_, "k": k, "cores": cores, "correction": "decoupled" if k else "",
                          "seconds": seconds, "peak_rss_mib": peak, **throughput(run, 32)})
             print(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(run)
+    if args.no_builtin:
+        meta = provenance("python -m bench.bench_async " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+                          "cpu")
+        text = render(rows, meta)
+        print(text)
+        if args.rounds >= 2:
+            print("saved", write_rows("async-cores", "cpu", meta, rows, text))
+        return 0
 
     base = work / "base-builtin"
     if not (base / "rm" / "final").is_dir():
@@ -125,20 +138,16 @@ def main(argv=None) -> int:
     text = render(rows, meta)
     print(text)
     if args.rounds >= 2 and args.ppo_iterations == 250:
-        out = RESULTS / device_name("cpu")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "async.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-        (out / "async.md").write_text(text)
-        plot(rows, out / "async.png")
-        print("saved", out / "async.md")
+        print("saved", write_rows("async", "cpu", meta, rows, text, plot))
     return 0
 
 
-def ratios(rows: list[dict]) -> dict[int, list[float]]:
-    """Each k's iterations per second over k = 0's in the same round (26M job), in round order."""
+def ratios(rows: list[dict], cores: str = "split") -> dict[int, list[float]]:
+    """Each k's iterations per second over k = 0's in the same round (26M job, engine cores `cores`), in round
+    order."""
     out: dict[int, list[float]] = {}
     for r in rows:
-        if r["job"] == "26M" and r["k"]:
+        if r["job"] == "26M" and r["k"] and r.get("cores", "split") == cores:
             sync = next(s for s in rows if s["job"] == "26M" and s["round"] == r["round"] and s["k"] == 0)
             out.setdefault(r["k"], []).append(r["iterations_per_s"] / sync["iterations_per_s"])
     return out
@@ -158,17 +167,22 @@ def render(rows: list[dict], meta: dict) -> str:
              "per second over k = 0's in the same round. generate: the engine's seconds per batch (k = 0: the "
              "loop's generate phase, 2 threads; k > 0: 1 thread, overlapped); waits: the trainer idle for a batch; "
              "update: the optimizer step's seconds (k = 0: 2 threads; k > 0: 1).", "",
-             "| k | round | iterations / s | answers / s | vs k = 0 | generate s | trainer waits s | update s | "
-             "ESS | peak RSS MiB |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    rat = ratios(rows)
+             "engine cores: split (one core each, pinned) or shared (the trainer on both, the engine one thread "
+             "anywhere).", "",
+             "| k | engine cores | round | iterations / s | answers / s | vs k = 0 | generate s | trainer waits s | "
+             "update s | ESS | peak RSS MiB |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    placements = list(dict.fromkeys(r.get("cores", "split") for r in rows if r["job"] == "26M" and r["k"]))
+    rat = {c: ratios(rows, c) for c in placements}
     for r in (r for r in rows if r["job"] == "26M"):
-        vs = f"{rat[r['k']][r['round']]:.2f}x" if r["k"] else ""
+        cores = r.get("cores", "split") if r["k"] else ""
+        vs = f"{rat[cores][r['k']][r['round']]:.2f}x" if r["k"] else ""
         gen = r.get("engine_generate_s", r.get("generate_s"))
-        lines.append(f"| {r['k']} | {r['round'] + 1} | {r['iterations_per_s']:.3f} | {r['answers_per_s']:.1f} | {vs} | "
-                     f"{_f(gen)} | {_f(r.get('wait_s'))} | {_f(r.get('update_s'))} | {_f(r.get('is_ess'), '.4f')} | "
-                     f"{r['peak_rss_mib']:.0f} |")
+        lines.append(f"| {r['k']} | {cores} | {r['round'] + 1} | {r['iterations_per_s']:.3f} | "
+                     f"{r['answers_per_s']:.1f} | {vs} | {_f(gen)} | {_f(r.get('wait_s'))} | {_f(r.get('update_s'))} | "
+                     f"{_f(r.get('is_ess'), '.4f')} | {r['peak_rss_mib']:.0f} |")
     lines += ["", "Median per-round ratio to k = 0: " + "; ".join(
-        f"k = {k}: {statistics.median(v):.2f}x ({', '.join(f'{x:.2f}' for x in v)})" for k, v in rat.items()) + ".",
+        f"{c}, k = {k}: {statistics.median(v):.2f}x ({', '.join(f'{x:.2f}' for x in v)})"
+        for c in placements for k, v in rat[c].items()) + ".",
         "", "## The built-in task: PPO with its critic, 250 iterations x 64 answers", "",
         "Win rate against SFT on the 600 held-out prompts by the held-out labelers (ties half); k = 0 with two "
         "seeds gives the synchronous run's noise. ESS, truncated, max weight: the importance weights to the "

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .harness import RESULTS, device_name, provenance
+from .harness import provenance, write_rows
 
 TASK = ["--task.n_corpus", "2000", "--task.n_demonstrations", "400", "--task.n_comparisons", "200",
         "--task.n_comparisons_heldout", "16", "--task.n_ppo_prompts", "256", "--run.progress", "false"]
@@ -131,11 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     text = table(rows, meta)
     print(text)
     if not args.no_save:
-        out = RESULTS / device_name(args.device)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "distributed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-        (out / "distributed.md").write_text(text)
-        print("saved", out / "distributed.md")
+        print("saved", write_rows("distributed", args.device, meta, rows, text))
 
 
 def table(rows: list[dict], meta: dict) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import RESULTS, device_name, provenance
+from .harness import provenance, write_rows
 
 ESTIMATORS = {  # name -> the flags that make it, at 64 answers per iteration
     "PPO": ["--ppo.advantage_estimator", "gae"],
@@ -126,12 +126,7 @@ def main(argv=None) -> int:
     text = render(rows, meta)
     print(text)
     if args.iterations == 250:
-        out = RESULTS / device_name("cpu")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "estimators.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-        (out / "estimators.md").write_text(text)
-        plot(rows, out / "estimators.png")
-        print("saved", out / "estimators.md")
+        print("saved", write_rows("estimators", "cpu", meta, rows, text, plot))
     return 0
 
 

@@ -250,3 +250,15 @@ def save(name: str, results: list[Result], meta: dict, notes: list[str]) -> Path
     md += [f"- {n}" for n in notes]
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
     return out / f"{name}.md"
+
+
+def write_rows(name: str, device: str, meta: dict, rows: list[dict], text: str, plot=None) -> Path:
+    """A whole-job bench's results: bench/results/<device>/<name>.json (meta and rows) and .md (text), and
+    .png where plot(rows, path) draws one. Returns the .md's path."""
+    out = RESULTS / device_name(device)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / f"{name}.md").write_text(text)
+    if plot is not None:
+        plot(rows, out / f"{name}.png")
+    return out / f"{name}.md"

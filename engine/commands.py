@@ -117,6 +117,8 @@ def unread(command: str, cfg: Config, ptx: bool = False, dpo: bool = False) -> l
     if "ppo" in offered and cfg.ppo.max_staleness == 0:
         refuse("ppo", ("off_policy_correction",), "the synchronous loop corrects with --ppo.tis_cap alone: add "
                "--ppo.max_staleness k")
+        refuse("rollout", ("engine_cores",), "the synchronous loop runs the engine in its own process only with "
+               "--ppo.max_staleness k")
     if "ppo" in offered and not cfg.ppo.adaptive_kl:
         refuse("ppo", ("target_kl", "kl_horizon"), "only the adaptive KL controller reads it: add --ppo.adaptive_kl true")
     critic_free = "ppo" in offered and cfg.ppo.advantage_estimator != "gae"

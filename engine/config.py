@@ -345,10 +345,16 @@ class RolloutConfig:
     # group of tensor_parallel ranks runs one engine holding 1/tensor_parallel of the weights on each rank,
     # all of them generating the group's share of the prompts. 1: an engine per process with all the weights.
     tensor_parallel: int = 1
+    # With --ppo.max_staleness > 0, where the engine process runs: split (the CPUs halved, each process pinned
+    # to its half) or shared (the trainer keeps every CPU, the engine half as many threads anywhere: the cores
+    # it leaves idle between batches go back to the trainer).
+    engine_cores: str = "split"
 
     def __post_init__(self):
         _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization must be in (0, 1]")
         _require(self.tensor_parallel >= 1, f"rollout.tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        _require(self.engine_cores in ("split", "shared"), f"rollout.engine_cores must be split or shared, got "
+                 f"{self.engine_cores!r}")
         _require(self.tensor_parallel == 1 or self.backend == "vllm",
                  f"rollout.tensor_parallel {self.tensor_parallel} needs --rollout.backend vllm (the hf backend "
                  f"samples from the sharded policy itself)")

@@ -51,22 +51,25 @@ class EngineSpec:
     top_p: float = 1.0
     top_k: int = -1
     cores: tuple[int, ...] = ()
+    pinned: bool = True                    # the engine's threads bound to `cores` (else their count only)
     engine_kw: dict = field(default_factory=dict)
 
 
-def split_cores() -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(the trainer's cores, the engine's): the CPUs this process may use, halved (the engine the upper half).
-    One CPU: both share it."""
+def split_cores(placement: str = "split") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the trainer's cores, the engine's) among the CPUs this process may use. split: halved (the engine the
+    upper half; one CPU: both share it). shared: the trainer keeps them all and the engine's threads (half as
+    many) may run on any of them, so the cores the engine leaves idle between batches go back to the trainer."""
     cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) == 1:
-        return tuple(cpus), tuple(cpus)
-    half = len(cpus) // 2
+    half = max(len(cpus) // 2, 1)
+    if placement == "shared" or len(cpus) == 1:
+        return tuple(cpus), tuple(cpus[len(cpus) - half:])
     return tuple(cpus[:len(cpus) - half]), tuple(cpus[len(cpus) - half:])
 
 
 def _build(spec: EngineSpec):
     if spec.backend == "vllm":
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, spec.cores)) if spec.cores else "auto"
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, spec.cores)) if spec.cores and spec.pinned \
+            else "auto"
         from .vllm import VLLMRollout
 
         return VLLMRollout(spec.model_dir, dtype=spec.dtype, seed=spec.seed, max_model_len=spec.max_model_len,
@@ -81,7 +84,8 @@ def _serve(spec: EngineSpec, slots: list[dict], requests, answers) -> None:
     weights if the engine holds another, generate, and answer (batch, version, results, seconds). None ends it."""
     try:
         if spec.cores:
-            os.sched_setaffinity(0, spec.cores)
+            if spec.pinned:
+                os.sched_setaffinity(0, spec.cores)
             torch.set_num_threads(len(spec.cores))
         engine = _build(spec)
         held = None

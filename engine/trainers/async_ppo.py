@@ -37,17 +37,19 @@ class Pipeline:
     checkpoint keeps of it. stage, seed: the run's (prompt streams); n_prompts: the prompt set's size."""
 
     def __init__(self, spec: EngineSpec, named_weights, *, k: int, total: int, stage: str, seed: int,
-                 n_prompts: int, rollout_batch: int, prompts: list[list[int]]):
+                 n_prompts: int, rollout_batch: int, prompts: list[list[int]], placement: str = "split"):
         self.k, self.total, self.stage, self.seed = k, total, stage, seed
         self.n_prompts, self.rollout_batch, self.prompts = n_prompts, rollout_batch, prompts
         self.ready: dict[int, tuple[int, list[RolloutResult], float]] = {}
         self.next = 0  # the next iteration to train (= the version the policy is at)
-        self.trainer_cores, engine_cores = split_cores()
+        self.trainer_cores, engine_cores = split_cores(placement)
         self.before = (os.sched_getaffinity(0), torch.get_num_threads())
-        self.engine = AsyncRollout(spec.__class__(**{**spec.__dict__, "cores": engine_cores}), named_weights,
-                                   slots=k + 1)
-        os.sched_setaffinity(0, self.trainer_cores)  # after the child started: it sets its own
-        torch.set_num_threads(len(self.trainer_cores))
+        pinned = placement == "split"
+        self.engine = AsyncRollout(spec.__class__(**{**spec.__dict__, "cores": engine_cores, "pinned": pinned}),
+                                   named_weights, slots=k + 1)
+        if pinned:
+            os.sched_setaffinity(0, self.trainer_cores)  # after the child started: it sets its own
+            torch.set_num_threads(len(self.trainer_cores))
 
     def prompt_indices(self, batch: int) -> list[int]:
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.stage, batch, "async prompts"))

@@ -250,21 +250,23 @@ policy = dist.shard(PolicyLogprobs(model))
 optim = Optim.adamw(model, lr=1e-3, flag="test")
 dist.backward(policy(make_batch([[1, 2, 3]] * 2, [[4, 5]] * 2, 0)).sum())
 optim.step()
-print(json.dumps({"rank": w.rank, "held": dist.held_bytes([model], [optim.optimizer])}))
+with open(f"{sys.argv[2]}.rank{w.rank}.json", "w") as f:  # a file each: two ranks' prints can interleave
+    json.dump({"rank": w.rank, "held": dist.held_bytes([model], [optim.optimizer])}, f)
 dist.close()
 """
 
 
-def test_parameters_and_optimizer_state_per_rank_are_half_of_one_process(tiny_models):
+def test_parameters_and_optimizer_state_per_rank_are_half_of_one_process(tiny_models, tmp_path):
     def held(procs):
+        prefix = str(tmp_path / f"held{procs}")
         if procs == 1:
-            cmd = [sys.executable, "-c", HELD, tiny_models["llama"]]
+            cmd = [sys.executable, "-c", HELD, tiny_models["llama"], prefix]
         else:
-            cmd = [*TORCHRUN, "--no-python", sys.executable, "-c", HELD, tiny_models["llama"]]
+            cmd = [*TORCHRUN, "--no-python", sys.executable, "-c", HELD, tiny_models["llama"], prefix]
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert out.returncode == 0, out.stderr[-3000:]
-        return [json.loads(line)["held"] for line in out.stdout.splitlines() if line.startswith("{")]
+        return [json.loads(open(f"{prefix}.rank{r}.json").read())["held"] for r in range(procs)]
 
     [whole] = held(1)
     per_rank = held(2)
@@ -327,8 +329,9 @@ policy = dist.shard(PolicyLogprobs(model))
 done.set()
 watcher.join()
 largest = max(dist.local(p).numel() for p in model.parameters())
-print(json.dumps({"rank": w.rank, "peak_mib": (peak[0] - base) / 1024, "largest": largest,
-                  "held_mib": dist.held_bytes([model]) / 2**20}))
+with open(f"{sys.argv[1]}.rank{w.rank}.json", "w") as f:  # a file each: two ranks' prints can interleave
+    json.dump({"rank": w.rank, "peak_mib": (peak[0] - base) / 1024, "largest": largest,
+               "held_mib": dist.held_bytes([model]) / 2**20}, f)
 dist.close()
 """
 
@@ -354,8 +357,7 @@ def test_no_rank_ever_holds_the_whole_model_while_loading(tmp_path):
     out = subprocess.run([*TORCHRUN, "--no-python", sys.executable, "-c", LOAD, str(tmp_path / "m")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    ranks = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert len(ranks) == 2
+    ranks = [json.loads((tmp_path / f"m.rank{r}.json").read_text()) for r in range(2)]
     for r in ranks:
         assert r["held_mib"] == pytest.approx(model_mib / 2, rel=0.01), (model_mib, r)
         assert r["largest"] <= 768 * 256 // 2, r  # half of an MLP matrix, the largest weight
