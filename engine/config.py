@@ -345,10 +345,11 @@ class RolloutConfig:
     # group of tensor_parallel ranks runs one engine holding 1/tensor_parallel of the weights on each rank,
     # all of them generating the group's share of the prompts. 1: an engine per process with all the weights.
     tensor_parallel: int = 1
-    # With --ppo.max_staleness > 0, where the engine process runs: split (the CPUs halved, each process pinned
-    # to its half) or shared (the trainer keeps every CPU, the engine half as many threads anywhere: the cores
-    # it leaves idle between batches go back to the trainer).
-    engine_cores: str = "split"
+    # With --ppo.max_staleness > 0, where the engine process runs: shared (the trainer keeps every CPU, the
+    # engine half as many threads anywhere: the cores it leaves idle between batches go back to the trainer;
+    # 1.08-1.30x split's iterations per second, same round: bench/results/cpu-2core/async-cores.md) or split (the CPUs
+    # halved, each process pinned to its half).
+    engine_cores: str = "shared"
 
     def __post_init__(self):
         _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization must be in (0, 1]")
