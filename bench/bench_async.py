@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .bench_estimators import engine, judge
+from .bench_estimators import builtin_base, engine, judge
 from .harness import provenance, write_rows
 
 KS = (0, 1, 2, 4)
@@ -79,11 +79,6 @@ def main(argv=None) -> int:
                     help="the 26M job only (saved as async-cores.{md,json})")
     ap.add_argument("--work", help="a directory for the runs (default: a temporary one)")
     args = ap.parse_args(argv)
-    from engine.config import Config
-    from engine.loading import load_model, load_tokenizer
-    from engine.task.datasets import make_task_data
-    from engine.task.evaluate import sample_answers
-
     work = Path(args.work or tempfile.mkdtemp(prefix="async-"))
     quiet = ["--run.resume", "true", "--run.progress", "false"]
     rows = []
@@ -112,15 +107,7 @@ def main(argv=None) -> int:
         return 0
 
     base = work / "base-builtin"
-    if not (base / "rm" / "final").is_dir():
-        for stage in ("pretrain", "sft", "rm"):
-            engine([stage, "--out", str(base), *quiet])
-    cfg = Config()
-    data = make_task_data(cfg.task)
-    sft_path = base / "sft" / "final" / "policy"
-    sft = load_model(sft_path, flag="sft", scalar=False)
-    sft_answers = sample_answers(sft, load_tokenizer(sft_path), data.eval_prompts, temperature=cfg.eval.temperature,
-                                 max_tokens=cfg.rollout.max_new_tokens, seed=cfg.eval.seed)
+    cfg, data, sft, sft_answers = builtin_base(base)
     plan = [(0, "", 0), (0, "", 1)] + [(k, c, 0) for k in KS[1:] for c in CORRECTIONS]
     for k, correction, seed in plan:
         run = copy_base(base, work / f"builtin-k{k}-{correction}-{seed}")

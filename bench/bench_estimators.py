@@ -55,6 +55,26 @@ def engine(argv: list[str]) -> tuple[float, float]:
         return seconds, int(rss.read().split()[-1]) / 1024
 
 
+def builtin_base(base: Path):
+    """The built-in pipeline's pretrain, sft and rm in `base` (made unless there), and what judging against its
+    SFT policy needs -> (cfg, data, sft model, sft's answers to the held-out prompts)."""
+    from engine.config import Config
+    from engine.loading import load_model, load_tokenizer
+    from engine.task.datasets import make_task_data
+    from engine.task.evaluate import sample_answers
+
+    if not (base / "rm" / "final").is_dir():
+        for stage in ("pretrain", "sft", "rm"):
+            engine([stage, "--out", str(base), "--run.resume", "true", "--run.progress", "false"])
+    cfg = Config()
+    data = make_task_data(cfg.task)
+    sft_path = base / "sft" / "final" / "policy"
+    sft = load_model(sft_path, flag="sft", scalar=False)
+    sft_answers = sample_answers(sft, load_tokenizer(sft_path), data.eval_prompts, temperature=cfg.eval.temperature,
+                                 max_tokens=cfg.rollout.max_new_tokens, seed=cfg.eval.seed)
+    return cfg, data, sft, sft_answers
+
+
 @torch.no_grad()
 def judge(run_dir: Path, stage: str, sft_answers, data, cfg, sft) -> dict:
     """Win rate against SFT (held-out labelers), exact-answer rate, and the KL to SFT on the policy's own
@@ -88,23 +108,12 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=250, help="PPO iterations of each run (64 answers each)")
     ap.add_argument("--work", help="a directory for the runs (default: a temporary one)")
     args = ap.parse_args(argv)
-    from engine.config import Config
-    from engine.loading import load_model, load_tokenizer
-    from engine.task.datasets import make_task_data
-    from engine.task.evaluate import answer_quality, sample_answers
+    from engine.task.evaluate import answer_quality
 
     work = Path(args.work or tempfile.mkdtemp(prefix="estimators-"))
     base = work / "base"
     common = ["--run.progress", "false"]
-    if not (base / "rm" / "final").is_dir():
-        for stage in ("pretrain", "sft", "rm"):
-            engine([stage, "--out", str(base), "--run.resume", "true", *common])
-    cfg = Config()
-    data = make_task_data(cfg.task)
-    sft_path = base / "sft" / "final" / "policy"
-    sft = load_model(sft_path, flag="sft", scalar=False)
-    sft_answers = sample_answers(sft, load_tokenizer(sft_path), data.eval_prompts, temperature=cfg.eval.temperature,
-                                 max_tokens=cfg.rollout.max_new_tokens, seed=cfg.eval.seed)
+    cfg, data, sft, sft_answers = builtin_base(base)
     rows = [{"estimator": "SFT", "reward": "", "win_rate_vs_sft": 0.5,
              "exact": answer_quality(data.eval_prompts, sft_answers)["exact"], "kl_to_sft": 0.0}]
     for reward, reward_flags in REWARDS.items():
