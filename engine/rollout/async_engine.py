@@ -55,7 +55,7 @@ class EngineSpec:
     engine_kw: dict = field(default_factory=dict)
 
 
-def split_cores(placement: str = "split") -> tuple[tuple[int, ...], tuple[int, ...]]:
+def split_cores(placement: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(the trainer's cores, the engine's) among the CPUs this process may use. split: halved (the engine the
     upper half; one CPU: both share it). shared: the trainer keeps them all and the engine's threads (half as
     many) may run on any of them, so the cores the engine leaves idle between batches go back to the trainer."""
@@ -115,7 +115,6 @@ class AsyncRollout:
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")
-        self.spec = spec
         named = [(n, t.detach()) for n, t in named_weights]
         self.slots = [{n: t.to("cpu", copy=True).contiguous().share_memory_() for n, t in named} for _ in range(slots)]
         self.requests, self.answers = ctx.Queue(), ctx.Queue()
@@ -123,10 +122,6 @@ class AsyncRollout:
         self.proc = ctx.Process(target=_serve, args=(spec, self.slots, self.requests, self.answers), daemon=True,
                                 name="rlhf-engine-rollouts")
         self.proc.start()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
 
     def publish(self, version: int, named_tensors) -> None:
         """Copy the policy's weights (name, tensor) into version `version`'s slot."""

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 
 import torch
 
 from .. import distributed as dist
-from ..rollout.async_engine import AsyncRollout, EngineProcessDied, EngineSpec, split_cores
+from ..rollout.async_engine import AsyncRollout, EngineSpec, split_cores
 from ..rollout.base import RolloutResult
 from ..seeds import derive_seed, rollout_seeds
 
@@ -34,26 +35,26 @@ def version_of(batch: int, k: int) -> int:
 
 class Pipeline:
     """The trainer's side of the overlap: which batch is asked for when, with which weights, and what a
-    checkpoint keeps of it. stage, seed: the run's (prompt streams); n_prompts: the prompt set's size."""
+    checkpoint keeps of it. stage, seed: the run's (prompt streams); prompts: every prompt's token ids;
+    placement: split | shared (--rollout.engine_cores)."""
 
     def __init__(self, spec: EngineSpec, named_weights, *, k: int, total: int, stage: str, seed: int,
-                 n_prompts: int, rollout_batch: int, prompts: list[list[int]], placement: str = "split"):
+                 rollout_batch: int, prompts: list[list[int]], placement: str):
         self.k, self.total, self.stage, self.seed = k, total, stage, seed
-        self.n_prompts, self.rollout_batch, self.prompts = n_prompts, rollout_batch, prompts
+        self.rollout_batch, self.prompts = rollout_batch, prompts
         self.ready: dict[int, tuple[int, list[RolloutResult], float]] = {}
         self.next = 0  # the next iteration to train (= the version the policy is at)
-        self.trainer_cores, engine_cores = split_cores(placement)
+        trainer_cores, engine_cores = split_cores(placement)
         self.before = (os.sched_getaffinity(0), torch.get_num_threads())
         pinned = placement == "split"
-        self.engine = AsyncRollout(spec.__class__(**{**spec.__dict__, "cores": engine_cores, "pinned": pinned}),
-                                   named_weights, slots=k + 1)
+        self.engine = AsyncRollout(replace(spec, cores=engine_cores, pinned=pinned), named_weights, slots=k + 1)
         if pinned:
-            os.sched_setaffinity(0, self.trainer_cores)  # after the child started: it sets its own
-            torch.set_num_threads(len(self.trainer_cores))
+            os.sched_setaffinity(0, trainer_cores)  # after the child started: it sets its own
+            torch.set_num_threads(len(trainer_cores))
 
     def prompt_indices(self, batch: int) -> list[int]:
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.stage, batch, "async prompts"))
-        return torch.randint(0, self.n_prompts, (self.rollout_batch,), generator=gen).tolist()
+        return torch.randint(0, len(self.prompts), (self.rollout_batch,), generator=gen).tolist()
 
     def _submit(self, batch: int, version: int) -> None:
         idx = self.prompt_indices(batch)
@@ -140,4 +141,4 @@ def check_async(cfg, rollout_cfg, device) -> None:
         raise ValueError("ppo --ppo.max_staleness " + str(cfg.max_staleness) + ": " + "; ".join(problems))
 
 
-__all__ = ["Pipeline", "EngineProcessDied", "check_async", "version_of"]
+__all__ = ["Pipeline", "check_async", "version_of"]

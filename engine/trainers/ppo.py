@@ -448,6 +448,7 @@ def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) 
     dist.require_rows(cfg.rollout_batch, "each iteration's prompts", "--ppo.rollout_batch")
     dist.require_rows(cfg.minibatch, "each minibatch", "--ppo.minibatch")
     heads = dict(backend=cfg.backend, fused=run_cfg.fused_lm_head)
+    stage = "ppo_ptx" if ptx else "ppo"
     engine_kw = dict(gpu_memory_utilization=rcfg.gpu_memory_utilization, enable_sleep_mode=rcfg.sleep) \
         if dev.type == "cuda" else dict(cpu_packed_gemm=rcfg.cpu_packed_gemm)
     if rcfg.tensor_parallel > 1:  # VLLMRollout checks it against the launch
@@ -466,8 +467,8 @@ def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) 
                           setup.max_model_len, cfg.samples_per_prompt, rcfg.max_new_tokens, rcfg.temperature,
                           rcfg.top_p, rcfg.top_k, engine_kw=engine_kw)
         pipeline = Pipeline(spec, merged_named_weights(policy_model), k=cfg.max_staleness, total=cfg.iterations,
-                            stage="ppo_ptx" if ptx else "ppo", seed=run_cfg.seed, n_prompts=len(setup.prompts),
-                            rollout_batch=cfg.rollout_batch, prompts=setup.prompts, placement=rcfg.engine_cores)
+                            stage=stage, seed=run_cfg.seed, rollout_batch=cfg.rollout_batch, prompts=setup.prompts,
+                            placement=rcfg.engine_cores)
     else:
         engine = make_rollout(backend, policy=sampler, model_dir=setup.policy_dir, seed=run_cfg.seed,
                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, dtype=dtype,
@@ -477,7 +478,7 @@ def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) 
     optims = {"policy": Optim.adamw(policy_model, lr=cfg.lr, flag="--ppo.lr", **optim)}
     if value_model is not None:
         optims["value"] = Optim.adamw(value_model, lr=cfg.value_lr, flag="--ppo.value_lr", **optim)
-    return PPORun("ppo_ptx" if ptx else "ppo", run_cfg.seed, cfg, rcfg, setup, policy, ref, value, optims,
+    return PPORun(stage, run_cfg.seed, cfg, rcfg, setup, policy, ref, value, optims,
                   KLController.from_config(cfg), engine, tok.pad_token_id, dev, ptx,
                   Phases(dev), engine_sleeps=bool(engine_kw.get("enable_sleep_mode")) and hasattr(engine, "sleep"),
                   sampler=sampler, pipeline=pipeline)
