@@ -354,8 +354,8 @@ class RolloutConfig:
     def __post_init__(self):
         _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization must be in (0, 1]")
         _require(self.tensor_parallel >= 1, f"rollout.tensor_parallel must be >= 1, got {self.tensor_parallel}")
-        _require(self.engine_cores in ("split", "shared"), f"rollout.engine_cores must be split or shared, got "
-                 f"{self.engine_cores!r}")
+        _require(self.engine_cores in ("split", "shared", "follow"), f"rollout.engine_cores must be split, shared or "
+                 f"follow, got {self.engine_cores!r}")
         _require(self.tensor_parallel == 1 or self.backend == "vllm",
                  f"rollout.tensor_parallel {self.tensor_parallel} needs --rollout.backend vllm (the hf backend "
                  f"samples from the sharded policy itself)")

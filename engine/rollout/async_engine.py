@@ -58,10 +58,12 @@ class EngineSpec:
 def split_cores(placement: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(the trainer's cores, the engine's) among the CPUs this process may use. split: halved (the engine the
     upper half; one CPU: both share it). shared: the trainer keeps them all and the engine's threads (half as
-    many) may run on any of them, so the cores the engine leaves idle between batches go back to the trainer."""
+    many) may run on any of them, so the cores the engine leaves idle between batches go back to the trainer.
+    follow: as shared, and the trainer's threads drop to the cores the engine leaves while it generates
+    (engine/trainers/follow_threads.py)."""
     cpus = sorted(os.sched_getaffinity(0))
     half = max(len(cpus) // 2, 1)
-    if placement == "shared" or len(cpus) == 1:
+    if placement in ("shared", "follow") or len(cpus) == 1:
         return tuple(cpus), tuple(cpus[len(cpus) - half:])
     return tuple(cpus[:len(cpus) - half]), tuple(cpus[len(cpus) - half:])
 
@@ -79,9 +81,10 @@ def _build(spec: EngineSpec):
     return HFRollout(spec.model_dir, seed=spec.seed, pad_token_id=spec.pad_token_id, eos_token_id=spec.eos_token_id)
 
 
-def _serve(spec: EngineSpec, slots: list[dict], requests, answers) -> None:
+def _serve(spec: EngineSpec, slots: list[dict], requests, answers, busy: torch.Tensor) -> None:
     """The child: build the engine, then for each request (batch, prompts, seeds, version) adopt that version's
-    weights if the engine holds another, generate, and answer (batch, version, results, seconds). None ends it."""
+    weights if the engine holds another, generate, and answer (batch, version, results, seconds). None ends it.
+    busy[0] is 1 from a request's arrival to its answer (the trainer's threads may follow it)."""
     try:
         if spec.cores:
             if spec.pinned:
@@ -90,6 +93,7 @@ def _serve(spec: EngineSpec, slots: list[dict], requests, answers) -> None:
         engine = _build(spec)
         held = None
         while (req := requests.get()) is not None:
+            busy[0] = 1
             batch, prompts, seeds, version = req
             began = time.perf_counter()
             if version != held:
@@ -99,6 +103,7 @@ def _serve(spec: EngineSpec, slots: list[dict], requests, answers) -> None:
                                       top_p=spec.top_p, top_k=spec.top_k, seeds=seeds)
             plain = [(r.prompt_index, list(r.token_ids), list(r.logprobs), r.finish_reason) for r in results]
             answers.put(("batch", batch, version, plain, time.perf_counter() - began))
+            busy[0] = 0
         engine.close()
     except BaseException:  # noqa: BLE001 - whatever ends the engine is the trainer's to report, once
         answers.put(("error", traceback.format_exc()))
@@ -119,7 +124,9 @@ class AsyncRollout:
         self.slots = [{n: t.to("cpu", copy=True).contiguous().share_memory_() for n, t in named} for _ in range(slots)]
         self.requests, self.answers = ctx.Queue(), ctx.Queue()
         self.done: dict[int, tuple] = {}
-        self.proc = ctx.Process(target=_serve, args=(spec, self.slots, self.requests, self.answers), daemon=True,
+        self.busy = torch.zeros(1, dtype=torch.int32).share_memory_()  # the engine generating (1) or idle (0)
+        self.proc = ctx.Process(target=_serve, args=(spec, self.slots, self.requests, self.answers, self.busy),
+                                daemon=True,
                                 name="rlhf-engine-rollouts")
         self.proc.start()
 

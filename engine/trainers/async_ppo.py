@@ -24,6 +24,7 @@ from .. import distributed as dist
 from ..rollout.async_engine import AsyncRollout, EngineSpec, split_cores
 from ..rollout.base import RolloutResult
 from ..seeds import derive_seed, rollout_seeds
+from .follow_threads import FollowEngine
 
 log = logging.getLogger("engine")
 
@@ -36,7 +37,7 @@ def version_of(batch: int, k: int) -> int:
 class Pipeline:
     """The trainer's side of the overlap: which batch is asked for when, with which weights, and what a
     checkpoint keeps of it. stage, seed: the run's (prompt streams); prompts: every prompt's token ids;
-    placement: split | shared (--rollout.engine_cores)."""
+    placement: split | shared | follow (--rollout.engine_cores); with follow, `attach` the trainer's models."""
 
     def __init__(self, spec: EngineSpec, named_weights, *, k: int, total: int, stage: str, seed: int,
                  rollout_batch: int, prompts: list[list[int]], placement: str):
@@ -51,6 +52,14 @@ class Pipeline:
         if pinned:
             os.sched_setaffinity(0, trainer_cores)  # after the child started: it sets its own
             torch.set_num_threads(len(trainer_cores))
+        self.follow = FollowEngine(self.engine.busy, alone=len(trainer_cores),
+                                   beside=len(trainer_cores) - len(engine_cores)) if placement == "follow" else None
+
+    def attach(self, *models) -> None:
+        """With --rollout.engine_cores follow: the trainer's threads follow the engine's state in every block of
+        `models` (the policy, the critic, the reference; None skipped)."""
+        if self.follow is not None:
+            self.follow.attach(*models)
 
     def prompt_indices(self, batch: int) -> list[int]:
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.stage, batch, "async prompts"))
@@ -115,6 +124,8 @@ class Pipeline:
         return out
 
     def close(self) -> None:
+        if self.follow is not None:
+            self.follow.detach()
         self.engine.close()
         os.sched_setaffinity(0, self.before[0])
         torch.set_num_threads(self.before[1])

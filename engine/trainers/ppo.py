@@ -469,6 +469,7 @@ def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) 
         pipeline = Pipeline(spec, merged_named_weights(policy_model), k=cfg.max_staleness, total=cfg.iterations,
                             stage=stage, seed=run_cfg.seed, rollout_batch=cfg.rollout_batch, prompts=setup.prompts,
                             placement=rcfg.engine_cores)
+        pipeline.attach(policy, value, setup.reference)
     else:
         engine = make_rollout(backend, policy=sampler, model_dir=setup.policy_dir, seed=run_cfg.seed,
                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, dtype=dtype,

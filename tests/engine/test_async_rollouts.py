@@ -38,16 +38,17 @@ def _flags(tiny, *extra, ptx=False):
             "--ppo.eval_every", "0", *extra]
 
 
-@pytest.mark.parametrize("k, correction, cores", [(1, "decoupled", "split"), (2, "tis", "shared")])
+@pytest.mark.parametrize("k, correction, cores", [(1, "decoupled", "split"), (2, "tis", "shared"),
+                                                   (1, "tis", "follow")])
 def test_every_batch_is_k_versions_old_at_most_and_exactly_the_schedule(run_dir, tmp_path, tiny, k, correction,
                                                                         cores):
     import os
 
-    before = os.sched_getaffinity(0)
+    before = os.sched_getaffinity(0), torch.get_num_threads()
     out = _prepare(run_dir, tmp_path / "run")
     assert main(["ppo", "--out", str(out), *_flags(tiny, "--ppo.max_staleness", str(k), "--ppo.off_policy_correction",
                                                     correction, "--rollout.engine_cores", cores)]) == 0
-    assert os.sched_getaffinity(0) == before  # the trainer's cores given back after the run
+    assert (os.sched_getaffinity(0), torch.get_num_threads()) == before  # the trainer's cores given back
     rows = _rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     for r in rows:
