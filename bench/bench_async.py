@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="rounds of the 26M job (each k once per round)")
     ap.add_argument("--iterations", type=int, default=10, help="iterations of each 26M run")
     ap.add_argument("--ppo-iterations", type=int, default=250, help="iterations of each built-in run")
-    ap.add_argument("--cores", nargs="+", default=["split"], choices=["split", "shared"],
+    ap.add_argument("--cores", nargs="+", default=["split"], choices=["split", "shared", "follow"],
                     help="--rollout.engine_cores of the 26M job's k > 0 runs (each one every round)")
     ap.add_argument("--no-builtin", action="store_true",
                     help="the 26M job only (saved as async-cores.{md,json})")
@@ -154,8 +154,8 @@ def render(rows: list[dict], meta: dict) -> str:
              "per second over k = 0's in the same round. generate: the engine's seconds per batch (k = 0: the "
              "loop's generate phase, 2 threads; k > 0: 1 thread, overlapped); waits: the trainer idle for a batch; "
              "update: the optimizer step's seconds (k = 0: 2 threads; k > 0: 1).", "",
-             "engine cores: split (one core each, pinned) or shared (the trainer on both, the engine one thread "
-             "anywhere).", "",
+             "engine cores: split (one core each, pinned), shared (the trainer on both, the engine one thread "
+             "anywhere) or follow (as shared, the trainer's threads dropping to one while the engine generates).", "",
              "| k | engine cores | round | iterations / s | answers / s | vs k = 0 | generate s | trainer waits s | "
              "update s | ESS | peak RSS MiB |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     placements = list(dict.fromkeys(r.get("cores", "split") for r in rows if r["job"] == "26M" and r["k"]))
