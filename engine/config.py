@@ -345,11 +345,14 @@ class RolloutConfig:
     # group of tensor_parallel ranks runs one engine holding 1/tensor_parallel of the weights on each rank,
     # all of them generating the group's share of the prompts. 1: an engine per process with all the weights.
     tensor_parallel: int = 1
-    # With --ppo.max_staleness > 0, where the engine process runs: shared (the trainer keeps every CPU, the
-    # engine half as many threads anywhere: the cores it leaves idle between batches go back to the trainer;
-    # 1.08-1.30x split's iterations per second, same round: bench/results/cpu-2core/async-cores.md) or split (the CPUs
-    # halved, each process pinned to its half).
-    engine_cores: str = "shared"
+    # With --ppo.max_staleness > 0, where the engine process runs: follow (the trainer on every CPU while the
+    # engine idles, on all but the engine's while it generates, switched block by block: 1.13-1.15x the
+    # synchronous loop's iterations per second at 25.8M parameters, bench/results/cpu-2core/async-cores.md;
+    # a run's numbers may differ from another's with the same seed in the last bits, as PyTorch's CPU
+    # reductions round differently on 1 and 2 threads), shared (the trainer keeps every CPU, the engine half
+    # as many threads anywhere: bit-exact runs and resumes, 0.91-1.01x) or split (the CPUs halved, each
+    # process pinned to its half: bit-exact, 0.79-0.80x).
+    engine_cores: str = "follow"
 
     def __post_init__(self):
         _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization must be in (0, 1]")
