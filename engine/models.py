@@ -22,6 +22,7 @@ import kernels
 
 from .batch import SequenceBatch
 from .lora import unwrap
+from .shared_prompt import body_of, response_states
 
 
 class Inside:
@@ -50,8 +51,7 @@ def quiet_transformers() -> None:
 def body_hidden(model, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
     """The body's last hidden states [B, T, H] (no LM or score head; peft's LoRA layers sit inside the body,
     so they run)."""
-    base = unwrap(model)
-    body = getattr(base, base.base_model_prefix)
+    body = body_of(model)
     return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
 
 
@@ -66,17 +66,17 @@ class PolicyLogprobs(nn.Module):
     fused=True: the hidden states at the scored positions go through `kernels.linear_token_logprobs` with the
     LM head's weight, so no logits exist. fused=False (kept for comparison): the LM head on every response
     position, then `kernels.token_logprobs` (still no float32 copy of the logits). `backend` picks the kernels'.
+    share_prompts: each distinct prompt runs once per call (`shared_prompt`), the same states up to rounding.
     """
 
-    def __init__(self, lm, *, backend: str = "auto", fused: bool = True):
+    def __init__(self, lm, *, backend: str = "auto", fused: bool = True, share_prompts: bool = True):
         super().__init__()
-        self.lm, self.backend, self.fused = lm, backend, fused
+        self.lm, self.backend, self.fused, self.share_prompts = lm, backend, fused, share_prompts
 
     def forward(self, batch: SequenceBatch, temperature: float = 1.0, return_entropy: bool = False):
         if isinstance(batch, Inside):
             return batch.fn(self.lm)
-        p = batch.prompt_len
-        h = _hidden(self.lm, batch)[:, p - 1:-1]          # the state before each response token, [B, R, H]
+        h = response_states(self.lm, batch, self.share_prompts)  # the state before each response token, [B, R, H]
         head = unwrap(self.lm).get_output_embeddings()
         if not self.fused or not isinstance(head, nn.Linear):
             return kernels.token_logprobs(head(h), batch.response_ids, temperature=temperature,
@@ -96,14 +96,14 @@ class PolicyLogprobs(nn.Module):
 class TokenValues(nn.Module):
     """A value model: forward(batch) -> its estimate at each response token's decision point, [B, R] float32."""
 
-    def __init__(self, scalar):
+    def __init__(self, scalar, *, share_prompts: bool = True):
         super().__init__()
-        self.scalar = scalar
+        self.scalar, self.share_prompts = scalar, share_prompts
 
     def forward(self, batch: SequenceBatch) -> torch.Tensor:
         if isinstance(batch, Inside):
             return batch.fn(self.scalar)
-        h = _hidden(self.scalar, batch)[:, batch.prompt_len - 1:-1]
+        h = response_states(self.scalar, batch, self.share_prompts)
         return unwrap(self.scalar).score(h).squeeze(-1).float()
 
 
