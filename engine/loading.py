@@ -40,7 +40,11 @@ def resolve_attention(name: str, device: torch.device) -> str:
                              "`pip install flash-attn --no-build-isolation`, or use --run.attention sdpa")
     if name != "auto":
         return name
-    return "flash_attention_2" if device.type == "cuda" and has_flash else "sdpa"
+    if device.type == "cuda":
+        return "flash_attention_2" if has_flash else "sdpa"
+    from .attention import register
+
+    return register()  # SDPA with grouped KV heads and a mask in one call on the CPU (`engine/attention.py`)
 
 
 def compute_precision(run):
