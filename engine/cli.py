@@ -218,6 +218,7 @@ def run(command: Command) -> None:
     from .guard import DivergedError
 
     dist.init(cfg.run.device, cfg.run.dist_timeout)
+    clean = False
     try:
         with run_lock(Path(cfg.run.out)), compute_precision(cfg.run):  # one run per directory, for its life
             ctx = make_context(cfg)
@@ -227,10 +228,11 @@ def run(command: Command) -> None:
                 stages.pipeline(ctx, with_dpo=args.with_dpo)
             else:
                 getattr(stages, {"eval": "evaluate"}.get(name, name))(ctx)
+        clean = True
     except DivergedError:
         # Every rank raises it at the same step. Leave together once each has closed its files (the main
         # rank's writers take longest): a rank that exits first makes torchrun kill the others mid-teardown.
         dist.barrier()
         raise
     finally:
-        dist.close()
+        dist.close(clean)

@@ -80,13 +80,22 @@ def init(device: str, timeout_s: float = 600.0) -> World:
     return _WORLD
 
 
-def close() -> None:
+def close(clean: bool = False) -> None:
+    """Leave the job. clean: every rank got here without an error, so they meet first (a rank that tears its
+    group down while a peer still talks to it can abort in gloo's threads), and the sharded models' reference
+    cycles are collected now, while the interpreter is whole, not in its finalization, where gloo's last work
+    items would release their tensors without a GIL to take (SIGABRT at exit, pytorch/pytorch#179291)."""
     global _WORLD
     if _WORLD.size > 1:
+        import gc
+
         import torch.distributed as dist
 
         if dist.is_initialized():
             with contextlib.suppress(AssertionError, RuntimeError, ValueError):  # vLLM may have torn it down
+                gc.collect()
+                if clean:
+                    dist.barrier()
                 dist.destroy_process_group()
         peers.leave()
     _WORLD = World()
