@@ -8,8 +8,10 @@ last prompt token and its answer against it. The answer's states, and so every l
 are those of the plain pass up to float rounding (tested in float64 for every supported family).
 
 The plain pass runs instead where nothing repeats, where the model cannot keep a cache in training (gradient
-checkpointing), and under several processes (FSDP2 gathers each block once per forward; two calls of the body
-in one forward are not what its hooks are tested for here).
+checkpointing), with attention other than SDPA or eager (flash-attn on GPUs: untested), and under several
+processes (FSDP2 gathers each block once per forward; two calls of the body in one forward are not what its
+hooks are tested for here). DPO's batches (the responses of one comparison) and PPO's with several samples
+per prompt share; SFT's, one row per prompt, take the plain pass.
 """
 from __future__ import annotations
 
@@ -26,8 +28,13 @@ def body_of(model):
     return getattr(base, base.base_model_prefix)
 
 
+SHARING_ATTENTION = ("sdpa", "sdpa_gqa", "eager")  # tested here; flash-attn's varlen path with a cache is not
+
+
 def can_share(model) -> bool:
-    return distributed.world().size == 1 and not getattr(unwrap(model), "is_gradient_checkpointing", False)
+    base = unwrap(model)
+    return (distributed.world().size == 1 and not getattr(base, "is_gradient_checkpointing", False)
+            and getattr(base.config, "_attn_implementation", None) in SHARING_ATTENTION)
 
 
 def response_states(model, batch: SequenceBatch, share: bool = True) -> torch.Tensor:

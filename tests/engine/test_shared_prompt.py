@@ -77,3 +77,14 @@ def test_gradient_checkpointing_runs_the_plain_pass():
     lm.gradient_checkpointing_enable()
     lm.train()
     assert torch.equal(PolicyLogprobs(lm, share_prompts=True)(batch), plain)
+
+
+def test_attention_without_a_tested_cache_path_runs_the_plain_pass():
+    tok, lm, _ = models("llama", torch.float32)
+    batch = grpo_batch(tok.pad_token_id, len(tok), seed=5)
+    plain = PolicyLogprobs(lm, share_prompts=False)(batch)
+    assert not torch.equal(PolicyLogprobs(lm)(batch), plain)  # shared: equal to rounding only
+    lm.config._attn_implementation = "flex_attention"  # not in SHARING_ATTENTION; never called on this path
+    from engine.shared_prompt import can_share
+
+    assert not can_share(lm)
