@@ -35,8 +35,12 @@ class SequenceBatch:
                              self.response_mask.to(device), self.prompt_len)
 
     def select(self, idx) -> "SequenceBatch":
-        return SequenceBatch(self.input_ids[idx], self.attention_mask[idx], self.response_mask[idx],
-                             self.prompt_len)
+        """The rows idx, less the leading prompt columns that are padding in every one of them (left padding
+        made for longer prompts in other rows): positions count real tokens only, so nothing else changes."""
+        ids, attn = self.input_ids[idx], self.attention_mask[idx]
+        used = attn[:, :self.prompt_len - 1].bool().any(0)  # the last prompt column is real in every row
+        start = int(used.int().argmax()) if bool(used.any()) else self.prompt_len - 1
+        return SequenceBatch(ids[:, start:], attn[:, start:], self.response_mask[idx], self.prompt_len - start)
 
 
 def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> SequenceBatch:
