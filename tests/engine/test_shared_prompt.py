@@ -79,7 +79,7 @@ def test_gradient_checkpointing_runs_the_plain_pass():
     assert torch.equal(PolicyLogprobs(lm, share_prompts=True)(batch), plain)
 
 
-def test_attention_without_a_tested_cache_path_runs_the_plain_pass():
+def test_sharing_runs_under_sdpa_and_is_refused_for_untested_attention():
     tok, lm, _ = models("llama", torch.float32)
     batch = grpo_batch(tok.pad_token_id, len(tok), seed=5)
     plain = PolicyLogprobs(lm, share_prompts=False)(batch)
