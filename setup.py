@@ -88,7 +88,7 @@ setup(
         "tensorboardX>=2.6",
         "pyarrow>=14",  # users' Parquet data files (engine/data/formats.py)
         "accelerate>=1.0",  # init_empty_weights: models built on the meta device, sharded before loading
-        "peft>=0.13",  # LoRA for the policy and value model (engine/lora.py)
+        "peft>=0.13",  # LoRA for the policy and value model (engine/models/lora.py)
         "fastapi>=0.110",  # the labeling web app (engine/label/app.py), served by uvicorn
         "uvicorn>=0.29",
         "krippendorff>=0.6",  # the labeling report's agreement (engine/label/report.py)

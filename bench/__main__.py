@@ -60,10 +60,5 @@ def main(argv=None) -> int:
     return 0
 
 
-def main_only(key: str) -> int:
-    """The `python -m bench.bench_<kernel>` entry point: that kernel's rows at the same sizes."""
-    return main(["--only", key, *sys.argv[1:]])
-
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,7 @@ The model is the built-in task's Llama at a size where the weights dominate, in 
 SFT and the RM start from it, PPO from those (policy, value, reference and reward model: 4 x 203M). Every
 run, one process or two, has MALLOC_MMAP_THRESHOLD_=4194304 (see ENV). Each run is `python -m engine <stage>` (or `torchrun
 --nproc_per_node 2 -m engine <stage>`) in its own processes:
-  held MiB   parameters + optimizer state of one rank, measured from its shards (engine.distributed.held_bytes)
+  held MiB   parameters + optimizer state of one rank, measured from its shards (engine.parallel.distributed.held_bytes)
   peak MiB   the largest process's peak resident memory (GNU time %M of the launcher, which counts its
              children), the whole process: torch, data, activations, the rollout engine's copy
   s / step   median wall time of a step after the first (SFT: one optimizer step; PPO: one iteration)

@@ -1,7 +1,7 @@
 """One DPO job, the engine against TRL's DPOTrainer, side by side in one run; then the largest batch each
 fits in a fixed memory budget.
 
-The job (both sides): a random Llama checkpoint (`engine.tiny_checkpoint`: hidden 512, 8 layers, 8 heads)
+The job (both sides): a random Llama checkpoint (`engine.task.tiny_checkpoint`: hidden 512, 8 layers, 8 heads)
 whose vocabulary is widened to Llama-3's 128,256 rows (the tokenizer stays the tiny one, so every text is
 the same tokens on both sides; the LM head's cost is the vocabulary's, whatever ids are used), untied LM head:
 --params parameters. The same pairwise comparisons file (random words; chat messages, so both sides apply
@@ -45,7 +45,7 @@ def write_inputs(work: Path, size: str, n_rows: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from engine.tiny_checkpoint import write_tiny_model
+    from engine.task.tiny_checkpoint import write_tiny_model
 
     spec = SIZES[size]
     path = write_tiny_model("llama", work / "model", hidden=spec["hidden"], layers=spec["layers"],
@@ -105,12 +105,12 @@ def engine_tokens(inputs: dict) -> float:
     """Mean tokens per pair (both sequences, prompt included) as the engine encodes the file."""
     from engine.config import DataConfig
     from engine.data.encode import make_encoder
-    from engine.loading import load_tokenizer
-    from engine.stages import _encode_comparisons
+    from engine.models.loading import load_tokenizer
+    from engine.stages import encode_comparisons
 
     tok = load_tokenizer(inputs["model"])
     enc = make_encoder(tok, DataConfig(max_prompt_tokens=4096, max_response_tokens=4096), 1 << 20, 1, "--policy.path")
-    rows = _encode_comparisons(enc, inputs["data"])[:64]
+    rows = encode_comparisons(enc, inputs["data"])[:64]
     return statistics.mean(2 * len(r["prompt"]) + sum(len(x) for x in r["responses"]) for r in rows)
 
 
@@ -192,10 +192,10 @@ def main(argv=None) -> None:
 def render(report: dict) -> str:
     from .harness import provenance_line
 
-    from .bench_e2e import _trl_version
+    from .bench_e2e import trl_version
 
     j, p, mem = report["job"], report["provenance"], report["memory"]
-    lines = [f"# One DPO job, the engine against TRL {_trl_version()}'s DPOTrainer", "",
+    lines = [f"# One DPO job, the engine against TRL {trl_version()}'s DPOTrainer", "",
              provenance_line(p), "",
              f"Job: Llama hidden {j['hidden']}, {j['layers']} layers, vocabulary {j['vocab']:,} "
              f"({j['params'] / 1e6:.1f}M parameters, untied LM head); {j['batch']} pairs per step, "

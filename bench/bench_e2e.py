@@ -43,7 +43,7 @@ PROMPTS = ["Explain why the sky is blue in one sentence.", "Name three primary c
 
 def write_inputs(work: Path, size: str) -> dict:
     """The model directory, the prompts file and the reward module both sides read."""
-    from engine.tiny_checkpoint import write_tiny_model
+    from engine.task.tiny_checkpoint import write_tiny_model
 
     spec = SIZES[size]
     model = write_tiny_model("llama", work / "model", hidden=spec["hidden"], layers=spec["layers"],
@@ -236,7 +236,7 @@ def render(report: dict) -> str:
     from .harness import provenance_line
 
     j, p = report["job"], report["provenance"]
-    lines = [f"# One GRPO job, the engine against TRL {_trl_version()}'s GRPOTrainer", "",
+    lines = [f"# One GRPO job, the engine against TRL {trl_version()}'s GRPOTrainer", "",
              provenance_line(p), "",
              f"Job: Llama hidden {j['hidden']}, {j['layers']} layers ({j['size']}); {j['prompts']} prompts x {j['n']} "
              f"answers, {j['new_tokens']} new tokens, KL 0, one AdamW step per batch, float32; each run in its own "
@@ -253,7 +253,7 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _trl_version() -> str:
+def trl_version() -> str:
     try:
         import trl
 

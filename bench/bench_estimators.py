@@ -59,7 +59,7 @@ def builtin_base(base: Path):
     """The built-in pipeline's pretrain, sft and rm in `base` (made unless there), and what judging against its
     SFT policy needs -> (cfg, data, sft model, sft's answers to the held-out prompts)."""
     from engine.config import Config
-    from engine.loading import load_model, load_tokenizer
+    from engine.models.loading import load_model, load_tokenizer
     from engine.task.datasets import make_task_data
     from engine.task.evaluate import sample_answers
 
@@ -79,10 +79,10 @@ def builtin_base(base: Path):
 def judge(run_dir: Path, stage: str, sft_answers, data, cfg, sft) -> dict:
     """Win rate against SFT (held-out labelers), exact-answer rate, and the KL to SFT on the policy's own
     answers to the held-out prompts (sum over each answer's tokens of log pi - log pi_SFT, averaged)."""
-    from engine.batch import make_batch
+    from engine.models.batch import make_batch
     from engine.data.encode import Encoder
-    from engine.loading import load_model, load_tokenizer
-    from engine.models import PolicyLogprobs
+    from engine.models.loading import load_model, load_tokenizer
+    from engine.models.forward import PolicyLogprobs
     from engine.rollout import HFRollout
     from engine.task.evaluate import answer_quality, sample_answers, win_rate
 

@@ -42,8 +42,6 @@ def cases(device: str, b: int, t: int) -> list[Case]:
 
 
 if __name__ == "__main__":  # python -m bench.bench_gae [--quick] [--device cuda]
-    import sys
+    from .harness import run_only
 
-    from .__main__ import main_only
-
-    sys.exit(main_only("gae"))
+    run_only("gae")

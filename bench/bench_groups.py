@@ -30,8 +30,6 @@ def cases(device: str, prompts: int, n: int) -> list[Case]:
 
 
 if __name__ == "__main__":  # python -m bench.bench_groups [--quick] [--device cuda]
-    import sys
+    from .harness import run_only
 
-    from .__main__ import main_only
-
-    sys.exit(main_only("grp"))
+    run_only("grp")

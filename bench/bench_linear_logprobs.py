@@ -57,8 +57,6 @@ def cases(device: str, n: int, h: int, v: int, dtype: torch.dtype) -> list[Case]
 
 
 if __name__ == "__main__":  # python -m bench.bench_linear_logprobs [--quick] [--device cuda]
-    import sys
+    from .harness import run_only
 
-    from .__main__ import main_only
-
-    sys.exit(main_only("lin"))
+    run_only("lin")

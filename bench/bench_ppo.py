@@ -63,9 +63,10 @@ def measure(size: str, device: str, *, batch: int, prompt_len: int, new_tokens: 
     critic-free estimator samples 4 answers to each of batch / 4 prompts and has no value model."""
     from engine.config import Config, PPOConfig, RolloutConfig, RunConfig
     from engine.context import RunContext
-    from engine.loading import compute_precision
-    from engine.models import PolicyLogprobs, SequenceScores
-    from engine.trainers.ppo import PPOSetup, make_ppo_run, ppo_iteration
+    from engine.models.loading import compute_precision
+    from engine.models.forward import PolicyLogprobs, SequenceScores
+    from engine.trainers.ppo import ppo_iteration
+    from engine.trainers.ppo_setup import PPOSetup, make_ppo_run
 
     spec = SIZES[size]
     policy, reference, value, reward = _models(spec, device, prompt_len + new_tokens)

@@ -52,8 +52,6 @@ def cases(device: str, n: int, vocab: int, dtype: torch.dtype) -> list[Case]:
 
 
 if __name__ == "__main__":  # python -m bench.bench_token_logprobs [--quick] [--device cuda]
-    import sys
+    from .harness import run_only
 
-    from .__main__ import main_only
-
-    sys.exit(main_only("lp"))
+    run_only("lp")

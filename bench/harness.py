@@ -262,3 +262,13 @@ def write_rows(name: str, device: str, meta: dict, rows: list[dict], text: str, 
     if plot is not None:
         plot(rows, out / f"{name}.png")
     return out / f"{name}.md"
+
+
+def run_only(key: str) -> None:
+    """`python -m bench.bench_<kernel>`: runs `python -m bench --only <key>` with the same arguments (the
+    suite's command, through runpy rather than an import: the suite imports every bench_<kernel> module)."""
+    import runpy
+    import sys
+
+    sys.argv = ["python -m bench", "--only", key, *sys.argv[1:]]
+    runpy.run_module("bench", run_name="__main__", alter_sys=True)

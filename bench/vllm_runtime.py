@@ -22,7 +22,7 @@ def rss_bytes() -> int:
 
 def measure(model_dir: str) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from engine.models import quiet_transformers
+    from engine.models.forward import quiet_transformers
     from engine.rollout.vllm import CPU_KV_CACHE_BYTES, VLLMRollout
 
     quiet_transformers()

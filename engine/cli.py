@@ -105,7 +105,7 @@ def parse(argv: list[str] | None = None, parser: ArgumentParser | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import distributed as dist
+    from .parallel import distributed as dist
 
     # Under torchrun every process runs this; the main one logs, the others only warn.
     rank = int(os.environ.get("RANK", "0")) if dist.launched() else 0
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr)
         return 2
-    from . import peers
+    from .parallel import peers
 
     code = 1
     try:
@@ -133,10 +133,10 @@ def _run_and_report(command: Command, rank: int) -> int:
     """run(command) with every way it can end as an exit code and one message."""
     from torch.distributed import DistError
 
-    from . import distributed as dist
-    from . import peers
-    from .checkpoint import CheckpointWriteError
-    from .guard import DivergedError
+    from .parallel import distributed as dist
+    from .parallel import peers
+    from .rundir.atomic import CheckpointWriteError
+    from .rundir.guard import DivergedError
     from .rollout.async_engine import EngineProcessDied
     from .trainers.loop import StoppedAtStepBoundary
 
@@ -183,12 +183,12 @@ def _run_and_report(command: Command, rank: int) -> int:
 def run(command: Command) -> None:
     name, cfg, args = command.name, command.cfg, command.args
     if name == "export":
-        from .export import export_policy
+        from .rundir.export import export_policy
 
         print(export_policy(cfg.run.out, args.stage, args.to, overwrite=args.overwrite))
         return
     if name == "tiny-model":
-        from .tiny_checkpoint import write_tiny_model
+        from .task.tiny_checkpoint import write_tiny_model
 
         print(write_tiny_model(args.family, args.to, seed=args.seed))
         return
@@ -202,20 +202,20 @@ def run(command: Command) -> None:
 
         run_plan(args)
         return
-    from .run_lock import run_lock
+    from .rundir.run_lock import run_lock
 
     if name == "reproduce":
-        from .task.reproduce import reproduce
+        from .reproduce import reproduce
 
         with run_lock(Path(cfg.run.out)):
             reproduce(cfg, args.sizes, args.record)
         return
     from . import stages
     from .context import make_context
-    from .loading import compute_precision
+    from .models.loading import compute_precision
 
-    from . import distributed as dist
-    from .guard import DivergedError
+    from .parallel import distributed as dist
+    from .rundir.guard import DivergedError
 
     dist.init(cfg.run.device, cfg.run.dist_timeout)
     clean = False

@@ -33,7 +33,7 @@ class RunConfig:
                                        # LM head then kernels.token_logprobs, kept for comparison
     dtype: str = "auto"                # weights of loaded checkpoints: auto = bfloat16 on cuda, float32 on cpu
     attention: str = "auto"            # auto = flash_attention_2 on cuda when flash-attn is installed, else sdpa;
-                                       # on the CPU sdpa_gqa (engine/attention.py: no KV-head copies under a mask)
+                                       # on the CPU sdpa_gqa (engine/models/attention.py: no KV-head copies under a mask)
     dist_timeout: float = 600.0        # under torchrun: seconds a process waits for the others in a collective
                                        # before the job stops (a rank that died cannot hang the rest)
     offload_frozen: bool = False       # on GPUs under torchrun: the reference's and reward model's shards in

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 import yaml
 
-from . import distributed as dist
-from .checkpoint import remove_leftovers
 from .config import Config
-from .loading import load_tokenizer
+from .models.loading import load_tokenizer
+from .parallel import distributed as dist
+from .rundir.atomic import remove_leftovers
 
 log = logging.getLogger("engine")
 
@@ -91,7 +91,7 @@ def seed_everything(seed: int) -> None:
 
 def check_device(run) -> None:
     """--run.device and --run.attention against what this machine has, before any work starts."""
-    from .loading import resolve_attention
+    from .models.loading import resolve_attention
 
     if run.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--run.device cuda: torch sees no CUDA GPU here (torch {torch.__version__}, "
@@ -100,7 +100,7 @@ def check_device(run) -> None:
 
 
 def make_context(cfg: Config) -> RunContext:
-    from .models import quiet_transformers
+    from .models.forward import quiet_transformers
 
     quiet_transformers()
     check_device(cfg.run)

@@ -24,18 +24,20 @@ from pathlib import Path
 
 from kernels import needs_critic
 
-from . import distributed as dist
-from .batch import make_batch
 from .config import TrainedModelConfig
 from .data.encode import make_encoder, special_texts, text_examples
 from .data.formats import load
-from .loading import load_model, load_tokenizer, resolve_dtype, same_vocabulary
-from .models import PolicyLogprobs, SequenceScores
+from .models.batch import make_batch
+from .models.forward import PolicyLogprobs, SequenceScores
+from .models.loading import load_model, load_tokenizer, resolve_dtype, same_vocabulary
+from .models.sharding import shard
+from .parallel import distributed as dist
 from .reward_fn import call_reward_fn, load_reward_fn, prompt_text
 from .trainers.dpo import train_dpo
 from .trainers.lm import train_lm
 from .trainers.passes import needs_reference
-from .trainers.ppo import PPOSetup, train_ppo
+from .trainers.ppo import train_ppo
+from .trainers.ppo_setup import PPOSetup
 from .trainers.reward import pairwise_accuracy, train_reward
 
 log = logging.getLogger("engine")
@@ -94,7 +96,7 @@ def _encode_demonstrations(enc, path) -> list[tuple[list[int], list[int]]]:
     return out
 
 
-def _encode_comparisons(enc, path) -> list[dict]:
+def encode_comparisons(enc, path) -> list[dict]:
     """{prompt, responses, ranks} token-id rows (ranks: 0 = best) of a comparisons file. A response marked
     unfinished (cut off while being sampled) has no end-of-turn token."""
     rows = []
@@ -131,7 +133,7 @@ def rm(ctx) -> Path:
     tok = load_tokenizer(init, flag) if cfg.reward.path else ctx.tokenizer
     ctx = dataclasses.replace(ctx, tokenizer=tok)
     enc = _encoder(tok, cfg, init, flag)
-    rows = _encode_comparisons(enc, path)
+    rows = encode_comparisons(enc, path)
     log.info("rm: %s: %s", path, enc.counts.summary())
     demos = None
     if cfg.data.demonstrations:
@@ -139,7 +141,7 @@ def rm(ctx) -> Path:
         demos = ([p for p, _ in pairs], [r for _, r in pairs])
     evaluate = None
     if cfg.data.eval_comparisons:
-        heldout = _encode_comparisons(_encoder(tok, cfg, init, flag), cfg.data.eval_comparisons)
+        heldout = encode_comparisons(_encoder(tok, cfg, init, flag), cfg.data.eval_comparisons)
 
         def evaluate(model) -> dict:
             return {"rm_heldout_accuracy": pairwise_accuracy(model, heldout, tok.pad_token_id)}
@@ -171,9 +173,9 @@ def dpo(ctx) -> Path:
     cfg, tok = ctx.cfg, ctx.tokenizer
     path = _need(cfg.data.comparisons, "--data.comparisons FILE", "dpo", "labelers' comparisons to learn from")
     enc = _encoder(tok, cfg, cfg.policy.path, "--policy.path")
-    rows = _encode_comparisons(enc, path)
+    rows = encode_comparisons(enc, path)
     log.info("dpo: %s: %s", path, enc.counts.summary())
-    heldout = _encode_comparisons(enc, cfg.data.eval_comparisons) if cfg.data.eval_comparisons else None
+    heldout = encode_comparisons(enc, cfg.data.eval_comparisons) if cfg.data.eval_comparisons else None
     reference = _reference(ctx, not cfg.dpo.reference_free,
                            "DPO compares the two models' log-probs of the same tokens")
     load_fn = _loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=tok)
@@ -188,7 +190,7 @@ def _reward_model(ctx):
     rm_tok = load_tokenizer(cfg.reward.path, "--reward.path")
     rm = load_model(cfg.reward.path, flag="--reward.path", scalar=True, device=ctx.device, run=cfg.run,
                     tokenizer=rm_tok, head_required=True)
-    return dist.shard(SequenceScores(rm), offload=cfg.run.offload_frozen), rm_tok
+    return shard(SequenceScores(rm), offload=cfg.run.offload_frozen), rm_tok
 
 
 def _scorer(ctx, reward_model, prompts, enc):
@@ -275,7 +277,7 @@ def ppo(ctx, ptx: bool = False) -> Path:
         ptx_examples = text_examples(tok, load(texts, "texts", special_texts(tok)),
                                      min(cfg.data.max_response_tokens, context - 1))
     def frozen(model):  # as the trainer calls it, sharded (with several processes, read sharded)
-        return dist.shard(PolicyLogprobs(model, backend=cfg.ppo.backend, fused=cfg.run.fused_lm_head),
+        return shard(PolicyLogprobs(model, backend=cfg.ppo.backend, fused=cfg.run.fused_lm_head),
                           offload=cfg.run.offload_frozen)
     reference = frozen(reference) if reference is not None else None
     evaluate = None

@@ -19,7 +19,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from ..checkpoint import write_text_atomic
+from ..rundir.atomic import write_text_atomic
 
 Z95 = 1.959963984540054
 

@@ -30,7 +30,7 @@ def sample_items(policy: str | Path, prompts_file: str | Path, *, k: int, max_ne
     from ..config import DataConfig, RunConfig
     from ..data.encode import make_encoder, special_texts
     from ..data.formats import load
-    from ..loading import load_model, load_tokenizer
+    from ..models.loading import load_model, load_tokenizer
     from ..rollout import HFRollout
 
     if k < min_k:

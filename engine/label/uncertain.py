@@ -14,11 +14,11 @@ import torch
 @torch.no_grad()
 def rm_spreads(rm_dir, items: list[dict], chunk: int = 64) -> list[float]:
     """The standard deviation of the RM's scores of each item's responses."""
-    from ..batch import make_batch
+    from ..models.batch import make_batch
     from ..config import DataConfig, RunConfig
     from ..data.encode import make_encoder
-    from ..loading import load_model, load_tokenizer
-    from ..models import SequenceScores
+    from ..models.loading import load_model, load_tokenizer
+    from ..models.forward import SequenceScores
 
     tok = load_tokenizer(rm_dir, "--rm")
     rm = SequenceScores(load_model(rm_dir, flag="--rm", scalar=True, device="cpu", run=RunConfig(), tokenizer=tok,

@@ -73,7 +73,7 @@ def _cached(cache: dict, key, make):
 def _config(path: str, flag: str):
     from transformers import AutoConfig
 
-    from ..loading import check_json_object
+    from ..models.loading import check_json_object
 
     if not Path(path).is_file():
         raise ValueError(f"plan: {flag} {path}: no such file; give a model's config.json (shipped: "
@@ -96,7 +96,7 @@ def process_baseline(engine: str) -> int:
     import importlib.util
     import resource
 
-    from ..models import quiet_transformers
+    from ..models.forward import quiet_transformers
 
     quiet_transformers()
     if engine == "vllm" and importlib.util.find_spec("vllm") is not None:

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import distributed as dist
+from ..models.sharding import shard
+from ..parallel import distributed as dist
 
 
 @contextlib.contextmanager
 def fake_world(size: int):
-    """engine.distributed's world set to rank 0 of `size` on the fake process group, for the block."""
+    """engine.parallel.distributed's world set to rank 0 of `size` on the fake process group, for the block."""
     import torch.distributed as tdist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -51,7 +52,7 @@ def build(config, scalar: bool) -> torch.nn.Module:
     head), weights tied as from_pretrained ties them."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from ..models import quiet_transformers
+    from ..models.forward import quiet_transformers
 
     quiet_transformers()
     cls = AutoModelForSequenceClassification if scalar else AutoModelForCausalLM
@@ -63,7 +64,7 @@ def build(config, scalar: bool) -> torch.nn.Module:
 
 def shards(config, scalar: bool, world: int) -> Shards:
     """Build, wrap and shard one model as the engine does, in a fake world of `world` ranks."""
-    from ..models import PolicyLogprobs, SequenceScores
+    from ..models.forward import PolicyLogprobs, SequenceScores
 
     model = build(config, scalar)
     wrapper = SequenceScores(model) if scalar else PolicyLogprobs(model)
@@ -71,7 +72,7 @@ def shards(config, scalar: bool, world: int) -> Shards:
     whole = sum(p.numel() for p in model.parameters())
     units = [sum(p.numel() for p in b.parameters()) for b in blocks]
     with fake_world(world):
-        dist.shard(wrapper)
+        shard(wrapper)
         local = sum(dist.local(p).numel() for p in model.parameters())
     largest = max(p.numel() for p in model.parameters())
     return Shards(whole, local, (*units, whole - sum(units)), len(blocks), largest)

@@ -1,6 +1,9 @@
 """Rollout backends behind one protocol (`generate`, `update_weights`, `close`).
 
 `VLLMRollout` is imported lazily (vLLM is an optional dependency); `HFRollout` always works.
+
+Above the models (HF samples from a forward module) and the process group; below the trainers, which drive
+it: a drop-in backend for anyone's trainer, so it never imports one.
 """
 from .base import RolloutBackend, RolloutResult
 from .hf import HFRollout

@@ -7,8 +7,8 @@ import torch
 
 import kernels
 
-from .. import distributed as dist
-from ..models import PolicyLogprobs, run_inside
+from ..models.forward import PolicyLogprobs, run_inside
+from ..parallel import distributed as dist
 from ..seeds import MASK, sample_seed
 from .base import RolloutResult, prompt_seeds
 
@@ -89,7 +89,7 @@ class HFRollout:
     def __init__(self, model_or_dir, *, device="cpu", seed: int = 0, pad_token_id: int | None = None,
                  eos_token_id: int | None = None, share_prefill: bool = True):
         if isinstance(model_or_dir, (str, bytes)) or hasattr(model_or_dir, "__fspath__"):
-            from ..loading import load_model
+            from ..models.loading import load_model
 
             model_or_dir = load_model(model_or_dir, flag="HFRollout", scalar=False, device=device)
         self.wrapper = model_or_dir if isinstance(model_or_dir, PolicyLogprobs) else None

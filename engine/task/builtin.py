@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import write_text_atomic
+from ..rundir.atomic import write_text_atomic
 from .datasets import FILES, TaskData, make_task_data, save_task_data
 
 # data.* field -> the task's file

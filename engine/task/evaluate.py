@@ -49,7 +49,7 @@ def answer_quality(insts, answers) -> dict:
 @torch.no_grad()
 def corpus_loss(policy, tokenizer, texts: list[str], chunk: int = 256) -> float:
     """Mean NLL (nats per token) of held-out pretraining text: the alignment-tax measure."""
-    from ..models import PolicyLogprobs
+    from ..models.forward import PolicyLogprobs
     from ..trainers.lm import lm_loss
 
     lp = PolicyLogprobs(policy)

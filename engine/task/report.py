@@ -6,10 +6,10 @@ import json
 import random
 from pathlib import Path
 
-from ..checkpoint import write_text_atomic
-from ..loading import load_model
-from ..metrics import read_metrics
 from ..data.encode import Encoder
+from ..models.loading import load_model
+from ..rundir.atomic import write_text_atomic
+from ..rundir.metrics import read_metrics
 from .evaluate import answer_quality, corpus_loss, sample_answers, win_rate
 from .people import write_response
 
@@ -74,7 +74,7 @@ def _second_labeler(ctx) -> dict:
     path = ctx.stage_dir("rm") / "final" / "reward"
     if not path.is_dir():
         return {}
-    from ..models import SequenceScores
+    from ..models.forward import SequenceScores
     from ..trainers.reward import pairwise_accuracy
 
     tok, enc = ctx.tokenizer, Encoder(ctx.tokenizer)

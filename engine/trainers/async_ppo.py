@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import torch
 
-from .. import distributed as dist
+from ..parallel import distributed as dist
 from ..rollout.async_engine import AsyncRollout, EngineSpec, split_cores
 from ..rollout.base import RolloutResult
 from ..seeds import derive_seed, rollout_seeds

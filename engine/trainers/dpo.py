@@ -18,11 +18,13 @@ import torch
 
 from kernels import preference_loss, sequence_logps
 
-from .. import distributed as dist
-from ..checkpoint import save_models, write_text_atomic
-from ..lora import plain
-from ..loading import placed
-from ..models import PolicyLogprobs
+from ..models.forward import PolicyLogprobs
+from ..models.loading import placed
+from ..models.lora import plain
+from ..models.sharding import shard
+from ..parallel import distributed as dist
+from ..rundir.atomic import write_text_atomic
+from ..rundir.final import save_models
 from .loop import run_steps
 from .reward import comparison_batch, n_pairs, per_prompt
 from .state import open_stage, saved_model, train_one
@@ -116,8 +118,8 @@ def train_dpo(ctx, load_policy, reference, cfg, rows: list[dict], heldout: list[
     pad, device = ctx.tokenizer.pad_token_id, ctx.device
     heads = dict(backend=cfg.backend, fused=ctx.cfg.run.fused_lm_head)
     model = placed(load_policy(saved_model(ckpt, "policy")), device).train()
-    policy = dist.shard(PolicyLogprobs(model, **heads))
-    ref_model = None if reference is None else dist.shard(PolicyLogprobs(reference, **heads),
+    policy = shard(PolicyLogprobs(model, **heads))
+    ref_model = None if reference is None else shard(PolicyLogprobs(reference, **heads),
                                                           offload=ctx.cfg.run.offload_frozen)
     ref_kw = dict(reference=ref_model, policy=policy, length_norm=cfg.length_norm, reference_free=cfg.reference_free)
     ref = ReferenceLogps(rows, pad, **ref_kw)

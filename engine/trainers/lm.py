@@ -8,12 +8,13 @@ import torch
 
 from kernels import masked_mean
 
-from .. import distributed as dist
-from ..batch import make_batch
-from ..checkpoint import save_models
-from ..lora import plain
-from ..loading import placed
-from ..models import PolicyLogprobs
+from ..models.batch import make_batch
+from ..models.forward import PolicyLogprobs
+from ..models.loading import placed
+from ..models.lora import plain
+from ..models.sharding import shard
+from ..parallel import distributed as dist
+from ..rundir.final import save_models
 from .loop import run_steps
 from .state import open_stage, saved_model, train_one
 
@@ -28,7 +29,7 @@ def lm_loss(policy: PolicyLogprobs, prompts, responses, pad_id: int) -> torch.Te
 
 def lm_loss_part(policy: PolicyLogprobs, examples, idx: list[int], pad_id: int) -> torch.Tensor:
     """This process's part of the LM loss of the global batch examples[idx] ((prompt ids, response ids)
-    pairs): its rows' loss weighted by their share of the batch's response tokens (engine.distributed.part);
+    pairs): its rows' loss weighted by their share of the batch's response tokens (engine.parallel.distributed.part);
     the whole loss in one process."""
     mine = [idx[i] for i in dist.rows(len(idx))]
     loss = lm_loss(policy, [examples[i][0] for i in mine], [examples[i][1] for i in mine], pad_id)
@@ -59,7 +60,7 @@ def train_lm(ctx, stage: str, examples: list[tuple[list[int], list[int]]], load_
         raise ValueError(f"{stage}: no training examples (every one was dropped by the length rule?)")
     pad = ctx.tokenizer.pad_token_id
     model = placed(load_model(saved_model(ckpt, "policy")), ctx.device).train()
-    policy = dist.shard(PolicyLogprobs(model, fused=ctx.cfg.run.fused_lm_head))
+    policy = shard(PolicyLogprobs(model, fused=ctx.cfg.run.fused_lm_head))
     optim, state, start = train_one(stage_dir, "policy", model, cfg, f"--{stage}.lr", ctx.tokenizer, ckpt)
 
     def step_fn(step: int, gen: torch.Generator) -> dict:

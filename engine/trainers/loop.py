@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .. import distributed as dist
-from ..guard import check_finite, check_weights, weight_scale
-from ..metrics import MetricsLogger
+from ..parallel import distributed as dist
+from ..rundir.guard import check_finite, check_weights, weight_scale
+from ..rundir.metrics import MetricsLogger
 from ..seeds import step_seeds
 from .state import TrainState
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..distributed import full, shard_like
+from ..parallel.distributed import full, shard_like
 
 log = logging.getLogger("engine")
 

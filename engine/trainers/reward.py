@@ -14,12 +14,14 @@ import torch
 
 from kernels import ranking_loss
 
-from ..batch import make_batch
-from ..checkpoint import save_models, write_text_atomic
-from .. import distributed as dist
-from ..lora import is_peft, plain, unwrap
-from ..loading import placed
-from ..models import SequenceScores
+from ..models.batch import make_batch
+from ..models.forward import SequenceScores
+from ..models.loading import placed
+from ..models.lora import is_peft, plain, unwrap
+from ..models.sharding import shard
+from ..parallel import distributed as dist
+from ..rundir.atomic import write_text_atomic
+from ..rundir.final import save_models
 from .loop import run_steps
 from .state import open_stage, saved_model, train_one
 
@@ -106,7 +108,7 @@ def train_reward(ctx, load_model, cfg, rows: list[dict], demos: tuple[list, list
     tok, pad = ctx.tokenizer, ctx.tokenizer.pad_token_id
     model = placed(load_model(saved_model(ckpt, "reward")), ctx.device).train()
     unwrap(model).config.score_offset = 0.0
-    rm = dist.shard(SequenceScores(model))
+    rm = shard(SequenceScores(model))
     optim, state, start = train_one(stage_dir, "reward", model, cfg, "--rm.lr", tok, ckpt)
 
     def step_fn(step: int, gen: torch.Generator) -> dict:

@@ -1,6 +1,6 @@
 """What a stage's checkpoint holds and how a stage starts: the one resume-and-save skeleton of every trainer.
 
-A checkpoint (engine/checkpoint.py) is the trained models under their names plus the trainer state: each
+A checkpoint (engine/rundir/checkpoint.py) is the trained models under their names plus the trainer state: each
 optimizer's (and schedule's) state under the same name, the step, the RNG streams, and a stage's extra
 scalars (PPO's KL coefficient).
 """
@@ -13,9 +13,10 @@ from typing import Callable
 
 from torch import nn
 
-from .. import distributed as dist
-from ..checkpoint import CheckpointError, latest_checkpoint, load_trainer_state, save_checkpoint
-from ..sharded import is_sharded, load_sharded, save_sharded_checkpoint
+from ..parallel import distributed as dist
+from ..rundir.atomic import CheckpointError
+from ..rundir.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from ..rundir.sharded import is_sharded, load_sharded, save_sharded_checkpoint
 from .optim import Optim
 
 log = logging.getLogger("engine")

@@ -22,7 +22,7 @@ def tiny_run(tmp_path_factory, tiny_args):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """{family: directory} of small random checkpoints of each real family (`tiny-model`), read-only."""
-    from engine.tiny_checkpoint import FAMILIES, write_tiny_model
+    from engine.task.tiny_checkpoint import FAMILIES, write_tiny_model
 
     root = tmp_path_factory.mktemp("tiny_models")
     return {f: write_tiny_model(f, root / f) for f in FAMILIES}

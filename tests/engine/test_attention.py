@@ -1,4 +1,4 @@
-"""engine/attention.py's "sdpa_gqa" against transformers' "sdpa": the same logits, gradients and greedy
+"""engine/models/attention.py's "sdpa_gqa" against transformers' "sdpa": the same logits, gradients and greedy
 generations for every family on left-padded batches, float32, bfloat16 and float64, and the grouped call really
 taken (a spy on PyTorch's SDPA records its arguments; the real function runs).
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 import transformers
 
-from engine.attention import register
-from engine.loading import resolve_attention
-from engine.tiny_checkpoint import FAMILIES, build_config, build_tokenizer
+from engine.models.attention import register
+from engine.models.loading import resolve_attention
+from engine.task.tiny_checkpoint import FAMILIES, build_config, build_tokenizer
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2}
 

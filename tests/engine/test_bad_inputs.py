@@ -116,7 +116,7 @@ def test_learned_positions_are_never_exceeded(tmp_path, capsys, caplog):
     context (counted in the log) and PPO refuses new tokens that leave no room for a prompt."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from engine.tiny_checkpoint import build_config, build_tokenizer
+    from engine.task.tiny_checkpoint import build_config, build_tokenizer
 
     short = tmp_path / "gpt2_24"
     tok = build_tokenizer("gpt2")

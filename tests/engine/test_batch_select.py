@@ -3,9 +3,9 @@ positions and masks are the same, and so are their log-probs (float32; tolerance
 fewer masked keys, which add exact zeros)."""
 import torch
 
-from engine.batch import make_batch
-from engine.models import PolicyLogprobs
-from engine.tiny_checkpoint import build_config, build_tokenizer
+from engine.models.batch import make_batch
+from engine.models.forward import PolicyLogprobs
+from engine.task.tiny_checkpoint import build_config, build_tokenizer
 
 
 def test_select_trims_shared_left_padding_and_keeps_every_value():

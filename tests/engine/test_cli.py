@@ -90,7 +90,7 @@ def test_reproduce_records_the_device_it_ran_on(monkeypatch):
     comes from torch.cuda.get_device_name, replaced for this test."""
     import torch
 
-    from engine.task.reproduce import _bench_results_dir, provenance
+    from engine.reproduce import _bench_results_dir, provenance
 
     assert provenance(1.0, "cpu")["device"].startswith("cpu (")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")

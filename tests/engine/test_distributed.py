@@ -238,15 +238,16 @@ def test_a_nan_on_two_processes_stops_both_at_the_same_step_with_one_message(tin
 
 HELD = """
 import json, sys, torch
-from engine import distributed as dist
-from engine.loading import load_model
-from engine.models import PolicyLogprobs
+from engine.parallel import distributed as dist
+from engine.models.loading import load_model
+from engine.models.forward import PolicyLogprobs
+from engine.models.sharding import shard
 from engine.trainers.optim import Optim
-from engine.batch import make_batch
+from engine.models.batch import make_batch
 from engine.config import TrainedModelConfig
 w = dist.init("cpu")
 model = load_model(sys.argv[1], flag="test", scalar=False, device=torch.device("cpu"), train=TrainedModelConfig())
-policy = dist.shard(PolicyLogprobs(model))
+policy = shard(PolicyLogprobs(model))
 optim = Optim.adamw(model, lr=1e-3, flag="test")
 dist.backward(policy(make_batch([[1, 2, 3]] * 2, [[4, 5]] * 2, 0)).sum())
 optim.step()
@@ -303,9 +304,10 @@ def test_ppo_with_a_vllm_engine_on_each_of_two_processes_and_with_one_engine_ten
 
 LOAD = """
 import json, sys, threading, time, torch
-from engine import distributed as dist
-from engine.loading import load_model
-from engine.models import PolicyLogprobs
+from engine.parallel import distributed as dist
+from engine.models.loading import load_model
+from engine.models.forward import PolicyLogprobs
+from engine.models.sharding import shard
 
 def anon_kib():
     for line in open("/proc/self/status"):
@@ -325,7 +327,7 @@ base = anon_kib()
 watcher = threading.Thread(target=sample)
 watcher.start()
 model = load_model(sys.argv[1], flag="test", scalar=False, device=torch.device("cpu"))
-policy = dist.shard(PolicyLogprobs(model))
+policy = shard(PolicyLogprobs(model))
 done.set()
 watcher.join()
 largest = max(dist.local(p).numel() for p in model.parameters())

@@ -39,8 +39,8 @@ def random_rows(gen, vocab, n=3, kmax=4):
 def test_gradients_through_the_fused_lm_head_equal_the_plain_path(tiny_models, loss):
     """float64, K from 2 to 4 per prompt with padding: every parameter's gradient of the DPO loss through
     kernels.linear_token_logprobs equals the one through the LM head's logits and log_softmax."""
-    from engine.loading import load_tokenizer
-    from engine.models import PolicyLogprobs
+    from engine.models.loading import load_tokenizer
+    from engine.models.forward import PolicyLogprobs
     from engine.trainers.dpo import comparison_logps
     from kernels.preference import preference_loss
     from transformers import AutoModelForCausalLM

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from engine.batch import make_batch
+from engine.models.batch import make_batch
 from engine.config import PPOConfig
-from engine.trainers.ppo import make_experience, ppo_minibatch_loss
+from engine.trainers.experience import make_experience
+from engine.trainers.ppo_update import ppo_minibatch_loss
 
 SCORES = [1.0, 3.0, 2.0, 2.0]          # two prompts, n = 2 answers each: one group informative, one flat
 LENGTHS = [2, 3, 1, 2]                 # answer lengths (tokens)

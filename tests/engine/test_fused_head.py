@@ -4,12 +4,13 @@ test step runs the `cuda` cases)."""
 import pytest
 import torch
 
-from engine.batch import make_batch
+from engine.models.batch import make_batch
 from engine.config import ModelConfig, PPOConfig
-from engine.models import PolicyLogprobs, SequenceScores, TokenValues
+from engine.models.forward import PolicyLogprobs, SequenceScores, TokenValues
 from engine.task.model import build_policy
 from engine.task.vocab import build_tokenizer
-from engine.trainers.ppo import make_experience, ppo_minibatch_loss
+from engine.trainers.experience import make_experience
+from engine.trainers.ppo_update import ppo_minibatch_loss
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]

@@ -336,8 +336,8 @@ def check_uncertainty_order(folder, rm_dir):
 
     from engine.config import DataConfig
     from engine.data.encode import make_encoder
-    from engine.loading import load_model, load_tokenizer
-    from engine.models import SequenceScores
+    from engine.models.loading import load_model, load_tokenizer
+    from engine.models.forward import SequenceScores
     from engine.trainers.reward import score_comparisons
 
     items = [json.loads(line) for line in (folder / "items.jsonl").read_text().splitlines()]

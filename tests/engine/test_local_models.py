@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from flag_bundles import cli_with_bundles as cli
-from engine.tiny_checkpoint import FAMILIES
+from engine.task.tiny_checkpoint import FAMILIES
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FEW = ["--run.progress", "false",
@@ -81,8 +81,8 @@ def test_pipeline_on_each_family_then_export(tiny_models, tmp_path, family):
 
 def test_lora_reference_is_the_base_and_merged_weights_are_the_plain_model(tiny_models):
     from engine.config import RunConfig, TrainedModelConfig
-    from engine.loading import load_model, load_tokenizer
-    from engine.lora import merged_named_weights, plain
+    from engine.models.loading import load_model, load_tokenizer
+    from engine.models.lora import merged_named_weights, plain
 
     path = tiny_models["llama"]
     tok = load_tokenizer(path)
@@ -149,13 +149,13 @@ def test_lora_ppo_ctrl_c_and_resume_match_an_uninterrupted_run(qwen_run, tmp_pat
 
 
 def test_reward_model_with_another_tokenizer_is_rescored_on_text(qwen_run, tiny_models, gpt2_rm, tmp_path, caplog):
-    from engine.batch import make_batch
+    from engine.models.batch import make_batch
     from engine.config import Config, DataConfig, RunConfig
     from engine.context import RunContext
     from engine.data.encode import make_encoder
     from engine.stages import _reward_scorer
-    from engine.loading import load_model, load_tokenizer
-    from engine.models import SequenceScores
+    from engine.models.loading import load_model, load_tokenizer
+    from engine.models.forward import SequenceScores
     from engine.rollout.base import RolloutResult
 
     policy_tok = load_tokenizer(tiny_models["qwen2"])
@@ -188,7 +188,7 @@ def test_reward_model_with_another_tokenizer_is_rescored_on_text(qwen_run, tiny_
 
 def test_encoder_chat_template_and_length_rule(tiny_models):
     from engine.data.encode import Encoder
-    from engine.loading import load_tokenizer
+    from engine.models.loading import load_tokenizer
 
     tok = load_tokenizer(tiny_models["qwen2"])
     enc = Encoder(tok, max_prompt_tokens=1000, max_response_tokens=1000)
@@ -233,7 +233,7 @@ def _error(capsys, args) -> str:
 def test_bad_inputs_name_what_where_and_how_to_fix(tiny_models, qwen_run, gpt2_rm, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from engine.tiny_checkpoint import build_config, build_tokenizer
+    from engine.task.tiny_checkpoint import build_config, build_tokenizer
 
     qwen = str(tiny_models["qwen2"])
     sft_dir = str(qwen_run / "sft" / "final" / "policy")
@@ -319,7 +319,7 @@ def test_bf16_runs_keep_float32_master_weights(tiny_models, tmp_path):
     computed under autocast. At lr 1e-5 an Adam step moves a weight by ~1e-5, below half a bf16 ulp of a
     typical weight here (~6e-5 at |w| ~ 0.02), so bf16 weights would mostly not move; the float32 masters do."""
     from engine.config import RunConfig, TrainedModelConfig
-    from engine.loading import load_model, load_tokenizer
+    from engine.models.loading import load_model, load_tokenizer
 
     path = tiny_models["llama"]
     run = RunConfig(dtype="bfloat16")

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.checkpoint import load_trainer_state
+from engine.rundir.checkpoint import load_trainer_state
 from engine.cli import main
-from engine.state_file import read_state
+from engine.rundir.state_file import read_state
 from engine.trainers.optim import Optim
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

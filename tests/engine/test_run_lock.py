@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.run_lock import LOCK_NAME, RunLockedError, acquire, release
+from engine.rundir.run_lock import LOCK_NAME, RunLockedError, acquire, release
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,7 +87,7 @@ def test_the_lock_of_a_killed_run_is_taken_over(before_sft, tiny):
 def test_lock_is_exclusive_between_processes_and_never_through_a_link(tmp_path):
     out = tmp_path / "run"
     fd = acquire(out, "test")
-    probe = "from pathlib import Path; from engine.run_lock import acquire; acquire(Path(%r), 'probe')" % str(out)
+    probe = "from pathlib import Path; from engine.rundir.run_lock import acquire; acquire(Path(%r), 'probe')" % str(out)
     other = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert other.returncode != 0 and "RunLockedError" in other.stderr and f"pid {os.getpid()}" in other.stderr

@@ -1,4 +1,4 @@
-"""Each distinct prompt run once (engine/shared_prompt.py) gives the plain pass's log-probs, values and
+"""Each distinct prompt run once (engine/models/shared_prompt.py) gives the plain pass's log-probs, values and
 gradients, for every supported family, with left padding, repeated and single prompts, and answers of
 different lengths.
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 import transformers
 
-from engine.batch import make_batch
-from engine.models import PolicyLogprobs, TokenValues
-from engine.tiny_checkpoint import FAMILIES, build_config, build_tokenizer
+from engine.models.batch import make_batch
+from engine.models.forward import PolicyLogprobs, TokenValues
+from engine.task.tiny_checkpoint import FAMILIES, build_config, build_tokenizer
 
 
 def models(family: str, dtype=torch.float64):
@@ -85,6 +85,6 @@ def test_sharing_runs_under_sdpa_and_is_refused_for_untested_attention():
     plain = PolicyLogprobs(lm, share_prompts=False)(batch)
     assert not torch.equal(PolicyLogprobs(lm)(batch), plain)  # shared: equal to rounding only
     lm.config._attn_implementation = "flex_attention"  # not in SHARING_ATTENTION; never called on this path
-    from engine.shared_prompt import can_share
+    from engine.models.shared_prompt import can_share
 
     assert not can_share(lm)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from engine.rollout import HFRollout
-from engine.tiny_checkpoint import FAMILIES
+from engine.task.tiny_checkpoint import FAMILIES
 from engine.trainers.passes import old_logprobs_source
 
 ROOT = Path(__file__).resolve().parents[2]

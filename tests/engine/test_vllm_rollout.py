@@ -53,7 +53,7 @@ def max_diff(a, b):
 
 
 def test_generate_n_samples_prompt_major_with_engine_logprobs(rollout, model_dir):
-    from engine.loading import load_model
+    from engine.models.loading import load_model
 
     prompts = [[1, 5, 7, 9], [1, 6, 8], [1, 11]]
     res = rollout.generate(prompts, n=3, max_tokens=6, temperature=0.8, seed=7)
@@ -74,7 +74,7 @@ def test_generate_n_samples_prompt_major_with_engine_logprobs(rollout, model_dir
 
 
 def test_update_weights_in_place_matches_trainer(rollout, model_dir):
-    from engine.loading import load_model
+    from engine.models.loading import load_model
 
     policy = load_model(model_dir, flag="test", scalar=False).eval()
     seqs = [[1, 5, 7, 9, 10, 11, 12], [1, 6, 8, 20, 21]]
@@ -94,7 +94,7 @@ def test_update_weights_in_place_matches_trainer(rollout, model_dir):
 
 def perturbed(model_dir, names=None, scale=0.05, seed=1):
     """The checkpoint's policy with noise added to the parameters named (all when None)."""
-    from engine.loading import load_model
+    from engine.models.loading import load_model
 
     policy = load_model(model_dir, flag="test", scalar=False).eval()
     g = torch.Generator().manual_seed(seed)
@@ -164,9 +164,9 @@ def test_packed_cpu_layout_reloads_only_the_repacked_layers(rollout, model_dir):
 def test_tied_embeddings_and_attention_biases_sync_in_place(rollout, tmp_path):
     """Qwen2: the LM head is the embedding (vLLM's loader skips lm_head.weight; the embedding copy updates both)
     and q/k/v carry biases (slices of the fused qkv_proj bias)."""
-    from engine.loading import load_model
+    from engine.models.loading import load_model
     from engine.rollout import VLLMRollout
-    from engine.tiny_checkpoint import write_tiny_model
+    from engine.task.tiny_checkpoint import write_tiny_model
 
     rollout.close()
     d = tmp_path / "qwen2"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as dist
+from ..parallel import distributed as dist
 from .checkpoint import latest_checkpoint
 
 GROWTH = 100.0

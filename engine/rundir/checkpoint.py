@@ -1,5 +1,5 @@
 """Atomic checkpoints: models as transformers `save_pretrained` (safetensors) plus the trainer state
-(optimizers, scheduler, step, RNG streams) as safetensors + JSON (`engine.state_file`): nothing in a run
+(optimizers, scheduler, step, RNG streams) as safetensors + JSON (`engine.rundir.state_file`): nothing in a run
 directory is a pickle, so loading one never runs code.
 
 Layout of a stage directory:
@@ -10,28 +10,23 @@ Every directory is written under a temporary name and renamed into place, and `l
 atomically, so a crash at any moment leaves the previous checkpoint intact; the temporary folders a crash
 leaves behind are removed when the stage next starts.
 
-With more than one process (engine.distributed) a checkpoint holds the models and optimizers as one DCP
+With more than one process (engine.parallel) a checkpoint holds the models and optimizers as one DCP
 (torch.distributed.checkpoint) folder of safetensors shards, each rank writing its own, plus the same
-trainer.json (engine.sharded): it resumes with any number of processes, one included. Final models are always
-plain transformers directories, written by the main rank from the gathered weights.
+trainer.json (engine.rundir.sharded): it resumes with any number of processes, one included. Final models are always
+plain transformers directories (engine.rundir.final), consolidated by the main rank from every rank's shards.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 
-from . import distributed as dist
+from .atomic import CheckpointError, atomic_dir, write_text_atomic
 from .state_file import StateFileError, has_state, read_state, write_state
 
 log = logging.getLogger("engine")
@@ -39,14 +34,6 @@ log = logging.getLogger("engine")
 KEEP = 2  # checkpoints kept per stage
 STEP_NAME = re.compile(r"step-\d{6,}")
 LEGACY_STATE = "trainer.pt"  # before 2026-11-24: a torch pickle, read only through weights_only=True
-
-
-class CheckpointError(ValueError):
-    """A run directory that cannot be resumed as it is; the message says what is wrong and what to do."""
-
-
-class CheckpointWriteError(OSError):
-    """Writing a checkpoint failed (a full disk, a read-only folder): nothing earlier was touched."""
 
 
 def rng_state() -> dict:
@@ -64,83 +51,12 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def _atomic_dir(target: Path, write) -> None:
-    """Call write(tmp_dir), then rename tmp_dir to target (replacing an old target)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        with _write_errors(target):
-            write(tmp)
-        _rename_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextlib.contextmanager
-def _write_errors(target: Path):
-    """A failed write (a full disk, a read-only folder) as CheckpointWriteError naming `target`."""
-    try:
-        yield
-    except (OSError, SafetensorError) as exc:
-        code = getattr(exc, "errno", None) or errno.EIO
-        raise CheckpointWriteError(code, f"could not write {target}: {_reason(exc)}") from exc
-
-
-def _rename_into_place(tmp: Path, target: Path) -> None:
-    """tmp becomes target; an old target is moved aside first and removed after."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)
-
-
-def _reason(exc: BaseException) -> str:
-    """The OS's words for a failed write (safetensors wraps them: "I/O error: No space left on device")."""
-    return getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-def remove_leftovers(directory: Path) -> None:
-    """Remove the `.NAME.tmp-*` / `.NAME.old-*` folders an interrupted write (kill -9, power loss) left."""
-    if not directory.is_dir():
-        return
-    for p in directory.iterdir():
-        if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name) and not p.is_symlink():
-            log.info("removing %s, left by an interrupted write", p)
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(exc.errno or errno.EIO, f"could not write {path}: {_reason(exc)}") from exc
-
-
-def _write_models(tmp: Path, models: dict, tokenizer) -> None:
+def write_models(folder: Path, models: dict, tokenizer) -> None:
+    """Each model as a transformers directory `folder/<name>` (save_pretrained, safetensors) with the tokenizer."""
     for name, model in models.items():
-        model.save_pretrained(tmp / name, safe_serialization=True)
+        model.save_pretrained(folder / name, safe_serialization=True)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / name)
-
-
-def save_models(target: Path, models: dict, tokenizer=None) -> None:
-    """Plain transformers directories (with the tokenizer), atomically. With several processes every rank
-    calls it and writes its shards, which the main rank consolidates (sharded.save_plain_models: no rank
-    holds a whole model)."""
-    if dist.world().size > 1:
-        from .sharded import save_plain_models
-
-        save_plain_models(target, models, tokenizer)
-        return
-    _atomic_dir(target, lambda tmp: _write_models(tmp, models, tokenizer))
+            tokenizer.save_pretrained(folder / name)
 
 
 def save_checkpoint(stage_dir: Path, step: int, models: dict, state: dict, tokenizer=None) -> Path:
@@ -149,15 +65,15 @@ def save_checkpoint(stage_dir: Path, step: int, models: dict, state: dict, token
     target = ckpts / f"step-{step:06d}"
 
     def write(tmp: Path):
-        _write_models(tmp, models, tokenizer)
+        write_models(tmp, models, tokenizer)
         write_state(tmp, {**state, "step": step, "rng": rng_state()})
 
-    _atomic_dir(target, write)
-    _publish(ckpts, target)
+    atomic_dir(target, write)
+    publish(ckpts, target)
     return target
 
 
-def _publish(ckpts: Path, target: Path) -> None:
+def publish(ckpts: Path, target: Path) -> None:
     """Point `latest` at the checkpoint just written and keep only the newest KEEP."""
     write_text_atomic(ckpts / "latest", target.name)
     for old in sorted(p for p in ckpts.glob("step-*") if p.is_dir() and STEP_NAME.fullmatch(p.name))[:-KEEP]:

@@ -16,7 +16,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from .checkpoint import _atomic_dir
+from .atomic import atomic_dir
 
 STAGES = ("pretrain", "sft", "ppo", "ppo_ptx", "dpo", "dpo_ipo", "dpo_listwise")
 
@@ -51,7 +51,7 @@ def export_policy(run_dir: str | Path, stage: str, to: str | Path, overwrite: bo
             raise FileExistsError(f"--to {to} is not empty; its contents would be replaced. Choose a new or empty "
                                   f"directory, or give --overwrite true to replace them.")
     files = regular_files(Path(run_dir), src)
-    _atomic_dir(to, lambda tmp: copy_files(src, files, tmp))
+    atomic_dir(to, lambda tmp: copy_files(src, files, tmp))
     return to
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed
+from ..parallel import distributed
 from .batch import SequenceBatch
 from .lora import unwrap
 

@@ -20,7 +20,7 @@ class MetricsLogger:
         rows = read_metrics(self.path)
         purge = None
         if any(r.get("step", 0) > start for r in rows):
-            from .checkpoint import write_text_atomic
+            from .atomic import write_text_atomic
 
             write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= start))
             purge = start + 1

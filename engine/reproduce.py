@@ -19,9 +19,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..checkpoint import write_text_atomic
-from ..config import Config
-from .evaluate import sample_answers, win_rate
+from .config import Config
+from .rundir.atomic import write_text_atomic
+from .task.evaluate import sample_answers, win_rate
 
 log = logging.getLogger("engine")
 STAGES = (("sft", "SFT"), ("ppo", "PPO"), ("ppo_ptx", "PPO-ptx"))
@@ -36,9 +36,9 @@ def size_config(cfg: Config, hidden: int) -> Config:
 
 
 def reproduce(cfg: Config, sizes: list[int], record: bool = True) -> dict:
-    from .. import stages
-    from ..context import make_context
-    from ..loading import load_model
+    from . import stages
+    from .context import make_context
+    from .models.loading import load_model
 
     if not sizes:
         raise ValueError("--sizes must name at least one hidden size, e.g. --sizes [64,128,256]")
@@ -95,7 +95,7 @@ def reproduce(cfg: Config, sizes: list[int], record: bool = True) -> dict:
 def _bench_results_dir(device: str) -> Path | None:
     """bench/results/<device> of a source checkout (None for an installed package), keyed by the device the
     run used, as bench/harness.py keys it: the GPU's name, or cpu-<cores>core."""
-    bench = Path(__file__).resolve().parents[2] / "bench"
+    bench = Path(__file__).resolve().parents[1] / "bench"
     if not bench.is_dir():
         return None
     import torch

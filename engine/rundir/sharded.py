@@ -10,7 +10,7 @@ headers and reads tensors with `safe_open`. Nothing is unpickled, and DCP still 
 checkpoint of W processes resumes with any number, one included).
 
 Only tensors go to DCP. The rest of each state dict (an optimizer's param_groups, its non-tensor state) is
-kept in trainer.json (engine.state_file) as a tree in which every tensor is the placeholder {"$dcp": key}.
+kept in trainer.json (engine.rundir.state_file) as a tree in which every tensor is the placeholder {"$dcp": key}.
 Loading checks the folder first: only regular `*.safetensors` files may be in it; DCP's pickle files
 (`.metadata`, `*.distcp`, from rlhf-engine before 2026-12-02 or from anyone else) are refused by name, unread.
 
@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as dist
-from .checkpoint import CheckpointError, _publish, _rename_into_place, _write_errors, rng_state
+from ..parallel import distributed as dist
+from .atomic import CheckpointError, rename_into_place, write_errors
+from .checkpoint import publish, rng_state
 from .state_file import write_state
 
 SHARDED = "dcp"
@@ -111,7 +112,7 @@ def save_sharded_checkpoint(stage_dir: Path, step: int, models: dict, optimizers
             write_state(tmp, {**state, "step": step, "rng": rng_state(), "world_size": dist.world().size,
                               "sharded": skeleton})
     if dist.world().main:
-        _publish(ckpts, target)
+        publish(ckpts, target)
     dist.barrier()
     return target
 
@@ -127,11 +128,11 @@ def written_together(target: Path):
         tmp = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     tmp = Path(dist.broadcast(tmp))
     try:
-        with _write_errors(target):
+        with write_errors(target):
             yield tmp
         dist.barrier()
         if dist.world().main:
-            _rename_into_place(tmp, target)
+            rename_into_place(tmp, target)
     except BaseException:
         if dist.world().main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -154,47 +155,6 @@ def files(tensors: dict, max_bytes: int = FILE_BYTES) -> dict[str, int]:
         out[key] = index
         size += nbytes
     return out
-
-
-def save_plain_models(target: Path, models: dict, tokenizer=None) -> None:
-    """Plain transformers directories of sharded models, written without any rank holding a whole model: every
-    rank writes its shards (DCP's safetensors writer, files bounded by `files`), then the main rank
-    consolidates them a tensor piece at a time (torch's own consolidation of DCP's safetensors) into
-    `model.safetensors` (or save_pretrained's `model-0000i-of-0000n.safetensors` with its index, past 5 GiB),
-    adds config.json and the tokenizer, and renames the folder into place."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
-    from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    with written_together(target) as tmp:
-        for name, model in models.items():
-            tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - \
-                {n for n, _ in model.named_parameters()}
-            state = {k: v for k, v in get_model_state_dict(model).items() if k not in tied}
-            shards = tmp / name / "sharded"
-            dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(shards), save_distributed=True,
-                                                                    fqn_to_index_mapping=files(state)))
-            dist.barrier()
-            if dist.world().main:  # into files of save_pretrained's default size, a tensor piece at a time
-                index = files(state, max_bytes=5 * 2**30 * dist.world().size)
-                consolidate_safetensors_files(str(shards), str(tmp / name), fqn_to_index_mapping=index)
-                _plain_layout(tmp / name, model, tokenizer, max(index.values()))
-    dist.barrier()
-
-
-def _plain_layout(folder: Path, model, tokenizer, n_files: int) -> None:
-    """What save_pretrained leaves beside consolidated weights: one file named model.safetensors (several:
-    model-0000i-of-0000n with the index), config.json, generation_config.json and the tokenizer."""
-    shutil.rmtree(folder / "sharded")
-    if n_files == 1:
-        (folder / "model-00001-of-00001.safetensors").rename(folder / "model.safetensors")
-        (folder / "model.safetensors.index.json").unlink()
-    model.config.save_pretrained(folder)
-    if getattr(model, "generation_config", None) is not None and model.can_generate():
-        model.generation_config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
 
 
 def check_sharded_files(ckpt: Path) -> None:

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as dist
+from ..parallel import distributed as dist
+from .causal import check_causal
 from .lora import add_lora, load_adapters
+from .meta_load import build, init_missing_head, pending
 
 log = logging.getLogger("engine")
 
@@ -44,7 +46,7 @@ def resolve_attention(name: str, device: torch.device) -> str:
         return "flash_attention_2" if has_flash else "sdpa"
     from .attention import register
 
-    return register()  # SDPA with grouped KV heads and a mask in one call on the CPU (`engine/attention.py`)
+    return register()  # SDPA with grouped KV heads and a mask in one call on the CPU (`engine/models/attention.py`)
 
 
 def compute_precision(run):
@@ -157,38 +159,13 @@ def _from_pretrained(cls, p: Path, flag: str, *, head_required: bool, **kw):
                          f"its rewards would come from a random head. Give a reward model (`python -m engine rm` "
                          f"writes OUT/rm/final/reward)")
     if head:
-        from .meta_load import init_missing_head
-
         init_missing_head(model, head)
     return model
 
 
-@torch.no_grad()
-def check_causal(model, flag: str, path) -> None:
-    """A policy, reference, value or reward model here reads each position from the tokens before it only.
-    An encoder (BERT) would see the future: changing the last token must leave earlier positions unchanged."""
-    from .models import body_hidden
-
-    training = model.training
-    model.eval()
-    vocab = model.get_input_embeddings().num_embeddings
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, 8), generator=g).to(next(model.parameters()).device)
-    other = ids.clone()
-    other[0, -1] = (ids[0, -1] + 1) % vocab
-    a, b = body_hidden(model, ids)[0, :-1].float(), body_hidden(model, other)[0, :-1].float()
-    model.train(training)
-    if (a - b).abs().max() > 1e-3 * (1 + a.abs().max()):
-        raise ValueError(f"{flag} {path}: this {type(model).__name__} sees future tokens (changing the last token "
-                         f"changed the earlier positions), so it is not a causal LM; RLHF here needs a decoder-only "
-                         f"model (Llama, Qwen2, Mistral, GPT-2, ...), not an encoder such as BERT")
-
-
 def placed(model, device):
-    """`model` on `device`, unless it was built on the meta device for sharding (`distributed.shard` places
+    """`model` on `device`, unless it was built on the meta device for sharding (`sharding.shard` places
     its slices)."""
-    from .meta_load import pending
-
     return model if pending(model) else model.to(device)
 
 
@@ -209,12 +186,12 @@ def load_model(path, *, flag: str, scalar: bool, device="cpu", run=None, train=N
             path = resume
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from .models import quiet_transformers
+    from .forward import quiet_transformers
 
     quiet_transformers()
     p = checkpoint_dir(path, flag)
     if run is None:
-        from .config import RunConfig
+        from ..config import RunConfig
 
         run = RunConfig()
     device = torch.device(device)
@@ -226,12 +203,10 @@ def load_model(path, *, flag: str, scalar: bool, device="cpu", run=None, train=N
     kw = dict(dtype=dtype, attn_implementation=resolve_attention(run.attention, device))
     if resume is not None:  # a run directory holds safetensors only; never unpickle a file found there
         kw["use_safetensors"] = True
-    # several processes: built on the meta device; `distributed.shard` gives each rank its slices (meta_load)
+    # several processes: built on the meta device; `sharding.shard` gives each rank its slices (meta_load)
     meta = dist.world().size > 1 and adapters is None and (train is None or train.lora_rank == 0)
     if meta:
         from transformers import AutoConfig
-
-        from .meta_load import build
 
         config = AutoConfig.from_pretrained(str(p), **({"num_labels": 1} if scalar else {}))
         cls = AutoModelForSequenceClassification if scalar else AutoModelForCausalLM
@@ -256,7 +231,7 @@ def load_model(path, *, flag: str, scalar: bool, device="cpu", run=None, train=N
         model = add_lora(model, train, scalar=scalar)
     if train is None:
         model.requires_grad_(False).eval()
-    if meta:  # moved, filled and checked by distributed.shard, one rank's slices at a time
+    if meta:  # moved, filled and checked by sharding.shard, one rank's slices at a time
         return model
     model = model.to(device)
     check_causal(model, flag, path)

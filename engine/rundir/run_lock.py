@@ -23,7 +23,7 @@ import socket
 import sys
 from pathlib import Path
 
-from . import distributed as dist
+from ..parallel import distributed as dist
 
 log = logging.getLogger("engine")
 

@@ -35,7 +35,7 @@ _SPECIALS = {
 
 
 def _texts(n: int = 3000) -> list[str]:
-    from .task.corpus import make_corpus
+    from .corpus import make_corpus
 
     extra = ["Explain photosynthesis in one sentence.", "Name three primary colors.", "Red, yellow and blue.",
              "What is 17 times 3?", "Write a haiku about the sea.", "Sure, here is a short answer."]

@@ -1,7 +1,7 @@
 """Loading a model sharded from the start: no process ever holds the whole model.
 
 With several processes, `loading.load_model` builds the transformers model on the meta device (shapes, no
-memory) and notes where its weights are (`WeightSource`). `distributed.shard` then applies FSDP2 as usual,
+memory) and notes where its weights are (`WeightSource`). `sharding.shard` then applies FSDP2 as usual,
 allocates only this rank's shards (`to_empty`), and `materialize` fills each shard from the checkpoint's
 safetensors, reading only the rows this rank holds (`safe_open(...).get_slice`, memory-mapped). This is
 torchtitan's meta-init -> fully_shard -> to_empty -> load, with the checkpoint read as safetensors (data, not
@@ -122,7 +122,7 @@ def _key(name: str, files: dict, model) -> str | None:
 def init_missing_head(model, names) -> None:
     """A scalar head the checkpoint does not have (a value model started from a policy): normal with the
     config's initializer_range from a fixed generator, bias zero; the same in any number of processes."""
-    from .distributed import shard_like
+    from ..parallel.distributed import shard_like
 
     std = float(getattr(model.config, "initializer_range", 0.02))
     params = dict(model.named_parameters())
@@ -153,8 +153,8 @@ def materialize(module: torch.nn.Module, device: torch.device) -> None:
     from safetensors import safe_open
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    from .loading import check_causal
-    from .models import run_inside
+    from .causal import check_causal
+    from .forward import run_inside
 
     models = pending(module)
     if not models:

@@ -119,12 +119,12 @@ def _blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in module.modules() if type(m).__name__ in names]
 
 
-def shard(module: torch.nn.Module, *, offload: bool = False) -> torch.nn.Module:
+def apply_fsdp(module: torch.nn.Module, *, offload: bool = False) -> torch.nn.Module:
     """FSDP2 over the mesh: each transformer block, then `module` itself as the root (a forward module of
-    engine.models, so that everything it computes runs inside its forward's all-gather). On GPUs the
+    engine.models.forward, so that everything it computes runs inside its forward's all-gather). On GPUs the
     parameters are gathered in bfloat16 and gradients reduced in float32. The identity in a world of one.
-    Build optimizers after this: the parameters become DTensors holding this rank's rows. A model that
-    `loading.load_model` built on the meta device is allocated and read here, this rank's rows only.
+    Models built on the meta device stay there: `engine.models.sharding.shard` (what the trainers call) reads
+    their slices after this.
     offload: a frozen model's shards kept in CPU memory (FSDP2's CPUOffloadPolicy; --run.offload_frozen)."""
     w = _WORLD
     if w.size == 1:
@@ -133,11 +133,6 @@ def shard(module: torch.nn.Module, *, offload: bool = False) -> torch.nn.Module:
         return module
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from .lora import is_peft
-
-    if any(is_peft(m) for m in module.modules()):
-        raise ValueError("LoRA (--policy.lora_rank / --value.lora_rank) is not supported with more than one "
-                         "process yet; train the full model, or run LoRA in one process")
     kw = {"mesh": w.mesh}
     if w.mesh.device_type == "cuda":
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -150,10 +145,6 @@ def shard(module: torch.nn.Module, *, offload: bool = False) -> torch.nn.Module:
     for block in _blocks(module):
         fully_shard(block, reshard_after_forward=True, **kw)
     fully_shard(module, reshard_after_forward=True, **kw)
-    from .meta_load import materialize
-
-    # models built on the meta device get their slices (offloaded: in CPU memory)
-    materialize(module, torch.device("cpu") if offload else device_of(w.mesh.device_type))
     return module
 
 
