@@ -5,7 +5,10 @@ through shared memory (PyTorch's own multiprocessing: tensors in `share_memory_(
 once at start), in `slots` of whole tensors, one per policy version kept: version v lives in slot
 v mod len(slots). The engine copies a version into its own weights between batches, when a request asks for
 it, before generating (vLLM's in-place sync, or the transformers model's parameters). Requests and answers are
-plain Python values on two queues; no socket protocol of ours.
+plain Python values: requests on a queue, answers on a one-way pipe whose write end only the child holds, so
+that a child that dies, even in the middle of an answer larger than the pipe's buffer, is an end of file for
+the trainer rather than a read that never returns. The child ends itself when the trainer is gone (its
+parent changes), so a killed trainer leaves no engine behind.
 
 Which version generates which batch is the caller's to decide (engine/trainers/async_ppo.py: batch t with
 version t - k), so a run is deterministic whatever the processes' speeds. A slot is rewritten only once the
@@ -21,6 +24,7 @@ from __future__ import annotations
 import os
 import queue
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -81,10 +85,16 @@ def _build(spec: EngineSpec):
     return HFRollout(spec.model_dir, seed=spec.seed, pad_token_id=spec.pad_token_id, eos_token_id=spec.eos_token_id)
 
 
-def _serve(spec: EngineSpec, slots: list[dict], requests, answers, busy: torch.Tensor) -> None:
+def _serve(spec: EngineSpec, slots: list[dict], requests, answers, busy: torch.Tensor, trainer: int) -> None:
     """The child: build the engine, then for each request (batch, prompts, seeds, version) adopt that version's
     weights if the engine holds another, generate, and answer (batch, version, results, seconds). None ends it.
-    busy[0] is 1 from a request's arrival to its answer (the trainer's threads may follow it)."""
+    busy[0] is 1 from a request's arrival to its answer (the trainer's threads may follow it). answers: the
+    pipe's write end, fed by a thread so that the next batch is generated while the trainer reads this one.
+    trainer: the trainer's pid (it may be gone before this child gets here)."""
+    _end_with_parent(trainer)
+    outbox: queue.Queue = queue.Queue()
+    sender = threading.Thread(target=_send_all, args=(outbox, answers), daemon=True, name="answers")
+    sender.start()
     try:
         if spec.cores:
             if spec.pinned:
@@ -102,14 +112,38 @@ def _serve(spec: EngineSpec, slots: list[dict], requests, answers, busy: torch.T
             results = engine.generate(prompts, n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature,
                                       top_p=spec.top_p, top_k=spec.top_k, seeds=seeds)
             plain = [(r.prompt_index, list(r.token_ids), list(r.logprobs), r.finish_reason) for r in results]
-            answers.put(("batch", batch, version, plain, time.perf_counter() - began))
+            outbox.put(("batch", batch, version, plain, time.perf_counter() - began))
             busy[0] = 0
         engine.close()
+        outbox.put(None)
+        sender.join()
     except BaseException:  # noqa: BLE001 - whatever ends the engine is the trainer's to report, once
-        answers.put(("error", traceback.format_exc()))
-        answers.close()
-        answers.join_thread()
+        outbox.put(("error", traceback.format_exc()))
+        outbox.put(None)
+        sender.join(timeout=30)
         sys.exit(1)
+
+
+def _send_all(outbox: queue.Queue, answers) -> None:
+    """The child's sender: each answer onto the pipe in order, until None; a trainer that is gone ends it."""
+    try:
+        while (msg := outbox.get()) is not None:
+            answers.send(msg)
+    except OSError:  # the trainer closed its end or died: nobody is left to answer
+        os._exit(1)
+    finally:
+        answers.close()
+
+
+def _end_with_parent(parent: int, every: float = 0.5) -> None:
+    """A daemon thread that ends this process once its parent (the trainer, pid `parent`) is gone: a SIGKILLed
+    trainer cannot close anything, and an orphaned engine would hold its memory and cores until someone
+    notices. An orphan's parent becomes another process, so a changed parent pid is the sign."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 class AsyncRollout:
@@ -122,13 +156,15 @@ class AsyncRollout:
         ctx = mp.get_context("spawn")
         named = [(n, t.detach()) for n, t in named_weights]
         self.slots = [{n: t.to("cpu", copy=True).contiguous().share_memory_() for n, t in named} for _ in range(slots)]
-        self.requests, self.answers = ctx.Queue(), ctx.Queue()
+        self.requests = ctx.Queue()
+        self.answers, child_end = ctx.Pipe(duplex=False)
         self.done: dict[int, tuple] = {}
         self.busy = torch.zeros(1, dtype=torch.int32).share_memory_()  # the engine generating (1) or idle (0)
-        self.proc = ctx.Process(target=_serve, args=(spec, self.slots, self.requests, self.answers, self.busy),
+        self.proc = ctx.Process(target=_serve, args=(spec, self.slots, self.requests, child_end, self.busy, os.getpid()),
                                 daemon=True,
                                 name="rlhf-engine-rollouts")
         self.proc.start()
+        child_end.close()  # the child holds the only write end: its death is an end of file here
 
     def publish(self, version: int, named_tensors) -> None:
         """Copy the policy's weights (name, tensor) into version `version`'s slot."""
@@ -146,25 +182,33 @@ class AsyncRollout:
         raises EngineProcessDied with what it said."""
         while batch not in self.done:
             try:
-                msg = self.answers.get(timeout=0.5)
-            except queue.Empty:
-                if not self.proc.is_alive():
-                    raise EngineProcessDied(f"the rollout engine process (pid {self.proc.pid}) ended with exit code "
-                                            f"{self.proc.exitcode} while batch {batch} was awaited") from None
-                continue
+                if not self.answers.poll(0.5):
+                    if not self.proc.is_alive():
+                        raise self._died(f"while batch {batch} was awaited")
+                    continue
+                msg = self.answers.recv()
+            except (EOFError, OSError):  # it died, perhaps half-way through an answer
+                raise self._died(f"while batch {batch} was awaited") from None
             if msg[0] == "error":
                 raise EngineProcessDied(f"the rollout engine process (pid {self.proc.pid}) failed:\n{msg[1]}")
             _, b, version, plain, seconds = msg
             self.done[b] = (version, [RolloutResult(*r) for r in plain], seconds)
         return self.done.pop(batch)
 
+    def _died(self, when: str) -> EngineProcessDied:
+        self.proc.join(timeout=5)  # its exit code, once the end of its pipe was seen
+        return EngineProcessDied(f"the rollout engine process (pid {self.proc.pid}) ended with exit code "
+                                 f"{self.proc.exitcode} {when}")
+
     def close(self) -> None:
+        """Ask the child to end, stop reading (a child blocked on an answer nobody will read ends then), and
+        wait for it; killed after 30 s."""
         if self.proc.is_alive():
             self.requests.put(None)
-            self.proc.join(timeout=30)
+        self.answers.close()
+        self.proc.join(timeout=30)
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join()
-        for q in (self.requests, self.answers):
-            q.cancel_join_thread()
-            q.close()
+        self.requests.cancel_join_thread()
+        self.requests.close()

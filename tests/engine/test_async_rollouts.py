@@ -153,3 +153,77 @@ def test_what_async_does_not_support_is_refused_by_name(run_dir, tmp_path, tiny,
     out = _prepare(run_dir, tmp_path / "run")
     assert main(["ppo", "--out", str(out), *_flags(tiny, "--ppo.max_staleness", "1", *flag)]) == 2
     assert says in capsys.readouterr().err
+
+
+def _engine(tiny_models, tokens: int):
+    from transformers import AutoTokenizer
+
+    from engine.rollout.async_engine import AsyncRollout, EngineSpec
+
+    model = tiny_models["llama"]
+    tok = AutoTokenizer.from_pretrained(model)
+    spec = EngineSpec("hf", str(model), 0, tok.pad_token_id, tok.eos_token_id, "float32", 512, 4, tokens, cores=(0,))
+    weights = load_file(os.path.join(model, "model.safetensors"))
+    return AsyncRollout(spec, weights.items(), slots=1)
+
+
+def test_an_engine_killed_half_way_through_a_large_answer_is_seen_within_seconds(tiny_models):
+    """The answer (32 prompts x 4 samples x up to 256 tokens: hundreds of KiB) is larger than the pipe's
+    64 KiB buffer, which the trainer does not read while it trains: the engine blocks half-way through writing
+    it. Killed there, the trainer's wait ends with EngineProcessDied (it used to block for the rest of the
+    message forever: the trainer held the pipe's write end too, so no end of file ever came)."""
+    import threading
+
+    from engine.rollout.async_engine import EngineProcessDied
+
+    engine = _engine(tiny_models, 256)
+    try:
+        engine.submit(0, [[5 + i, 17, 42, 9] for i in range(32)], list(range(32)), 0)
+        deadline = time.time() + 120
+        while not (engine.answers.poll(0.1) and engine.busy[0] == 0):  # answered: part of it in the pipe
+            assert engine.proc.is_alive() and time.time() < deadline
+        time.sleep(0.5)
+        assert engine.proc.is_alive()  # its sender blocked on the full pipe
+        os.kill(engine.proc.pid, signal.SIGKILL)
+        seen = []
+
+        def wait():
+            try:
+                engine.result(0)
+            except EngineProcessDied as exc:
+                seen.append(str(exc))
+        waiter = threading.Thread(target=wait, daemon=True)
+        began = time.time()
+        waiter.start()
+        waiter.join(timeout=20)
+        assert not waiter.is_alive(), "the trainer still waits for a dead engine's answer"
+        assert time.time() - began < 10 and seen and "exit code -9" in seen[0], seen
+    finally:
+        engine.proc.kill()
+
+
+def test_a_killed_trainer_leaves_no_engine_behind(tiny_models, tmp_path):
+    """SIGKILL of the trainer (no cleanup runs) ends its engine process within seconds."""
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import sys, time\n"
+        "if __name__ == '__main__':  # the engine is spawned: it imports this file again\n"
+        "    sys.path.insert(0, sys.argv[1])\n"
+        "    from test_async_rollouts import _engine\n"
+        "    engine = _engine({'llama': sys.argv[2]}, 8)\n"
+        "    print(engine.proc.pid, flush=True)\n"
+        "    time.sleep(600)\n")
+    trainer = subprocess.Popen([sys.executable, str(script), os.path.dirname(__file__), str(tiny_models["llama"])],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(trainer.stdout.readline())
+        assert os.path.exists(f"/proc/{child}")
+        trainer.kill()
+        trainer.wait()
+        deadline = time.time() + 10
+        while os.path.exists(f"/proc/{child}") and time.time() < deadline:
+            time.sleep(0.1)
+        gone = not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z"
+        assert gone, f"engine process {child} outlived its trainer"
+    finally:
+        trainer.kill()
