@@ -56,6 +56,9 @@ def add_actions(p: ArgumentParser) -> None:
     for q in (rank, compare, serve):
         q.add_argument("--host", type=str, default="127.0.0.1", help="listen address (loopback by default)")
         q.add_argument("--port", type=int, default=8765)
+        q.add_argument("--public_url", type=Optional[str], default=None,
+                       help="the address labelers open (an https reverse proxy in front of the app, say); the links "
+                            "start with it")
         q.add_argument("--serve", type=bool, default=True, help="false: only print the links")
     actions.add_subcommand("rank", rank, help="make a ranking session from a policy and prompts, and serve it")
     actions.add_subcommand("compare", compare, help="make a blind A/B session from two or more policies, and serve it")
@@ -71,7 +74,8 @@ def _names(text: str) -> list[str]:
 def run_action(args) -> None:
     """The `label` command: args.action is rank, compare, serve, report or simulate, its options under
     args[action]."""
-    from .serve import compare_items, links, parse_policies, sample_items, serve
+    from .serve import (check_port, compare_items, links, parse_policies, public_base, sample_items, serve,
+                        warn_plain_http)
     from .session import FLAGS, Session, create_session
 
     opts = args[args.action]
@@ -87,6 +91,7 @@ def run_action(args) -> None:
         build_report(opts.session)
         print(Path(opts.session) / "report.md")
         return
+    check_port(opts.port)
     if args.action == "compare":
         items, source = compare_items(parse_policies(opts.policies), opts.prompts, max_new_tokens=opts.max_new_tokens,
                                       temperature=opts.temperature, seed=opts.seed)
@@ -108,8 +113,10 @@ def run_action(args) -> None:
     else:
         folder = opts.session
     if opts.serve:
-        serve(folder, opts.host, opts.port)
+        serve(folder, opts.host, opts.port, opts.public_url)
     else:
-        session = Session.open(folder)
-        print("\n".join(links(session, opts.host, opts.port)))
+        session = Session.open(folder, write=False)
+        base = public_base(opts.host, check_port(opts.port), opts.public_url)
+        print("\n".join(links(session, base)))
+        warn_plain_http(opts.host, base)
         session.close()

@@ -11,15 +11,15 @@ agreement with the others, to spot a careless labeler.
 """
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
-import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from ..rundir.atomic import write_text_atomic
+from ..rundir.atomic import write_bytes_atomic, write_text_atomic
 
 Z95 = 1.959963984540054
 
@@ -117,7 +117,7 @@ def labelers(records: list[dict]) -> dict:
 def build_report(folder: str | Path) -> dict:
     from .session import Session
 
-    session = Session.open(folder)
+    session = Session.open(folder, write=False)
     try:
         kind = session.settings["kind"]
         records = session.comparisons.records if kind == "rank" else session.judgments.records
@@ -180,7 +180,7 @@ def _plot(win_rates: dict, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.set_ylabel("first policy's win rate (95% CI)")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=110, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, png.getvalue())  # never through a name planted beside it

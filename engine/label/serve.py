@@ -94,23 +94,89 @@ def parse_policies(text: str) -> dict[str, str]:
     return out
 
 
-def links(session, host: str, port: int) -> list[str]:
-    base = f"http://{host}:{port}"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_port(port: int) -> int:
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ValueError(f"--port {port}: a TCP port is 1 to 65535 (8765 by default)")
+    return port
+
+
+def public_base(host: str, port: int, public_url: str | None = None) -> str:
+    """What a labeler's link starts with: --public_url as given, else this machine's name where the server
+    listens on every interface (0.0.0.0 or ::, which nobody can open), else the listening address."""
+    if public_url:
+        if not public_url.startswith(("http://", "https://")):
+            raise ValueError(f"--public_url {public_url!r}: give the address labelers open, starting with http:// "
+                             f"or https:// (e.g. https://label.example.org)")
+        return public_url.rstrip("/")
+    if host in ("0.0.0.0", "::", ""):
+        import socket
+
+        host = socket.gethostname()
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def warn_plain_http(host: str, base: str) -> None:
+    if host not in LOOPBACK and not base.startswith("https://"):
+        log.warning("label: listening on %s over plain http: the tokens in these links cross the network in clear "
+                    "text. Put the app behind an https reverse proxy and pass --public_url, or keep it on "
+                    "127.0.0.1", host)
+
+
+def links(session, base: str) -> list[str]:
     out = [f"admin: {base}/admin?token={session.tokens['admin']}"]
     page = "rank" if session.settings["kind"] == "rank" else "compare"
     out += [f"{name}: {base}/{page}?token={tok}" for name, tok in session.tokens["labelers"].items()]
     return out
 
 
-def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 8765) -> None:
+def listen(host: str, port: int):
+    """A socket bound to (host, port) before anything is printed: a busy port is refused by name here rather
+    than after the links (which would reach whatever holds the port)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror}): another server (another labeling "
+                         f"session?) holds that port. Choose another with --port, or stop that server") from None
+    sock.listen(128)
+    return sock
+
+
+def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 8765, public_url: str | None = None) -> None:
+    """Serve the session in `folder`: its lock first (one server per session, as one run per directory), then
+    the port, then the links, then uvicorn until Ctrl-C."""
+    import sys
+
     import uvicorn
 
+    from ..rundir.run_lock import acquire, release
     from .app import make_app
     from .session import Session
 
-    session = Session.open(folder)
-    print("\n".join(links(session, host, port)), flush=True)
+    check_port(port)
+    folder = Path(folder)
+    if not (folder / "session.json").exists():
+        Session.open(folder, write=False)  # says what is missing, before a lock file is made in a wrong folder
+    lock = acquire(folder, " ".join(["python -m engine", *sys.argv[1:]]))
     try:
-        uvicorn.run(make_app(session), host=host, port=port, log_level="warning")
+        session = Session.open(folder)
+        try:
+            sock = listen(host, port)
+            base = public_base(host, port, public_url)
+            print("\n".join(links(session, base)), flush=True)
+            warn_plain_http(host, base)
+            print(f"serving {folder} on {base} (listening on {host}:{port}); Ctrl-C to stop", flush=True)
+            config = uvicorn.Config(make_app(session), log_level="warning")
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            session.close()
     finally:
-        session.close()
+        release(folder, lock)

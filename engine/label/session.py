@@ -18,6 +18,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import re
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -25,12 +26,48 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..seeds import derive_seed
-from .store import SubmissionLog
+from .store import LogError, SubmissionLog, read_regular
 
 FLAGS = ("fails to follow the instruction", "made-up facts", "inappropriate for a customer assistant",
          "sexual or violent content", "harmful advice")  # InstructGPT's metadata (Table 3)
 RATINGS = range(1, 8)                                    # the 1-7 Likert scale
 MAX_ID = 64
+ID = re.compile(rf"[A-Za-z0-9_.:-]{{1,{MAX_ID}}}")  # what a page makes (a UUID); never a control character
+ANSWER = ("labeler", "item", "ranking", "ratings", "flags", "winner")  # what a resend must repeat to be one
+
+
+class SessionError(ValueError):
+    """A session folder that cannot be used as it is; the message names the file and what to do."""
+
+
+def _text(path: Path) -> str:
+    """A session file's text: a regular file of the folder's own, UTF-8."""
+    if not path.exists() and not path.is_symlink():
+        raise SessionError(f"{path}: missing; make the session with `python -m engine label rank ...` (or "
+                           f"compare) first, or give the folder that holds it")
+    try:
+        return read_regular(path, "a session file").decode("utf-8")
+    except LogError as exc:
+        raise SessionError(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise SessionError(f"{path}: not UTF-8 text (byte {exc.start}); the file is damaged: restore it from a copy "
+                           f"or make the session again") from None
+
+
+def _parse(text: str, path: Path, line: int | None = None):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        where = f"{path}, line {line}" if line else str(path)
+        raise SessionError(f"{where}: not JSON ({getattr(exc, 'msg', type(exc).__name__)}); the file is damaged: "
+                           f"restore it from a copy or make the session again") from None
+
+
+def _json(path: Path, kind: type):
+    value = _parse(_text(path), path)
+    if not isinstance(value, kind):
+        raise SessionError(f"{path}: must hold a JSON {kind.__name__}; restore it or make the session again")
+    return value
 
 
 class SubmissionError(ValueError):
@@ -113,22 +150,47 @@ class Session:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def open(cls, folder: str | Path) -> "Session":
+    def open(cls, folder: str | Path, *, write: bool = True) -> "Session":
+        """The session in `folder`. write: for a server, which appends to the logs and repairs a torn last line
+        (hold the folder's lock first: `serve.py`); False to read only (`label report`: nothing on disk changes).
+        Every file is checked as it is read; a damaged one is a SessionError naming it and what to do."""
         folder = Path(folder)
-        for name in ("session.json", "items.jsonl", "tokens.json"):
-            if not (folder / name).is_file() or (folder / name).is_symlink():
-                raise FileNotFoundError(f"{folder / name}: missing; make the session with `python -m engine label "
-                                        f"rank ...` first")
-        settings = json.loads((folder / "session.json").read_text())
+        settings = _json(folder / "session.json", dict)
+        for key, kind in (("kind", str), ("flags", list), ("labelers", list), ("seed", int), ("overlap", (int, float)),
+                          ("per_shared", int)):
+            if not isinstance(settings.get(key), kind) or isinstance(settings.get(key), bool):
+                raise SessionError(f"{folder / 'session.json'}: {key!r} is missing or not a {getattr(kind, '__name__', 'number')}; "
+                                   f"the file was changed by hand? Restore it, or make the session again")
+        if settings["kind"] not in ("rank", "compare"):
+            raise SessionError(f"{folder / 'session.json'}: kind must be rank or compare, got {settings['kind']!r}")
         items = {}
-        for line in (folder / "items.jsonl").read_text().splitlines():
-            row = json.loads(line)
+        text = _text(folder / "items.jsonl")
+        for n, line in enumerate(text.splitlines(), 1):
+            row = _parse(line, folder / "items.jsonl", n)
+            if not (isinstance(row, dict) and isinstance(row.get("id"), str) and "prompt" in row
+                    and isinstance(row.get("responses"), list) and row["responses"]
+                    and all(isinstance(r, str) for r in row["responses"])):
+                raise SessionError(f"{folder / 'items.jsonl'}, line {n}: an item is an object with a string 'id', a "
+                                   f"'prompt' and a list of 'responses'; restore the file or make the session again")
             items[row["id"]] = row
-        s = cls(folder, settings, items, json.loads((folder / "tokens.json").read_text()),
-                SubmissionLog(folder / "comparisons.jsonl"), SubmissionLog(folder / "skips.jsonl"),
-                SubmissionLog(folder / "judgments.jsonl"))
-        for record in s.comparisons.records + s.skips.records + s.judgments.records:
-            s._done.setdefault(record["labeler"], set()).add(record["item"])
+        tokens = _json(folder / "tokens.json", dict)
+        if not (isinstance(tokens.get("admin"), str) and isinstance(tokens.get("labelers"), dict)
+                and all(isinstance(t, str) for t in tokens["labelers"].values())):
+            raise SessionError(f"{folder / 'tokens.json'}: must hold the admin's token and one per labeler; restore "
+                               f"it or make the session again")
+        try:
+            logs = [SubmissionLog(folder / name, write=write)
+                    for name in ("comparisons.jsonl", "skips.jsonl", "judgments.jsonl")]
+        except LogError as exc:
+            raise SessionError(str(exc)) from None
+        s = cls(folder, settings, items, tokens, *logs)
+        for log in logs:
+            for record in log.records:
+                who, item = record.get("labeler"), record.get("item")
+                if not isinstance(who, str) or not isinstance(item, str):
+                    raise SessionError(f"{log.path}: the record {record['id']!r} has no labeler or item; the log was "
+                                       f"changed by hand? Remove or repair that line")
+                s._done.setdefault(who, set()).add(item)
         return s
 
     # ------------------------------------------------------------------ who is asking, and what is theirs
@@ -185,7 +247,7 @@ class Session:
             return self._judge(name, sid, item, body)
         k = len(item["responses"])
         ranking = body.get("ranking")
-        if not isinstance(ranking, list) or sorted(x for x in ranking if isinstance(x, int)) != list(range(k)):
+        if not isinstance(ranking, list) or not all(type(x) is int for x in ranking) or sorted(ranking) != list(range(k)):
             raise SubmissionError(f"'ranking' must list the {k} shown positions best first (a permutation of "
                                   f"0..{k - 1}), got {ranking!r}")
         ratings = body.get("ratings")
@@ -209,7 +271,7 @@ class Session:
         """A blind verdict: body["choice"] is the shown position (0 left, 1 right) of the better answer, or
         "tie"."""
         choice = body.get("choice")
-        if choice not in (0, 1, "tie") or isinstance(choice, bool):
+        if not (choice == "tie" if isinstance(choice, str) else type(choice) is int and choice in (0, 1)):
             raise SubmissionError(f"'choice' must be 0 (the left answer is better), 1 (the right one) or \"tie\", "
                                   f"got {choice!r}")
         order = self.order(name, item["id"])
@@ -226,17 +288,24 @@ class Session:
 
     def _common(self, name: str, body: dict) -> tuple[str, dict]:
         sid = body.get("id")
-        if not isinstance(sid, str) or not 1 <= len(sid) <= MAX_ID:
-            raise SubmissionError(f"'id' must be a string of 1 to {MAX_ID} characters (one per submission, the same "
-                                  f"when resent)")
-        item = self.items.get(body.get("item"))
+        if not isinstance(sid, str) or not ID.fullmatch(sid):
+            raise SubmissionError(f"'id' must be 1 to {MAX_ID} letters, digits, '-', '_', '.' or ':' (one per "
+                                  f"submission, the same when resent)")
+        item = body.get("item")
+        item = self.items.get(item) if isinstance(item, str) else None
         if item is None or name not in self.assigned(item["id"]):
-            raise SubmissionError(f"item {body.get('item')!r} is not one of yours", 404)
+            shown = body.get("item") if isinstance(body.get("item"), str) else type(body.get("item")).__name__
+            raise SubmissionError(f"item {str(shown)[:80]!r} is not one of yours: reload the page for your next item",
+                                  404)
         return sid, item
 
     def _save(self, log: SubmissionLog, name: str, record: dict) -> bool:
         with self._lock:
-            if record["id"] in log.ids:
+            saved = log.by_id.get(record["id"])
+            if saved is not None:
+                if any(saved.get(k) != record.get(k) for k in ANSWER):
+                    raise SubmissionError(f"the id {record['id']!r} was saved with another answer; a new submission "
+                                          f"needs a new id (reload the page)", 409)
                 return False  # a resend of what is saved: acknowledged again, stored once
             if record["item"] in self._done.get(name, set()):
                 raise SubmissionError(f"you already submitted {record['item']}", 409)

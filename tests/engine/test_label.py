@@ -69,7 +69,8 @@ def test_assignments_overlap_and_the_shown_order_maps_back_to_the_responses(tmp_
     assert rec["ratings"][order[0]] == 7 and rec["ratings"][order[1]] == 1 and rec["ratings"][order[2]] == 4
     assert rec["flags"][order[1]] == [FLAGS[1]] and rec["flags"][order[0]] == []
     assert rec["labeler"] == name and rec["seconds"] == 12.5 and rec["responses"] == s.items[shown["item"]]["responses"]
-    assert not s.submit(name, {"id": "x1", "item": shown["item"], "ranking": ranking, "ratings": [7, 1, 4]})
+    assert not s.submit(name, {"id": "x1", "item": shown["item"], "ranking": ranking, "ratings": [7, 1, 4],
+                               "flags": [[], [FLAGS[1]], []]})  # a resend: the same answer under the same id
     with pytest.raises(SubmissionError, match="already submitted"):
         s.submit(name, {"id": "x2", "item": shown["item"], "ranking": ranking, "ratings": [7, 1, 4]})
     other = next(i for i in s.items if name not in s.assigned(i))
