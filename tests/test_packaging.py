@@ -35,9 +35,16 @@ def test_a_wheel_holds_every_module_and_its_cli_trains_from_a_fresh_venv(tmp_pat
     for page in (ROOT / "engine" / "label" / "static").glob("*.*"):  # the labeling app's pages are data
         assert str(page.relative_to(ROOT)) in names, f"{page.relative_to(ROOT)} is missing from {wheel.name}"
 
-    venv = tmp_path / "venv"  # its own site-packages first; the rest (torch, transformers) from this environment
-    run([sys.executable, "-m", "venv", "--system-site-packages", venv])
+    # Its own site-packages first; the rest (torch, transformers) from this environment's site-packages, named
+    # in a .pth file. Not --system-site-packages: run inside a virtual environment, that means the base
+    # interpreter's packages, where torch need not be.
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", venv])
     python = venv / "bin" / "python"
+    own = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
+    ours = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+    assert ours, sys.path
+    (own / "outer_environment.pth").write_text("".join(p + "\n" for p in ours))
     run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", wheel])
     work = tmp_path / "elsewhere"  # not the source tree, so nothing can be imported from it by accident
     work.mkdir()

@@ -18,9 +18,12 @@ def test_readme_opens_with_two_commands():
     assert "pytest" in test
 
 
-def test_ci_runs_readme_second_command():
-    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
-    assert ci[-1].strip() == _readme_commands()[1]
+def test_ci_runs_readme_second_command_in_a_fresh_venv():
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().strip().splitlines()]
+    command = ci.index(_readme_commands()[1])  # the whole command, on one line of its own
+    venv = next(i for i, line in enumerate(ci) if line.startswith("python3 -m venv"))
+    activate = next(i for i, line in enumerate(ci) if line.startswith(". ") and line.endswith("/bin/activate\""))
+    assert venv < activate < command
 
 
 def test_readme_real_model_commands_run(tmp_path, monkeypatch):

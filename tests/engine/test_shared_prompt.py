@@ -82,8 +82,23 @@ def test_gradient_checkpointing_runs_the_plain_pass():
 def test_sharing_runs_under_sdpa_and_is_refused_for_untested_attention():
     tok, lm, _ = models("llama", torch.float32)
     batch = grpo_batch(tok.pad_token_id, len(tok), seed=5)
+    from engine.models.shared_prompt import body_of
+
+    calls = []  # what each call of the body was given: the path itself observed, not its rounding
+    hook = body_of(lm).register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((kwargs["input_ids"].shape, kwargs.get("past_key_values") is not None)),
+        with_kwargs=True)
     plain = PolicyLogprobs(lm, share_prompts=False)(batch)
-    assert not torch.equal(PolicyLogprobs(lm)(batch), plain)  # shared: equal to rounding only
+    assert calls == [(batch.input_ids.shape, False)]  # the plain pass: every row's whole sequence, once
+    calls.clear()
+    shared = PolicyLogprobs(lm)(batch)
+    hook.remove()
+    p, distinct = batch.prompt_len, torch.unique(batch.input_ids[:, :batch.prompt_len - 1], dim=0).shape[0]
+    assert distinct < batch.input_ids.shape[0]
+    # shared: the distinct prompts once (no cache in), then every row's answer against their expanded cache
+    assert calls == [(torch.Size([distinct, p - 1]), False),
+                     (torch.Size([batch.input_ids.shape[0], batch.input_ids.shape[1] - p]), True)]
+    torch.testing.assert_close(shared, plain)
     lm.config._attn_implementation = "flex_attention"  # not in SHARING_ATTENTION; never called on this path
     from engine.models.shared_prompt import can_share
 

@@ -68,15 +68,23 @@ def test_with_kl_0_the_reference_is_skipped_and_changes_nothing(job):
     assert full[0]["kl"] == 0.0  # before the first update the policy is the reference
 
 
-def test_on_policy_old_logprobs_from_the_update_equal_a_recomputed_pass(job):
+def test_on_policy_old_logprobs_from_the_update_equal_a_recomputed_pass(job, tiny_models):
     reused, w_reused = job("reused")
     recomputed, w_recomputed = job("recomputed", "--ppo.old_logprobs", "trainer")
     same_weights(w_reused, w_recomputed)
     shared(reused, recomputed)
     assert all(r["logprob_diff_max"] < 1e-4 for r in reused)  # engine vs trainer, measured on the update's pass
     from_engine, w_engine = job("engine", "--ppo.old_logprobs", "engine")
-    same_weights(w_reused, w_engine, atol=1e-6)  # the engine's own log-probs of its samples: within 1e-6 here
     assert all("logprob_diff_max" not in r for r in from_engine)
+    # The engine's log-probs of its samples differ from the trainer's by the rounding measured above, so the
+    # two runs' updates differ by what that rounding moves: Adam's first steps are the gradient's sign, and an
+    # element whose gradient is about 0 may flip, however small the difference. Compared as whole updates
+    # (from the same start): the same direction and size, not the same bits.
+    start = load_file(Path(tiny_models["llama"]) / "model.safetensors")
+    d_reused = torch.cat([(w_reused[k] - start[k]).flatten().double() for k in sorted(w_reused)])
+    d_engine = torch.cat([(w_engine[k] - start[k]).flatten().double() for k in sorted(w_reused)])
+    assert d_reused.norm() > 0
+    assert (d_engine - d_reused).norm() / d_reused.norm() < 0.05
 
 
 def test_the_update_s_own_old_logprobs_on_two_processes_match_one(job):

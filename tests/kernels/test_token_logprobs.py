@@ -152,19 +152,29 @@ def test_real_vocab_sizes_forward_backward(backend, vocab, dtype, rng):
     lp, ent = kernels.token_logprobs(x, tokens, temperature=0.9, return_entropy=True, backend=backend)
     x64 = logits.double().requires_grad_(True)
     ref_lp, ref_ent = reference(x64, tokens, 0.9)
-    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=1e-3)
-    torch.testing.assert_close(lp.double(), ref_lp.detach(), **tol)
-    torch.testing.assert_close(ent.double(), ref_ent.detach(), **tol)
     g1 = torch.randn(tokens.shape, generator=rng, dtype=torch.float64)
     g2 = torch.randn(tokens.shape, generator=rng, dtype=torch.float64)
     (lp.double() * g1 + ent.double() * g2).sum().backward()
     (ref_lp * g1 + ref_ent * g2).sum().backward()
+    # What float32 arithmetic itself costs on this machine's kernels (ATen's reductions round differently at
+    # each CPU capability level): the same formula in plain float32 PyTorch, against the same float64 values.
+    x32 = logits.float().requires_grad_(True)
+    lp32, ent32 = naive_token_logprobs(x32, tokens, 0.9, return_entropy=True)
+    (lp32.double() * g1 + ent32.double() * g2).sum().backward()
+    ref_lp, ref_ent = ref_lp.detach(), ref_ent.detach()
+    for got, plain, want in ((lp, lp32, ref_lp), (ent, ent32, ref_ent)):
+        err, plain_err = ((t.double() - want).abs().max().item() for t in (got, plain.detach()))
+        if dtype == torch.float32:  # FlashAttention's rule: at most twice plain PyTorch's error, same dtype
+            assert err <= 2 * plain_err + 1e-6, (err, plain_err)
+        else:  # the bfloat16 inputs are exact; computed in float32, the result rounded to bfloat16 or not
+            assert err <= 2 * plain_err + 1e-3 * want.abs().max().item() + 1e-3, (err, plain_err)
     assert x.grad.dtype == dtype and x.grad.shape == logits.shape
-    if dtype == torch.float32:
-        torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-6, rtol=1e-4)
-    else:  # rounding to bfloat16 once: within half an ulp of the float64 gradient, plus float32 noise
-        err = (x.grad.double() - x64.grad).abs()
-        assert (err <= x64.grad.abs() * 2 ** -8 + 1e-7).all()
+    noise = (x32.grad.double() - x64.grad).abs().max().item()  # float32's own gradient error here
+    err = (x.grad.double() - x64.grad).abs()
+    if dtype == torch.float32:  # assert_close's atol + rtol * |want|, the atol float32's measured noise
+        assert (err <= 2 * noise + 1e-4 * x64.grad.abs()).all(), (err.max().item(), noise)
+    else:  # rounding to bfloat16 once: within half an ulp of the float64 gradient, plus float32's noise
+        assert (err <= x64.grad.abs() * 2 ** -8 + 2 * noise + 1e-7).all(), noise
 
 
 @pytest.mark.parametrize("op", ["token_logprobs", "linear_token_logprobs"])
@@ -211,13 +221,16 @@ def test_positive_infinite_logits_give_the_limits(backend):
 @pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if dispatch.available("token_logprobs", b)])
 def test_float32_accuracy_at_a_real_vocabulary(backend, rng):
     """Ordinary logits at Qwen's vocabulary: the default CPU path ("cpu", sums in double) is as accurate as a
-    separately summed log-sum-exp (TRL's and verl's float32 path); the torch fallback, ATen's float32
-    log_softmax (its sum is a plain float one: ~1e-5 off at this vocabulary), within 2e-5."""
+    separately summed log-sum-exp (TRL's and verl's float32 path); the torch fallback within twice ATen's float32
+    log_softmax's error (its sum is a plain float one: ~1e-5 off at this vocabulary with AVX2, more without)."""
     vocab = 151936
     logits = torch.randn(32, vocab, generator=rng) * 5
     tokens = torch.randint(0, vocab, (32,), generator=rng)
     exact = torch.log_softmax(logits.double(), -1).gather(1, tokens[:, None]).squeeze(1)
     lse_path = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+    aten = torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
     err = (kernels.token_logprobs(logits, tokens, backend=backend).double() - exact).abs().max().item()
     peer = (lse_path.double() - exact).abs().max().item()
-    assert err <= (max(2 * peer, 2e-6) if backend == "cpu" else 2e-5), (err, peer)
+    # ATen's float32 log_softmax, measured here: its error depends on the CPU capability level ATen runs at
+    aten_err = (aten.double() - exact).abs().max().item()
+    assert err <= (max(2 * peer, 2e-6) if backend == "cpu" else max(2 * aten_err, 2e-6)), (err, peer, aten_err)
