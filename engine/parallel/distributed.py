@@ -110,7 +110,7 @@ def device_of(run_device: str) -> torch.device:
 
 # ---------------------------------------------------------------------------------------------- sharding
 
-def _blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+def blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks of every transformers model inside `module` (the classes each model lists in
     `_no_split_modules`, as accelerate's FSDP wrapping finds them)."""
     names = set()
@@ -142,10 +142,30 @@ def apply_fsdp(module: torch.nn.Module, *, offload: bool = False) -> torch.nn.Mo
         kw["offload_policy"] = CPUOffloadPolicy()
     # reshard after every forward, frozen models too: kept gathered, a model that never runs backward would
     # stay whole on every rank from its first forward on
-    for block in _blocks(module):
+    for block in blocks(module):
         fully_shard(block, reshard_after_forward=True, **kw)
     fully_shard(module, reshard_after_forward=True, **kw)
     return module
+
+
+@contextlib.contextmanager
+def simulated_world(size: int):
+    """This process as rank 0 of `size` on torch's "fake" process group for the block (no peers, no memory
+    moved): what `engine plan` shards models in to read each rank's share off the DTensors."""
+    import torch.distributed as tdist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    global _WORLD
+    before = _WORLD
+    if size > 1:
+        tdist.init_process_group("fake", store=tdist.HashStore(), rank=0, world_size=size)
+        _WORLD = World(0, size, 0, init_device_mesh("cpu", (size,)))
+    try:
+        yield
+    finally:
+        _WORLD = before
+        if size > 1:
+            tdist.destroy_process_group()
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

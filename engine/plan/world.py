@@ -1,33 +1,14 @@
-"""The engine's own sharding, applied in a fake world: models built on the meta device, `distributed.shard`
-run with torch's "fake" process group of any size (no peers, no memory), and each rank's share read off the
-resulting DTensors."""
+"""The engine's own sharding, applied in a simulated world: models built on the meta device, `models.sharding.shard`
+run with torch's "fake" process group of any size (`parallel.distributed.simulated_world`: no peers, no
+memory), and each rank's share read off the resulting DTensors."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from ..models.sharding import shard
 from ..parallel import distributed as dist
-
-
-@contextlib.contextmanager
-def fake_world(size: int):
-    """engine.parallel.distributed's world set to rank 0 of `size` on the fake process group, for the block."""
-    import torch.distributed as tdist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    before = dist._WORLD
-    if size > 1:
-        tdist.init_process_group("fake", store=tdist.HashStore(), rank=0, world_size=size)
-        dist._WORLD = dist.World(0, size, 0, init_device_mesh("cpu", (size,)))
-    try:
-        yield
-    finally:
-        dist._WORLD = before
-        if size > 1:
-            tdist.destroy_process_group()
 
 
 @dataclass(frozen=True)
@@ -68,10 +49,10 @@ def shards(config, scalar: bool, world: int) -> Shards:
 
     model = build(config, scalar)
     wrapper = SequenceScores(model) if scalar else PolicyLogprobs(model)
-    blocks = dist._blocks(wrapper)
+    blocks = dist.blocks(wrapper)
     whole = sum(p.numel() for p in model.parameters())
     units = [sum(p.numel() for p in b.parameters()) for b in blocks]
-    with fake_world(world):
+    with dist.simulated_world(world):
         shard(wrapper)
         local = sum(dist.local(p).numel() for p in model.parameters())
     largest = max(p.numel() for p in model.parameters())

@@ -130,3 +130,30 @@ def _one_cycle(graph: dict[str, set[str]], group: set[str]) -> list[str]:
                     nxt.append(w)
         frontier = nxt
     raise AssertionError(f"no cycle through {start} in {sorted(group)}")
+
+
+def private_attributes(root: Path, packages: list[str]) -> list[str]:
+    """`alias._name` where alias is a module of `packages` imported under that name (`from ..x import y as
+    alias`, `import a.b as alias`): a private name of another module reached through its attribute."""
+    mods = modules(root, packages)
+    found = []
+    for module, path in mods.items():
+        is_package = path.name == "__init__.py"
+        tree = ast.parse(path.read_text(), str(path))
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = _absolute(module, is_package, node.level, node.module)
+                for alias in node.names:
+                    if f"{base}.{alias.name}" in mods:
+                        aliases[alias.asname or alias.name] = f"{base}.{alias.name}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.asname and alias.name in mods:
+                        aliases[alias.asname] = alias.name
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and aliases[node.value.id] != module):
+                found.append(f"{module} (line {node.lineno}) uses {aliases[node.value.id]}.{node.attr}")
+    return sorted(found)

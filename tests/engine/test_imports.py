@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from import_graph import arrows, cycles
+from import_graph import arrows, cycles, private_attributes
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ["engine", "kernels", "bench"]
@@ -19,6 +19,8 @@ def test_no_private_name_crosses_a_module_boundary():
     private = [f"{a.source} (line {a.line}) imports {a.name} from {a.target}" for a in arrows(ROOT, PACKAGES)
                if a.name and a.name.startswith("_") and not a.name.startswith("__")]
     assert not private, private
+    reached = private_attributes(ROOT, PACKAGES)  # the same through a module's attribute: dist._WORLD
+    assert not reached, reached
 
 
 def _tree(root: Path, files: dict[str, str]) -> Path:
@@ -59,3 +61,9 @@ def test_private_names_are_told_from_private_modules(tmp_path, line, private):
                             "q/_mod.py": "", "q/b.py": line})
     names = [a.name for a in arrows(root, ["q"]) if a.name and a.name.startswith("_") and not a.name.startswith("__")]
     assert bool(names) == private, names
+
+
+def test_a_private_attribute_of_an_imported_module_is_found(tmp_path):
+    root = _tree(tmp_path, {"r/__init__.py": "", "r/a.py": "_state = 1\nshown = 2\n",
+                            "r/b.py": "from . import a\nimport r.a as ra\nx = a._state + ra.shown\ny = ra._state\n"})
+    assert private_attributes(root, ["r"]) == ["r.b (line 3) uses r.a._state", "r.b (line 4) uses r.a._state"]
