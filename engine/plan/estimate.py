@@ -80,10 +80,51 @@ def _config(path: str, flag: str):
                          f"engine/plan/configs/*.json)")
     try:
         check_json_object(Path(path), flag, path)
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"plan: {flag} {path}: not a readable model config.json ({str(exc).splitlines()[0]}); give "
-                         f"a config.json, e.g. engine/plan/configs/llama-3-8b.json") from None
+        cfg = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - transformers' and huggingface_hub's own validation errors too
+        why = " ".join(str(exc.__cause__ or exc).split())[:300] or type(exc).__name__
+        raise ValueError(f"plan: {flag} {path}: not a usable model config.json ({why}); fix it, or give a "
+                         f"config.json such as engine/plan/configs/llama-3-8b.json") from None
+    check_shape(cfg, flag, path)
+    return cfg
+
+
+MAX_LAYERS = 4096  # the deepest public models have about 130 layers; a million is a typo that would take hours
+
+
+def check_shape(cfg, flag: str, path) -> None:
+    """The sizes a plan builds the model from: positive integers that fit together (heads divide the hidden
+    size unless head_dim is given; KV heads divide the heads), named with the field when they do not."""
+    problems = []
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size",
+                 "num_key_value_heads", "head_dim"):
+        value = getattr(cfg, name, None)
+        required = name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        if value is None and not required:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"{name} {value!r} (a positive integer)")
+    if not problems:
+        heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        if cfg.num_hidden_layers > MAX_LAYERS:
+            problems.append(f"num_hidden_layers {cfg.num_hidden_layers:,} (at most {MAX_LAYERS:,})")
+        if getattr(cfg, "head_dim", None) is None and cfg.hidden_size % heads:
+            problems.append(f"hidden_size {cfg.hidden_size} is not a multiple of num_attention_heads {heads}")
+        if heads % kv:
+            problems.append(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    if problems:
+        raise ValueError(f"plan: {flag} {path}: {'; '.join(problems)}. Fix the config.json (shipped ones: "
+                         f"engine/plan/configs/*.json)")
+
+
+def engine_tp_problem(cfg, tp: int) -> str | None:
+    """Why vLLM cannot split the policy over `tp` tensor-parallel ranks (its attention heads must divide, its KV
+    heads divide or be replicated evenly), or None."""
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    if heads % tp or (kv % tp and tp % kv):
+        return (f"--engine_tp {tp}: vLLM splits the policy's {heads} attention heads and {kv} KV heads over its "
+                f"tensor-parallel ranks; choose a degree that divides {heads} and divides or is a multiple of {kv}")
+    return None
 
 
 def _bytes(dtype: str) -> int:
@@ -170,6 +211,8 @@ def _engine(s: PlanSettings, cache: dict, compute: int) -> tuple[int, int]:
     if s.stage not in ("ppo", "grpo"):
         return 0, 0
     cfg = cache[("config", s.policy)]
+    if s.engine == "vllm" and (problem := engine_tp_problem(cfg, s.engine_tp)):
+        raise ValueError(f"plan: {problem}")
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads

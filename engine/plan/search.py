@@ -10,17 +10,19 @@ once taken, until the per-rank peak fits in --gpu_mem:
 """
 from __future__ import annotations
 
-from .estimate import Estimate, estimate
+from .estimate import Estimate, engine_tp_problem, estimate
 from .settings import PlanSettings
 
 
-def _moves(s: PlanSettings):
-    """(what changed, the new settings) for each next step from `s`, in order of cost; None when exhausted."""
+def _moves(s: PlanSettings, policy_config):
+    """(what changed, the new settings) for each next step from `s`, in order of cost; None when exhausted. A
+    tensor-parallel degree vLLM cannot split the policy's heads over is skipped."""
     if not s.gradient_checkpointing:
         yield "gradient checkpointing", s.but(gradient_checkpointing=True)
     if s.stage in ("dpo", "ppo", "grpo") and s.device == "cuda" and not s.offload_frozen:
         yield "frozen models offloaded to the CPU", s.but(offload_frozen=True)
-    if s.stage in ("ppo", "grpo") and s.engine == "vllm" and s.engine_tp * 2 <= s.gpus_per_node:
+    if s.stage in ("ppo", "grpo") and s.engine == "vllm" and s.engine_tp * 2 <= s.gpus_per_node \
+            and engine_tp_problem(policy_config, s.engine_tp * 2) is None:
         yield f"vLLM tensor parallel {s.engine_tp * 2}", s.but(engine_tp=s.engine_tp * 2)
     if s.stage in ("ppo", "grpo") and s.rollout_sequences // 2 >= 16:
         yield f"{s.rollout_sequences // 2} rollout sequences at once", s.but(rollout_sequences=s.rollout_sequences // 2)
@@ -38,7 +40,7 @@ def smallest_fit(s: PlanSettings, cache: dict | None = None, max_nodes_factor: i
     while True:
         est = estimate(s.but(nodes=nodes), cache)
         for _ in range(64):
-            move = next(_moves(est.settings), None)
+            move = next(_moves(est.settings, cache[("config", s.policy)]), None)
             if est.fits or move is None:
                 break
             est = estimate(move[1], cache)

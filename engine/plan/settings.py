@@ -1,9 +1,12 @@
 """What a plan is asked about: the job (stage, models, world) and the settings that change its memory."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
+DTYPES = ("bfloat16", "float16", "float32")
+MAX_RANKS = 2**20  # a million GPUs: ten times the largest cluster there is; more is a typo
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,17 @@ class PlanSettings:
                      "rollout_len"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} {getattr(self, name)}: must be at least 1")
-        if self.engine_overhead_gib < 0:
-            problems.append(f"--engine_overhead_gib {self.engine_overhead_gib}: must be at least 0")
-        if self.gpu_mem_gib <= 0:
+        for name in ("engine_overhead_gib", "overhead_gib"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                problems.append(f"--{name} {value}: must be a number of GiB, at least 0")
+        if not math.isfinite(self.gpu_mem_gib) or self.gpu_mem_gib <= 0:
             problems.append(f"--gpu_mem {self.gpu_mem_gib}: must be positive (GiB per GPU)")
+        if self.dtype not in DTYPES:
+            problems.append(f"--dtype {self.dtype!r}: one of {', '.join(DTYPES)}")
+        if self.nodes >= 1 and self.gpus_per_node >= 1 and self.world > MAX_RANKS:
+            problems.append(f"--nodes {self.nodes} x --gpus_per_node {self.gpus_per_node} = {self.world:,} ranks: "
+                            f"more than {MAX_RANKS:,}; check the two numbers")
         if self.device not in ("cuda", "cpu"):
             problems.append(f"--device {self.device!r}: cuda or cpu")
         if self.engine not in ("vllm", "hf"):

@@ -3,6 +3,7 @@ run with torch's "fake" process group of any size (`parallel.distributed.simulat
 memory), and each rank's share read off the resulting DTensors."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +44,14 @@ def build(config, scalar: bool) -> torch.nn.Module:
     return model
 
 
+SIMULATED = 64  # worlds up to this size are sharded for real (fake process group); larger ones counted
+
+
 def shards(config, scalar: bool, world: int) -> Shards:
-    """Build, wrap and shard one model as the engine does, in a fake world of `world` ranks."""
+    """Build, wrap and shard one model as the engine does, in a fake world of `world` ranks. FSDP2 builds
+    every rank's chunk of every weight while it shards (time and memory grow with the world), so past
+    SIMULATED ranks rank 0's share is counted instead (`rank0_share`: the same dim-0 chunking, which the tests
+    check against the simulation)."""
     from ..models.forward import PolicyLogprobs, SequenceScores
 
     model = build(config, scalar)
@@ -52,8 +59,21 @@ def shards(config, scalar: bool, world: int) -> Shards:
     blocks = dist.blocks(wrapper)
     whole = sum(p.numel() for p in model.parameters())
     units = [sum(p.numel() for p in b.parameters()) for b in blocks]
-    with dist.simulated_world(world):
-        shard(wrapper)
-        local = sum(dist.local(p).numel() for p in model.parameters())
+    if world > SIMULATED:
+        local = sum(rank0_share(p.shape, world) for p in model.parameters())
+    else:
+        with dist.simulated_world(world):
+            shard(wrapper)
+            local = sum(dist.local(p).numel() for p in model.parameters())
     largest = max(p.numel() for p in model.parameters())
     return Shards(whole, local, (*units, whole - sum(units)), len(blocks), largest)
+
+
+def rank0_share(shape: torch.Size, world: int) -> int:
+    """Elements of a weight of `shape` on rank 0 under FSDP2's dim-0 sharding: the first of torch.chunk's
+    chunks of ceil(rows / world) rows (all of them when world >= rows: one row)."""
+    if len(shape) == 0:
+        return 1
+    rows = shape[0]
+    per_row = math.prod(shape[1:])
+    return min(-(-rows // world), rows) * per_row

@@ -28,10 +28,16 @@ def test_each_ranks_share_is_fsdp2s_ceil_of_every_weights_rows():
     from engine.plan.world import build
 
     model = build(cfg, scalar=False)
-    for world in (1, 3, 8, 64):
+    # up to 64 ranks FSDP2 shards for real (the fake process group); past it the same rule is counted
+    from engine.plan.world import SIMULATED, rank0_share
+
+    for world in (1, 3, 8, SIMULATED, SIMULATED + 1, 4096, 800_000):
         sh = shards(cfg, False, world)
-        by_hand = sum(math.ceil(p.shape[0] / world) * (p.numel() // p.shape[0]) for p in model.parameters())
+        by_hand = sum(min(math.ceil(p.shape[0] / world), p.shape[0]) * (p.numel() // p.shape[0])
+                      for p in model.parameters())
         assert sh.local == by_hand and sh.params == sum(p.numel() for p in model.parameters())
+        if world <= SIMULATED:  # the counted rule is the simulation's
+            assert sum(rank0_share(p.shape, world) for p in model.parameters()) == sh.local
     assert sh.layers == cfg.num_hidden_layers
     # the root unit: the tied embedding (the LM head is the same tensor) and the final norm
     assert sh.units[-1] == cfg.vocab_size * cfg.hidden_size + cfg.hidden_size
@@ -138,8 +144,41 @@ def test_the_command_plans_llama_3_70b_ppo_on_64_gpus_in_seconds(tmp_path):
     (["--policy", str(CONFIGS / "llama-3-8b.json"), "--stage", "ppx"], "--stage 'ppx': one of sft, rm, dpo"),
     (["--policy", str(CONFIGS / "llama-3-8b.json"), "--engine_tp", "16"], "--engine_tp 16 is more than"),
     ([], "--policy CONFIG.json is required"),
+    (["--policy", str(CONFIGS / "llama-3-8b.json"), "--overhead_gib", "-1000"], "--overhead_gib -1000.0: must be"),
+    (["--policy", str(CONFIGS / "llama-3-8b.json"), "--engine_overhead_gib", "inf"], "engine_overhead_gib"),
+    (["--policy", str(CONFIGS / "llama-3-8b.json"), "--dtype", "fp8"], "--dtype 'fp8': one of bfloat16"),
+    (["--policy", str(CONFIGS / "llama-3-8b.json"), "--nodes", "10000000"], "80,000,000 ranks: more than"),
+    (["--policy", str(CONFIGS / "llama-3-8b.json"), "--engine_tp", "3"], "32 attention heads and 8 KV heads"),
 ])
 def test_bad_plan_arguments_are_named(argv, says):
     out = subprocess.run([sys.executable, "-m", "engine", "plan", *argv], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2 and says in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"num_hidden_layers": 10**6}, "num_hidden_layers 1,000,000 (at most 4,096)"),
+    ({"hidden_size": 900, "num_attention_heads": 14, "num_key_value_heads": 2}, "(900) is not a multiple"),
+    ({"hidden_size": 0}, "hidden_size 0 (a positive integer)"),
+    ({"num_attention_heads": -4}, "num_attention_heads -4"),
+    ({"vocab_size": "many"}, "'vocab_size'"),
+    ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
+])
+def test_a_config_with_impossible_sizes_is_refused_in_seconds(tmp_path, change, says):
+    config = json.loads((CONFIGS / "llama-3-8b.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "engine", "plan", "--policy", str(tmp_path / "config.json"), "--stage",
+                          "sft"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert time.monotonic() - start < 60
+
+
+def test_a_world_of_800000_ranks_is_planned_in_seconds():
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "engine", "plan", "--policy", str(CONFIGS / "qwen2.5-7b.json"),
+                          "--stage", "grpo", "--nodes", "100000", "--gpus-per-node", "8"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=150)
+    assert out.returncode == 0 and "Peak per rank" in out.stdout, out.stderr[-2000:]
+    assert time.monotonic() - start < 90
