@@ -133,7 +133,16 @@ def load_trainer_state(ckpt: Path) -> dict:
                                   f"{ckpt.parent / 'latest'}) or start over with --run.overwrite true.") from None
     else:
         state = _load_legacy(ckpt / LEGACY_STATE)
-    set_rng_state(state["rng"])
+    step = state.get("step") if isinstance(state, dict) else None
+    if type(step) is not int or step < 1:
+        raise CheckpointError(f"{ckpt / 'trainer.json'}: step {step!r} is not a step a checkpoint is written at (a "
+                              f"whole number from 1); the file was changed? Resume from an earlier checkpoint (write "
+                              f"its name into {ckpt.parent / 'latest'}) or start over with --run.overwrite true.")
+    try:
+        set_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt / 'trainer.json'}: its RNG streams cannot be restored ({exc}); resume from an "
+                              f"earlier checkpoint or start over with --run.overwrite true.") from None
     return state
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..parallel import distributed as dist
+from .atomic import CheckpointError
 from .checkpoint import latest_checkpoint
 
 GROWTH = 100.0
@@ -56,15 +57,6 @@ def _magnitudes(models: dict):
         yield name, pname, m
 
 
-def weight_scale(models: dict) -> float:
-    """The largest |weight| over the models' parameters (inf or nan when one is not finite)."""
-    worst = 0.0
-    for _, _, m in _magnitudes(models):
-        if not m <= worst:  # also takes nan
-            worst = m
-    return worst
-
-
 def check_weights(models: dict, start_scale: float, *, stage: str, step: int, stage_dir: Path,
                   lr: float | None = None) -> None:
     """Raise DivergedError when a weight is not finite or grew past GROWTH x max(start_scale, 1)."""
@@ -77,3 +69,27 @@ def check_weights(models: dict, start_scale: float, *, stage: str, step: int, st
             raise DivergedError(
                 f"{stage}: the {name} model's weights diverged by step {step} (|{pname}| reached {m:.3g}, over "
                 f"{GROWTH:g}x the largest weight at the start, {start_scale:.3g}); {_advice(stage, stage_dir, lr)}")
+
+
+def check_start(models: dict, *, stage: str, stage_dir: Path, resumed: bool, saved_scale: float | None) -> float:
+    """The stage's starting weight scale, after checking the weights it starts from. Resumed, they are a
+    checkpoint's, which was written only after this same check passed: a weight that is not finite, or past
+    GROWTH x the scale the stage started at (kept in the checkpoint), means the checkpoint was damaged since,
+    which is said as such (not as a divergence to cure with a lower learning rate). saved_scale: that kept
+    scale, or None (a checkpoint from before it was kept)."""
+    limit = GROWTH * max(saved_scale, 1.0) if saved_scale is not None else math.inf
+    worst = 0.0
+    for name, pname, m in _magnitudes(models):
+        if math.isfinite(m) and m <= limit:
+            worst = max(worst, m)
+            continue
+        if resumed:
+            raise CheckpointError(
+                f"{latest_checkpoint(stage_dir)}: the {name} model's weight {pname} is {m:.3g} (the stage started at "
+                f"{saved_scale if saved_scale is not None else 'an unknown scale'}): the checkpoint is damaged, since "
+                f"a checkpoint is written only after its weights are checked. Write the name of an earlier "
+                f"checkpoint into {stage_dir / 'checkpoints' / 'latest'}, or start the stage over with "
+                f"--run.overwrite true.")
+        raise ValueError(f"{stage}: the {name} model's weight {pname} is {m} before training starts: the model it "
+                         f"starts from is damaged; check the checkpoint its path flag names")
+    return saved_scale if resumed and saved_scale is not None else worst

@@ -184,6 +184,7 @@ def load_sharded(ckpt: Path, models: dict, optimizers: dict, skeleton) -> None:
     reshards to however many processes read it). `skeleton`: the trainer state's "sharded" tree."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     check_sharded_files(ckpt)
@@ -203,7 +204,8 @@ def load_sharded(ckpt: Path, models: dict, optimizers: dict, skeleton) -> None:
                               f"Start the stage over with --run.overwrite true.")
     try:
         dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(ckpt / SHARDED)), no_dist=dist.world().size == 1)
-    except Exception as exc:  # noqa: BLE001 - DCP raises its own wrappers around missing keys or files
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's wrappers (CheckpointException is a
+        # BaseException: `except Exception` let a damaged shard end in a traceback)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{ckpt / SHARDED}: cannot be read into this stage's models ({first[:300]}). "
                               f"Resume from an earlier checkpoint or start over with --run.overwrite true.") from None

@@ -92,8 +92,8 @@ def read_state(directory: Path) -> dict:
     path = directory / JSON_NAME
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StateFileError(f"{path}: not a readable trainer state ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise StateFileError(f"{path}: not a readable trainer state ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise StateFileError(f"{path}: not an rlhf-engine trainer state")
     if doc.get("version") != VERSION:
@@ -105,7 +105,7 @@ def read_state(directory: Path) -> dict:
         raise StateFileError(f"{directory / TENSORS_NAME}: unreadable ({exc})") from None
     try:
         return _decode(doc["state"], tensors, path)
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
         if isinstance(exc, StateFileError):
             raise
         raise StateFileError(f"{path}: malformed trainer state ({exc})") from None

@@ -14,7 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..parallel import distributed as dist
-from ..rundir.guard import check_finite, check_weights, weight_scale
+from ..rundir.atomic import CheckpointError
+from ..rundir.checkpoint import latest_checkpoint
+from ..rundir.guard import check_finite, check_start, check_weights
 from ..rundir.metrics import MetricsLogger
 from ..seeds import step_seeds
 from .state import TrainState
@@ -62,9 +64,14 @@ def run_steps(*, stage: str, seed: int, start: int, total: int, step_fn: Callabl
     saves nothing, so the last checkpoint stays the resume point. `lr` only goes into messages.
     """
     stage_dir, models = state.stage_dir, state.models
+    start_scale = state.start_scale = check_start(models, stage=stage, stage_dir=stage_dir, resumed=start > 0,
+                                                  saved_scale=state.start_scale)
+    if start > total:
+        raise CheckpointError(f"{latest_checkpoint(stage_dir)}: at step {start}, past this stage's {total} steps; "
+                              f"the trainer state was changed? Resume from an earlier checkpoint, start the stage "
+                              f"over with --run.overwrite true, or resume with at least {start} steps")
     main = dist.world().main  # with several processes the main rank logs; every rank checks and saves
     metrics = MetricsLogger(stage_dir, stage, start=start) if main else None
-    start_scale = weight_scale(models)
     held = None
     saved = start
     bar = tqdm(total=total, initial=start, desc=stage, disable=not (progress and main), dynamic_ncols=True,

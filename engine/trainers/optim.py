@@ -77,6 +77,7 @@ class Optim:
             self.optimizer.load_state_dict(_sharded_like(saved["optimizer"], self.params))
         if self.scheduler is not None:
             self.scheduler.load_state_dict(saved["scheduler"])
+        _check_hyperparameters(self.optimizer, self.scheduler)
         before = self.scheduler.base_lrs[0] if self.scheduler is not None else self.optimizer.param_groups[0]["lr"]
         if before == self.lr:
             return
@@ -91,6 +92,27 @@ class Optim:
             group["initial_lr"] = self.lr
             group["lr"] = self.lr * factor(sched.last_epoch)
         sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
+def _number(x, low: float, high: float = math.inf) -> bool:
+    return type(x) in (int, float) and math.isfinite(x) and low <= x <= high
+
+
+def _check_hyperparameters(optimizer, scheduler) -> None:
+    """What a checkpoint set in the optimizer and its schedule, checked before a step uses it: a learning rate
+    of -1 or NaN (or a string) in a changed trainer.json would train wrongly while the metrics say otherwise."""
+    for i, group in enumerate(optimizer.param_groups):
+        betas = group.get("betas", (0.0, 0.0))
+        if not (_number(group.get("lr"), 0) and _number(group.get("eps", 1e-8), 0) and _number(
+                group.get("weight_decay", 0.0), 0) and isinstance(betas, (list, tuple)) and len(betas) == 2
+                and all(_number(b, 0, 1) for b in betas)):
+            raise ValueError(f"parameter group {i}: lr {group.get('lr')!r}, betas {betas!r}, eps {group.get('eps')!r}, "
+                             f"weight_decay {group.get('weight_decay')!r}: not an AdamW setting")
+    if scheduler is not None:
+        if not all(_number(lr, 0) for lr in scheduler.base_lrs) or type(scheduler.last_epoch) is not int \
+                or scheduler.last_epoch < 0:
+            raise ValueError(f"the schedule's base rates {scheduler.base_lrs!r} or position {scheduler.last_epoch!r} "
+                             f"are not a schedule's")
 
 
 def _sharded_like(state: dict, params: list) -> dict:

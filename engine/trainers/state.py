@@ -49,13 +49,16 @@ class TrainState:
     optims: dict[str, Optim]
     tokenizer: object
     extra: Callable[[], dict] = field(default=dict)
+    start_scale: float | None = None  # the largest |weight| when the stage began (its divergence guard's yardstick)
 
     def save(self, step: int) -> Path:
+        kept = {} if self.start_scale is None else {"start_weight_scale": float(self.start_scale)}
         if dist.world().size > 1:  # each rank its shards (DCP); the schedules beside them in trainer.json
-            state = {"optimizers": {name: o.schedule_state() for name, o in self.optims.items()}, **self.extra()}
+            state = {"optimizers": {name: o.schedule_state() for name, o in self.optims.items()}, **kept,
+                     **self.extra()}
             return save_sharded_checkpoint(self.stage_dir, step, self.models,
                                            {n: o.optimizer for n, o in self.optims.items()}, state)
-        state = {"optimizers": {name: o.state_dict() for name, o in self.optims.items()}, **self.extra()}
+        state = {"optimizers": {name: o.state_dict() for name, o in self.optims.items()}, **kept, **self.extra()}
         return save_checkpoint(self.stage_dir, step, self.models, state, self.tokenizer)
 
     def restore(self, ckpt: Path) -> dict:
@@ -69,7 +72,18 @@ class TrainState:
             if name not in saved:
                 raise CheckpointError(f"{ckpt}: no optimizer state for the {name} model; it was written by another "
                                       f"stage or version. Start the stage over with --run.overwrite true.")
-            optim.load_state_dict(saved[name])
+            try:
+                optim.load_state_dict(saved[name])
+            except (ValueError, TypeError, KeyError) as exc:
+                raise CheckpointError(f"{ckpt / 'trainer.json'}: the {name} optimizer's state cannot be used ({exc}); "
+                                      f"the file was changed? Resume from an earlier checkpoint or start over with "
+                                      f"--run.overwrite true.") from None
+        scale = state.get("start_weight_scale")
+        if scale is not None and (type(scale) not in (int, float) or not 0 <= scale < float("inf")):
+            raise CheckpointError(f"{ckpt / 'trainer.json'}: start_weight_scale {scale!r} is not a weight magnitude; "
+                                  f"the file was changed? Resume from an earlier checkpoint or start over with "
+                                  f"--run.overwrite true.")
+        self.start_scale = scale
         if state.get("world_size", 1) != dist.world().size:
             log.info("resuming a checkpoint of %d process(es) with %d", state.get("world_size", 1),
                      dist.world().size)

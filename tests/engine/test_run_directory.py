@@ -345,3 +345,59 @@ def test_export_copies_regular_files_only_and_refuses_links_and_special_files(ti
     assert (tmp_path / "ok" / "sub" / "note.txt").read_text() == "kept"
     assert_same(load_file(tmp_path / "ok" / "model.safetensors"),
                 load_file(run / "ppo" / "final" / "policy" / "model.safetensors"))
+
+
+def _tree_of(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _edit_state(ckpt, edit):
+    doc = json.loads((ckpt / "trainer.json").read_text())
+    edit(doc["state"])
+    (ckpt / "trainer.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda s: s.update(step=-5), "step -5 is not a step"),
+    (lambda s: s.update(step=1e9), "step 1000000000.0 is not a step"),
+    (lambda s: s.update(step=10**9), "at step 1000000000, past this stage's"),
+    (lambda s: s["optimizers"]["policy"]["optimizer"]["param_groups"][0].update(lr=-1), "lr -1"),
+    (lambda s: s["optimizers"]["policy"]["optimizer"]["param_groups"][0].update(lr="fast"), "lr 'fast'"),
+    (lambda s: s["optimizers"]["policy"]["optimizer"]["param_groups"][0].update(lr=float("nan")), "lr nan"),
+    (lambda s: s["optimizers"]["policy"]["scheduler"].update(base_lrs=[-1.0]), "base rates [-1.0]"),
+    (lambda s: s.update(start_weight_scale="big"), "start_weight_scale 'big'"),
+])
+def test_a_changed_trainer_state_is_refused_by_name_and_nothing_is_touched(interrupted_sft, capsys, edit, says):
+    out, args = interrupted_sft
+    ckpt = out / "sft" / "checkpoints" / "step-000002"
+    _edit_state(ckpt, edit)
+    before = _tree_of(out / "sft")
+    assert main(args + ["--run.resume", "true"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and str(ckpt) in err and "Traceback" not in err, err
+    assert _tree_of(out / "sft") == before  # nothing rewritten, metrics included
+
+
+def test_a_deeply_nested_trainer_state_is_one_line(interrupted_sft, capsys):
+    out, args = interrupted_sft
+    ckpt = out / "sft" / "checkpoints" / "step-000002"
+    (ckpt / "trainer.json").write_text('{"format": "rlhf-engine trainer state", "version": 1, "state": '
+                                       + "[" * 100000 + "]" * 100000 + "}")
+    assert main(args + ["--run.resume", "true"]) == 2
+    assert "not a readable trainer state" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 3e38])
+def test_a_damaged_weight_in_a_checkpoint_is_named_as_damage_not_divergence(interrupted_sft, capsys, value):
+    from safetensors.torch import save_file
+
+    out, args = interrupted_sft
+    ckpt = out / "sft" / "checkpoints" / "step-000002"
+    weights = load_file(ckpt / "policy" / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name].view(-1)[0] = value
+    save_file(weights, ckpt / "policy" / "model.safetensors", metadata={"format": "pt"})
+    assert main(args + ["--run.resume", "true"]) == 2
+    err = capsys.readouterr().err
+    assert f"{ckpt}: the policy model's weight" in err and "the checkpoint is damaged" in err, err
+    assert "Lower the learning rate" not in err and "last good" not in err
