@@ -82,6 +82,8 @@ def unread(command: str, cfg: Config, ptx: bool = False, dpo: bool = False) -> l
         refuse("data", [f for f in DATA_FILES if f not in READS_FILES[command]], f"`{command}` does not read it")
     if command in ("pretrain", "sft", "rm", "eval"):
         refuse("run", ("offload_frozen",), f"`{command}` loads no frozen reference or reward model")
+        refuse("run", ("keep_dropout",), f"`{command}` trains with the checkpoint's dropout; only ppo and dpo turn "
+                                         f"it off")
     if command in ("pretrain", "eval"):  # the policy section is offered for --policy.path's explanation only
         refuse("policy", [n for n in fields["policy"] if n != "path"], f"`{command}` trains no policy of yours")
     if command == "rm":

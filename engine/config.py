@@ -39,6 +39,9 @@ class RunConfig:
     offload_frozen: bool = False       # on GPUs under torchrun: the reference's and reward model's shards in
                                        # CPU memory (FSDP2's CPUOffloadPolicy), copied over for each pass
 
+    keep_dropout: bool = False         # ppo and dpo: train with the checkpoint's dropout (default off, as TRL's DPO
+                                       # and OpenRLHF: reused old log-probs assume a forward without noise)
+
     def __post_init__(self):
         _require(self.device in ("cpu", "cuda"), f"run.device must be 'cpu' or 'cuda', got {self.device!r}")
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),

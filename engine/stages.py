@@ -28,6 +28,7 @@ from .config import TrainedModelConfig
 from .data.encode import make_encoder, special_texts, text_examples
 from .data.formats import load
 from .models.batch import make_batch
+from .models.dropout import disable_dropout
 from .models.forward import PolicyLogprobs, SequenceScores
 from .models.loading import load_model, load_tokenizer, resolve_dtype, same_vocabulary
 from .models.sharding import shard
@@ -58,10 +59,18 @@ def _from_run(ctx, **roles):
     return ctx.using(**paths) if paths else ctx
 
 
-def _loader(ctx, path, flag, *, scalar, train, tokenizer):
+def _loader(ctx, path, flag, *, scalar, train, tokenizer, no_dropout: bool = False):
+    """load(resume) of a trained role. no_dropout: an RL or preference stage's model, its dropout turned off
+    unless --run.keep_dropout true."""
     cfg = ctx.cfg
-    return lambda resume: load_model(path, flag=flag, scalar=scalar, device=ctx.device, run=cfg.run, train=train,
-                                     resume=resume, tokenizer=tokenizer)
+
+    def load(resume):
+        model = load_model(path, flag=flag, scalar=scalar, device=ctx.device, run=cfg.run, train=train,
+                           resume=resume, tokenizer=tokenizer)
+        if no_dropout and not cfg.run.keep_dropout:
+            disable_dropout(model)
+        return model
+    return load
 
 
 def _context_length(path) -> int:
@@ -178,7 +187,8 @@ def dpo(ctx) -> Path:
     heldout = encode_comparisons(enc, cfg.data.eval_comparisons) if cfg.data.eval_comparisons else None
     reference = _reference(ctx, not cfg.dpo.reference_free,
                            "DPO compares the two models' log-probs of the same tokens")
-    load_fn = _loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=tok)
+    load_fn = _loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=tok,
+                      no_dropout=True)
     return train_dpo(ctx, load_fn, reference, cfg.dpo, rows, heldout)
 
 
@@ -286,8 +296,10 @@ def ppo(ctx, ptx: bool = False) -> Path:
             cfg.policy.path, flag="--policy.path", scalar=False, device=dev, run=cfg.run, tokenizer=tok))
         evaluate = ctx.task.ppo_evaluator(ctx, sft_policy)
     setup = PPOSetup(
-        load_policy=_loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=tok),
-        load_value=_loader(ctx, *value, scalar=True, train=cfg.value, tokenizer=tok) if value else None,
+        load_policy=_loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=tok,
+                            no_dropout=True),
+        load_value=_loader(ctx, *value, scalar=True, train=cfg.value, tokenizer=tok, no_dropout=True) if value
+        else None,
         reference=reference,
         score=_scorer(ctx, reward_model, records, enc),
         policy_dir=Path(cfg.policy.path),

@@ -47,7 +47,8 @@ def fields(section):
 
 ALL = {k for s in SECTIONS["pipeline"] for k in fields(s)}
 RUN = set(fields("run"))
-NO_FROZEN = RUN - {"run.offload_frozen"}  # the run fields of a command with no reference or reward model to load
+NO_FROZEN = RUN - {"run.offload_frozen", "run.keep_dropout"}  # a command with no reference or reward model to
+# load, and no RL or preference training whose dropout it would turn off
 FILES = {f"data.{f}" for f in ("prompts", "demonstrations", "comparisons", "eval_comparisons", "pretrain")}
 LENGTHS = {"data.max_prompt_tokens", "data.max_response_tokens", "data.long_prompts"}
 LORA_DETAILS = {"lora_alpha", "lora_dropout", "lora_targets"}

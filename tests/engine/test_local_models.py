@@ -340,3 +340,26 @@ def test_bf16_runs_keep_float32_master_weights(tiny_models, tmp_path):
     before, after = weights(path), weights(out / "sft" / "final" / "policy")
     moved = [k for k in before if not torch.equal(before[k].float(), after[k])]
     assert len(moved) == len(before)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_rl_and_preference_stages_train_without_dropout_unless_asked(tiny_models, tmp_path, family):
+    """GPT-2's checkpoints carry dropout 0.1 (and a Llama may set attention_dropout): the forward of a model
+    in train mode is then noise, and the old log-probs PPO reuses are not what a recomputed pass gives."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.models.dropout import disable_dropout
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[family], attention_dropout=0.3) \
+        if family == "llama" else AutoModelForCausalLM.from_pretrained(tiny_models[family])
+    model.train()
+    ids = torch.tensor([[5, 17, 42, 9, 11, 30]])
+    torch.manual_seed(0)
+    noisy = [model(ids).logits for _ in range(2)]
+    assert not torch.equal(*noisy)  # the checkpoint's dropout is live in train mode
+    assert disable_dropout(model) > 0
+    same = [model(ids).logits for _ in range(2)]
+    torch.testing.assert_close(same[0], same[1], rtol=0, atol=0)
+    model.eval()
+    torch.testing.assert_close(model(ids).logits, same[0], rtol=0, atol=0)  # train mode is now eval's forward
