@@ -236,6 +236,9 @@ class DPOConfig:
                  f"{self.loss!r}")
         for name in ("lr", "beta", "max_grad_norm"):
             _require(getattr(self, name) > 0, f"dpo.{name} must be > 0, got {getattr(self, name)}")
+        # beta scales log-prob differences of tens of nats: past 100 the loss is a step function of their sign,
+        # and 1e30 overflows float32 (grad_norm Infinity); the papers use 0.01-1
+        _require(self.beta <= 100, f"dpo.beta must be at most 100 (DPO's papers use 0.01 to 1), got {self.beta}")
         _require(self.warmup >= 0 and self.weight_decay >= 0, "dpo.warmup and dpo.weight_decay must be >= 0")
         _require(0 <= self.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5), got "
                  f"{self.label_smoothing}")

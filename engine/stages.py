@@ -184,12 +184,26 @@ def dpo(ctx) -> Path:
     enc = _encoder(tok, cfg, cfg.policy.path, "--policy.path")
     rows = encode_comparisons(enc, path)
     log.info("dpo: %s: %s", path, enc.counts.summary())
+    rows = _distinct_answers(rows, path)
     heldout = encode_comparisons(enc, cfg.data.eval_comparisons) if cfg.data.eval_comparisons else None
     reference = _reference(ctx, not cfg.dpo.reference_free,
                            "DPO compares the two models' log-probs of the same tokens")
     load_fn = _loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=tok,
                       no_dropout=True)
     return train_dpo(ctx, load_fn, reference, cfg.dpo, rows, heldout)
+
+
+def _distinct_answers(rows: list[dict], path) -> list[dict]:
+    """The comparisons whose answers all differ: one that ranks the same answer (token for token) above itself
+    teaches DPO nothing (its margin is 0 whatever the policy) and says the data is not what it claims."""
+    kept = [r for r in rows if len({tuple(x) for x in r["responses"]}) == len(r["responses"])]
+    if len(kept) < len(rows):
+        log.warning("dpo: %s: %d of %d comparisons rank the same answer twice (identical tokens); left out",
+                    path, len(rows) - len(kept), len(rows))
+    if not kept:
+        raise ValueError(f"dpo: {path}: every comparison ranks the same answer against itself (chosen and rejected "
+                         f"identical); nothing to learn a preference from. Check how the file was made")
+    return kept
 
 
 def _reward_model(ctx):

@@ -76,7 +76,7 @@ def checkpoint_dir(path, flag: str) -> Path:
     return p
 
 
-def check_json_object(file: Path, flag: str, path) -> None:
+def check_json_object(file: Path, flag: str, path) -> dict:
     """`file` (a checkpoint's config) holds one JSON object, or a ValueError naming it: a garbled config is
     reported as itself, not as whichever loader first trips over it (the tokenizer's, before)."""
     import json
@@ -92,6 +92,17 @@ def check_json_object(file: Path, flag: str, path) -> None:
     if not isinstance(doc, dict):
         raise ValueError(f"{flag} {path}: {file.name} holds a JSON {type(doc).__name__}, not an object; the "
                          f"checkpoint is damaged: save it again with save_pretrained")
+    return doc
+
+
+def check_causal_lm(config: dict, flag: str, path) -> None:
+    """A role that generates or scores tokens (policy, reference) needs a causal LM checkpoint: a reward or value
+    model's (a *ForSequenceClassification) would load as one through its body, with its tied embedding as the
+    LM head or a random one, and silently give nonsense log-probs."""
+    names = config.get("architectures") or []
+    if names and all(isinstance(n, str) and n.endswith("ForSequenceClassification") for n in names):
+        raise ValueError(f"{flag} {path}: a scalar-head model ({names[0]}: a reward or value model), not a causal "
+                         f"LM; {flag} needs a policy checkpoint (e.g. OUT/sft/final/policy)")
 
 
 def load_tokenizer(path, flag: str = "--policy.path", model: bool = True):
@@ -190,6 +201,8 @@ def load_model(path, *, flag: str, scalar: bool, device="cpu", run=None, train=N
 
     quiet_transformers()
     p = checkpoint_dir(path, flag)
+    if not scalar and (p / "config.json").is_file():
+        check_causal_lm(check_json_object(p / "config.json", flag, path), flag, path)
     if run is None:
         from ..config import RunConfig
 

@@ -149,6 +149,7 @@ def test_lora_dpo_uses_the_base_weights_as_reference_and_reference_free_uses_non
     (["dpo", "--dpo.loss", "ipo", "--dpo.label_smoothing", "0.1"], "defined for --dpo.loss sigmoid, not ipo"),
     (["dpo", "--dpo.loss", "kto"], "dpo.loss must be one of sigmoid, ipo, listwise, got 'kto'"),
     (["dpo", "--dpo.beta", "0"], "dpo.beta must be > 0"),
+    (["dpo", "--dpo.beta", "1e30"], "dpo.beta must be at most 100"),
     (["dpo", "--policy.path", "P", "--data.prompts", "F"], "--data.prompts (`dpo` does not read it)"),
     (["pipeline", "--dpo.loss", "ipo"], "--dpo.loss (the DPO stage is off: add --with_dpo true)"),
 ])
@@ -165,3 +166,29 @@ def test_dpo_needs_comparisons_on_a_users_checkpoint(tiny_models, tmp_path, caps
 
     assert main(["dpo", "--policy.path", str(tiny_models["llama"]), "--out", str(tmp_path / "r")]) == 2
     assert "dpo with --policy.path needs --data.comparisons FILE" in capsys.readouterr().err
+
+
+def test_comparisons_of_an_answer_with_itself_are_left_out_and_alone_refused(tiny_models, tmp_path, capsys, caplog):
+    from engine.cli import main
+
+    rows = [json.loads(line) for line in Path(PAIRS).read_text().splitlines()]
+    rows = [r for r in rows if "chosen" in r]
+    same = [{**r, "rejected": r["chosen"]} for r in rows]
+    base = ["dpo", "--policy.path", str(tiny_models["llama"]), "--run.progress", "false", *DPO_TINY]
+    (tmp_path / "same.jsonl").write_text("".join(json.dumps(r) + "\n" for r in same))
+    assert main([*base, "--out", str(tmp_path / "a"), "--data.comparisons", str(tmp_path / "same.jsonl")]) == 2
+    assert "every comparison ranks the same answer against itself" in capsys.readouterr().err
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in same[:2] + rows[2:]))
+    assert main([*base, "--out", str(tmp_path / "b"), "--data.comparisons", str(tmp_path / "mixed.jsonl")]) == 0
+    assert f"2 of {len(rows)} comparisons rank the same answer twice" in caplog.text
+
+
+def test_a_reward_model_given_as_the_reference_is_refused_by_name(tiny_run, tmp_path, capsys):
+    from engine.cli import main
+
+    reward = tiny_run / "rm" / "final" / "reward"
+    policy = tiny_run / "sft" / "final" / "policy"
+    assert main(["dpo", "--policy.path", str(policy), "--reference.path", str(reward), "--data.comparisons", PAIRS,
+                 "--out", str(tmp_path / "r"), "--run.progress", "false", *DPO_TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"--reference.path {reward}: a scalar-head model" in err and "not a causal LM" in err
