@@ -325,6 +325,9 @@ class PPOConfig:
         _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
         _require(self.tis_cap == 0 or self.tis_cap >= 1, f"ppo.tis_cap must be 0 (off) or >= 1, got {self.tis_cap}")
         _require(self.max_staleness >= 0, f"ppo.max_staleness must be >= 0 (0: synchronous), got {self.max_staleness}")
+        _require(self.max_staleness <= 16, f"ppo.max_staleness must be at most 16, got {self.max_staleness}: every "
+                 f"version in flight keeps a copy of the policy's weights in shared memory (1000 ran out of file "
+                 f"descriptors), and the overlap pays at 1-4")
         _require(self.off_policy_correction in ("tis", "decoupled"), f"ppo.off_policy_correction must be tis or "
                  f"decoupled, got {self.off_policy_correction!r}")
         _require(self.backend in ("auto", "torch", "triton", "cuda", "cpu"), f"unknown ppo.backend {self.backend!r}")

@@ -155,6 +155,12 @@ def test_what_async_does_not_support_is_refused_by_name(run_dir, tmp_path, tiny,
     assert says in capsys.readouterr().err
 
 
+def test_a_staleness_past_16_is_refused_before_anything_starts(tmp_path, capsys):
+    assert main(["ppo", "--out", str(tmp_path / "run"), "--ppo.max_staleness", "1000"]) == 2
+    assert "ppo.max_staleness must be at most 16, got 1000" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def _engine(tiny_models, tokens: int):
     from transformers import AutoTokenizer
 
