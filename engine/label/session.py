@@ -156,11 +156,12 @@ class Session:
         Every file is checked as it is read; a damaged one is a SessionError naming it and what to do."""
         folder = Path(folder)
         settings = _json(folder / "session.json", dict)
-        for key, kind in (("kind", str), ("flags", list), ("labelers", list), ("seed", int), ("overlap", (int, float)),
-                          ("per_shared", int)):
+        for key, kind, what in (("kind", str, "text"), ("flags", list, "list"), ("labelers", list, "list"),
+                                ("seed", int, "whole number"), ("overlap", (int, float), "number"),
+                                ("per_shared", int, "whole number")):
             if not isinstance(settings.get(key), kind) or isinstance(settings.get(key), bool):
-                raise SessionError(f"{folder / 'session.json'}: {key!r} is missing or not a {getattr(kind, '__name__', 'number')}; "
-                                   f"the file was changed by hand? Restore it, or make the session again")
+                raise SessionError(f"{folder / 'session.json'}: {key!r} is missing or not a {what}; the file was "
+                                   f"changed by hand? Restore it, or make the session again")
         if settings["kind"] not in ("rank", "compare"):
             raise SessionError(f"{folder / 'session.json'}: kind must be rank or compare, got {settings['kind']!r}")
         items = {}

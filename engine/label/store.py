@@ -60,10 +60,6 @@ class SubmissionLog:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
             self._file = os.fdopen(fd, "a", encoding="utf-8")
 
-    @property
-    def ids(self):
-        return self.by_id.keys()
-
     def _recover(self, write: bool) -> None:
         if not self.path.exists() and not self.path.is_symlink():
             if write:
