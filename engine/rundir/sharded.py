@@ -13,6 +13,7 @@ Only tensors go to DCP. The rest of each state dict (an optimizer's param_groups
 kept in trainer.json (engine.rundir.state_file) as a tree in which every tensor is the placeholder {"$dcp": key}.
 Loading checks the folder first: only regular `*.safetensors` files may be in it; DCP's pickle files
 (`.metadata`, `*.distcp`, from rlhf-engine before 2026-12-02 or from anyone else) are refused by name, unread.
+Then the shards' headers are checked against the tensors they load into (engine.rundir.shard_layout).
 
 Layout: checkpoints/step-N/{dcp/shard-*.safetensors, trainer.json, trainer.safetensors}
 """
@@ -29,6 +30,7 @@ import torch
 from ..parallel import distributed as dist
 from .atomic import CheckpointError, rename_into_place, write_errors
 from .checkpoint import publish, rng_state
+from .shard_layout import check_layout
 from .state_file import write_state
 
 SHARDED = "dcp"
@@ -202,6 +204,7 @@ def load_sharded(ckpt: Path, models: dict, optimizers: dict, skeleton) -> None:
         raise CheckpointError(f"{where}: holds no {missing[0].strip('/')!r} ({len(missing)} tensor(s) of this stage's "
                               f"models and optimizers missing); it was written by another stage, model or version. "
                               f"Start the stage over with --run.overwrite true.")
+    check_layout(sorted((ckpt / SHARDED).iterdir()), wanted, ckpt / SHARDED)
     try:
         dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(ckpt / SHARDED)), no_dist=dist.world().size == 1)
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's wrappers (CheckpointException is a
