@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -26,6 +27,7 @@ from ..parallel import distributed as dist
 from ..rollout.async_engine import AsyncRollout, EngineSpec, split_cores
 from ..rollout.base import RolloutResult
 from ..seeds import derive_seed, rollout_seeds
+from .async_pending import PendingShape, read_pending
 from .follow_threads import FollowEngine
 
 log = logging.getLogger("engine")
@@ -39,11 +41,12 @@ def version_of(batch: int, k: int) -> int:
 class Pipeline:
     """The trainer's side of the overlap: which batch is asked for when, with which weights, and what a
     checkpoint keeps of it. stage, seed: the run's (prompt streams); prompts: every prompt's token ids;
-    placement: split | shared | follow (--rollout.engine_cores); with follow, `attach` the trainer's models."""
+    placement: split | shared | follow (--rollout.engine_cores); with follow, `attach` the trainer's models;
+    vocab: the policy's vocabulary size (what a checkpoint's kept batches are checked against)."""
 
     def __init__(self, spec: EngineSpec, named_weights, *, k: int, total: int, stage: str, seed: int,
-                 rollout_batch: int, prompts: list[list[int]], placement: str):
-        self.k, self.total, self.stage, self.seed = k, total, stage, seed
+                 rollout_batch: int, prompts: list[list[int]], placement: str, vocab: int):
+        self.k, self.total, self.stage, self.seed, self.spec, self.vocab = k, total, stage, seed, spec, vocab
         self.rollout_batch, self.prompts = rollout_batch, prompts
         self.ready: dict[int, tuple[int, list[RolloutResult], float]] = {}
         self.next = 0  # the next iteration to train (= the version the policy is at)
@@ -72,17 +75,16 @@ class Pipeline:
         self.engine.submit(batch, [self.prompts[i] for i in idx],
                            rollout_seeds(self.seed, self.stage, batch, 0, len(idx)), version)
 
-    def start(self, step: int, named_weights, pending: list | None) -> None:
+    def start(self, step: int, named_weights, pending: list | None, where: Path | None = None) -> None:
         """Begin at iteration `step` with the policy's current weights (version `step`); `pending`: the batches
-        a checkpoint kept (`pending_state`). Batches the checkpoint did not keep (a run that was synchronous,
+        a checkpoint kept (`pending_state`), read from `where` (its trainer.json) and checked. Batches the checkpoint did not keep (a run that was synchronous,
         or had a smaller k) are generated with the current weights: that resumed run then differs from an
         uninterrupted one, which is said once."""
+        shape = PendingShape(step, self.k, self.total, self.rollout_batch, self.spec.n, self.spec.max_tokens,
+                             self.vocab)
+        self.ready.update(read_pending(pending, where or Path("trainer.json"), shape))
         self.next = step
         self.engine.publish(step, named_weights)
-        for item in pending or []:
-            results = [RolloutResult(int(p), [int(t) for t in toks], [float(x) for x in lps], str(reason))
-                       for p, toks, lps, reason in item["results"]]
-            self.ready[int(item["batch"])] = (int(item["version"]), results, 0.0)
         missing = [t for t in range(step, min(step + self.k, self.total))
                    if t not in self.ready and version_of(t, self.k) < step]
         if missing:

@@ -117,7 +117,8 @@ def _train(ctx, run: PPORun, models: dict, stage_dir: Path, final: Path, ckpt: P
             log.warning("resuming with --ppo.kl_coef %g (the checkpoint was trained with %g)", cfg.kl_coef,
                         saved["kl_coef"])
     if run.pipeline is not None:
-        run.pipeline.start(start, merged_named_weights(policy_model), saved.get("async_pending"))
+        run.pipeline.start(start, merged_named_weights(policy_model), saved.get("async_pending"),
+                           ckpt / "trainer.json" if ckpt is not None else None)
     elif ckpt is not None or is_peft(policy_model):
         sync_weights(run)  # the engine started from the SFT weights
     run_steps(stage=stage, seed=run_cfg.seed, start=start, total=cfg.iterations,

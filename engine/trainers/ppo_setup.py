@@ -99,7 +99,7 @@ def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) 
                           rcfg.top_p, rcfg.top_k, engine_kw=engine_kw)
         pipeline = Pipeline(spec, merged_named_weights(policy_model), k=cfg.max_staleness, total=cfg.iterations,
                             stage=stage, seed=run_cfg.seed, rollout_batch=cfg.rollout_batch, prompts=setup.prompts,
-                            placement=rcfg.engine_cores)
+                            placement=rcfg.engine_cores, vocab=policy_model.config.vocab_size)
         pipeline.attach(policy, value, setup.reference)
     else:
         engine = make_rollout(backend, policy=sampler, model_dir=setup.policy_dir, seed=run_cfg.seed,

@@ -75,9 +75,11 @@ def test_k0_is_the_synchronous_loop(run_dir, tmp_path, tiny):
 
 
 @pytest.mark.parametrize("stage, cores", [("ppo", "shared"), ("ppo_ptx", "shared"), ("ppo", "follow")])
-def test_resume_after_ctrl_c_matches_uninterrupted(run_dir, tmp_path, tiny, monkeypatch, interrupt, stage, cores):
+def test_resume_after_ctrl_c_matches_uninterrupted(run_dir, tmp_path, tiny, monkeypatch, interrupt, stage, cores,
+                                                   capsys):
     """Bit for bit with shared (and split) cores; with follow, to float32 rounding (a block's thread count
-    depends on timing, and CPU reductions round differently on 1 and 2 threads)."""
+    depends on timing, and CPU reductions round differently on 1 and 2 threads). Kept batches changed in
+    trainer.json are refused before the first step (every kind: tests/engine/test_async_pending.py)."""
     import engine.trainers.ppo as ppo
 
     flags = _flags(tiny, "--ppo.max_staleness", "2", "--ppo.checkpoint_every", "2", "--rollout.engine_cores", cores,
@@ -91,6 +93,8 @@ def test_resume_after_ctrl_c_matches_uninterrupted(run_dir, tmp_path, tiny, monk
     assert (broken / stage / "checkpoints" / "latest").read_text() == "step-000002"
     state = json.loads((broken / stage / "checkpoints" / "step-000002" / "trainer.json").read_text())["state"]
     assert [(p["batch"], p["version"]) for p in state["async_pending"]] == [(2, 0), (3, 1)]
+    if stage == "ppo" and cores == "shared":
+        _tampered_batches_are_refused(broken, stage, flags, capsys)
     assert main(["ppo", "--out", str(broken), "--run.resume", "true", *flags]) == 0
     a, b = _weights(straight, stage), _weights(broken, stage)
     exact = dict(rtol=0, atol=0) if cores == "shared" else {}
@@ -105,6 +109,27 @@ def test_resume_after_ctrl_c_matches_uninterrupted(run_dir, tmp_path, tiny, monk
                [(r["policy_version"], r["staleness"], r["score"]) for r in rb]
         torch.testing.assert_close(torch.tensor([[r["loss"], r["is_ess"]] for r in ra]),
                                    torch.tensor([[r["loss"], r["is_ess"]] for r in rb]))
+
+
+def _tampered_batches_are_refused(out, stage, flags, capsys):
+    """A future version, a token outside the vocabulary, an answer of 3000 tokens: each
+    resume ends with exit 2 and one message naming trainer.json's field; the run directory is left as it was."""
+    path = out / stage / "checkpoints" / "step-000002" / "trainer.json"
+    original = path.read_bytes()
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    for edit, says in ((lambda b: b[0].update(version=2), "async_pending[0].version is 2"),
+                       (lambda b: b[1]["results"][0][1].__setitem__(0, 2**70), f"token id {2**70} is outside"),
+                       (lambda b: b[0]["results"].__setitem__(0, [0, [1] * 3000, [-1.0] * 3000, "length"]),
+                        "async_pending[0].results[0]: 3000 token ids")):
+        doc = json.loads(original)
+        edit(doc["state"]["async_pending"])
+        path.write_text(json.dumps(doc))
+        capsys.readouterr()
+        assert main(["ppo", "--out", str(out), "--run.resume", "true", *flags]) == 2
+        err = capsys.readouterr().err
+        assert f"{path}: {says}" in err and "Traceback" not in err, err[-2000:]
+        assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    path.write_bytes(original)
 
 
 def _children(pid: int) -> list[int]:
