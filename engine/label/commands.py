@@ -59,6 +59,10 @@ def add_actions(p: ArgumentParser) -> None:
         q.add_argument("--public_url", type=Optional[str], default=None,
                        help="the address labelers open (an https reverse proxy in front of the app, say); the links "
                             "start with it")
+        q.add_argument("--tls_cert", type=Optional[str], default=None,
+                       help="serve https with this certificate (PEM; with --tls_key): tokens never cross the network "
+                            "in clear text")
+        q.add_argument("--tls_key", type=Optional[str], default=None, help="the certificate's private key (PEM)")
         q.add_argument("--serve", type=bool, default=True, help="false: only print the links")
     actions.add_subcommand("rank", rank, help="make a ranking session from a policy and prompts, and serve it")
     actions.add_subcommand("compare", compare, help="make a blind A/B session from two or more policies, and serve it")
@@ -74,8 +78,8 @@ def _names(text: str) -> list[str]:
 def run_action(args) -> None:
     """The `label` command: args.action is rank, compare, serve, report or simulate, its options under
     args[action]."""
-    from .serve import (check_port, compare_items, links, parse_policies, public_base, sample_items, serve,
-                        warn_plain_http)
+    from .serve import (check_port, check_tls, compare_items, links, parse_policies, public_base, sample_items,
+                        serve, warn_plain_http)
     from .session import FLAGS, Session, create_session
 
     opts = args[args.action]
@@ -92,6 +96,7 @@ def run_action(args) -> None:
         print(Path(opts.session) / "report.md")
         return
     check_port(opts.port)
+    tls = check_tls(opts.tls_cert, opts.tls_key)
     if args.action == "compare":
         items, source = compare_items(parse_policies(opts.policies), opts.prompts, max_new_tokens=opts.max_new_tokens,
                                       temperature=opts.temperature, seed=opts.seed)
@@ -113,10 +118,10 @@ def run_action(args) -> None:
     else:
         folder = opts.session
     if opts.serve:
-        serve(folder, opts.host, opts.port, opts.public_url)
+        serve(folder, opts.host, opts.port, opts.public_url, tls)
     else:
         session = Session.open(folder, write=False)
-        base = public_base(opts.host, check_port(opts.port), opts.public_url)
+        base = public_base(opts.host, check_port(opts.port), opts.public_url, https=tls is not None)
         print("\n".join(links(session, base)))
         warn_plain_http(opts.host, base)
         session.close()

@@ -1,8 +1,8 @@
 """`python -m engine label report --session DIR`: what the people said, as report.json, report.md and
 report.png in the session folder.
 
-Blind comparisons: for each pair of policies, the first one's win rate against the second (ties count half,
-InstructGPT's rule) with a 95% confidence interval (normal approximation on the per-judgment scores 1, 0.5,
+Blind comparisons: for each pair of policies, the first one's win rate against the second, the pair oriented
+as `label compare --policies` listed them (the policy under test first; ties count half, InstructGPT's rule) with a 95% confidence interval (normal approximation on the per-judgment scores 1, 0.5,
 0: mean +- 1.96 standard errors), overall and per labeler. Agreement, on the items two or more labelers did:
 the paper's pairwise agreement (the share of labeler pairs x response pairs ordered the same way; for A/B,
 the same verdict) and Krippendorff's alpha (ordinal on each response's place in the ranking; nominal on A/B
@@ -37,11 +37,17 @@ def win_rate(scores: list[float]) -> dict:
     return {"n": n, "win_rate": mean, "ci95": [max(0.0, mean - half), min(1.0, mean + half)]}
 
 
-def compare_report(judgments: list[dict]) -> dict:
-    """Win rates per policy pair ("a vs b", names sorted), overall and per labeler."""
+def compare_report(judgments: list[dict], order: list[str] = ()) -> dict:
+    """Win rates per policy pair ("a vs b", a before b in `order`: --policies as given; a pair not in it keeps
+    its items' order, which is --policies' too), overall and per labeler."""
     scores, by_labeler = defaultdict(list), defaultdict(lambda: defaultdict(list))
+    rank, seen = {name: i for i, name in enumerate(order)}, {}
     for j in judgments:
-        a, b = sorted(j["policies"])
+        a, b = j["policies"]
+        if a in rank and b in rank:
+            a, b = (a, b) if rank[a] < rank[b] else (b, a)
+        else:  # as the pair's first judgment lists it
+            a, b = seen.setdefault(frozenset((a, b)), (a, b))
         score = 0.5 if j["winner"] is None else float(j["winner"] == a)
         scores[f"{a} vs {b}"].append(score)
         by_labeler[f"{a} vs {b}"][j["labeler"]].append(score)
@@ -125,7 +131,10 @@ def build_report(folder: str | Path) -> dict:
                   "skipped": len(session.skips.records), "agreement": agreement(records, kind),
                   "labelers": labelers(records)}
         if kind == "compare":
-            report["win_rates"] = compare_report(records)
+            source = session.settings.get("source")
+            listed = source.get("policies") if isinstance(source, dict) else None
+            report["win_rates"] = compare_report(records, [n for n in listed or [] if isinstance(n, str)]
+                                                 if isinstance(listed, (dict, list)) else [])
     finally:
         session.close()
     folder = Path(folder)
@@ -152,6 +161,13 @@ def render(r: dict) -> str:
             lines.append(f"| {pair} | {w['n']} | **{_pct(w['win_rate'])}** | {_pct(w['ci95'][0])} - "
                          f"{_pct(w['ci95'][1])} | {w['ties']} |")
         lines += ["", "![win rates](report.png)", ""] if r["win_rates"] else []
+        lines += ["Per labeler:", "", "| pair | labeler | judgments | first's win rate | 95% interval |",
+                  "|---|---|---|---|---|"]
+        for pair, w in r["win_rates"].items():
+            for name, lw in w["per_labeler"].items():
+                lines.append(f"| {pair} | {name} | {lw['n']} | {_pct(lw['win_rate'])} | {_pct(lw['ci95'][0])} - "
+                             f"{_pct(lw['ci95'][1])} |")
+        lines.append("")
     a = r["agreement"]
     alpha = "n/a" if a["krippendorff_alpha"] is None else f"{a['krippendorff_alpha']:.3f}"
     lines += [f"Agreement on the {a['items']} items two or more labelers did: pairwise {_pct(a['pairwise'])}, "

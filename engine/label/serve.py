@@ -103,9 +103,30 @@ def check_port(port: int) -> int:
     return port
 
 
-def public_base(host: str, port: int, public_url: str | None = None) -> str:
+def check_tls(cert: str | None, key: str | None) -> tuple[str, str] | None:
+    """(certificate, key) for https, both readable files, or None for plain http; an error naming the flag."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ValueError("--tls_cert and --tls_key go together: give the certificate and its private key (PEM "
+                         "files), or neither for plain http")
+    for flag, path in (("--tls_cert", cert), ("--tls_key", key)):
+        if not Path(path).is_file():
+            raise ValueError(f"{flag} {path}: no such file (a PEM file; e.g. made with openssl req -x509 ...)")
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"--tls_cert {cert} / --tls_key {key}: not a certificate and its key ({exc}); give PEM "
+                         f"files that belong together") from None
+    return cert, key
+
+
+def public_base(host: str, port: int, public_url: str | None = None, https: bool = False) -> str:
     """What a labeler's link starts with: --public_url as given, else this machine's name where the server
-    listens on every interface (0.0.0.0 or ::, which nobody can open), else the listening address."""
+    listens on every interface (0.0.0.0 or ::, which nobody can open), else the listening address; https when
+    the app serves TLS itself."""
     if public_url:
         if not public_url.startswith(("http://", "https://")):
             raise ValueError(f"--public_url {public_url!r}: give the address labelers open, starting with http:// "
@@ -115,7 +136,7 @@ def public_base(host: str, port: int, public_url: str | None = None) -> str:
         import socket
 
         host = socket.gethostname()
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    return f"{'https' if https else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def warn_plain_http(host: str, base: str) -> None:
@@ -150,9 +171,10 @@ def listen(host: str, port: int):
     return sock
 
 
-def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 8765, public_url: str | None = None) -> None:
+def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 8765, public_url: str | None = None,
+          tls: tuple[str, str] | None = None) -> None:
     """Serve the session in `folder`: its lock first (one server per session, as one run per directory), then
-    the port, then the links, then uvicorn until Ctrl-C."""
+    the port, then the links, then uvicorn until Ctrl-C. tls: (certificate, key) PEM files for https."""
     import sys
 
     import uvicorn
@@ -170,11 +192,12 @@ def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 8765, public_
         session = Session.open(folder)
         try:
             sock = listen(host, port)
-            base = public_base(host, port, public_url)
+            base = public_base(host, port, public_url, https=tls is not None)
             print("\n".join(links(session, base)), flush=True)
             warn_plain_http(host, base)
             print(f"serving {folder} on {base} (listening on {host}:{port}); Ctrl-C to stop", flush=True)
-            config = uvicorn.Config(make_app(session), log_level="warning")
+            config = uvicorn.Config(make_app(session), log_level="warning",
+                                    **({"ssl_certfile": tls[0], "ssl_keyfile": tls[1]} if tls else {}))
             uvicorn.Server(config).run(sockets=[sock])
         finally:
             session.close()

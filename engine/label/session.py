@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -145,7 +146,8 @@ class Session:
     comparisons: SubmissionLog
     skips: SubmissionLog
     judgments: SubmissionLog
-    _done: dict[str, set] = field(default_factory=dict)
+    _labeled: dict[str, set] = field(default_factory=dict)      # labeler -> items ranked or judged
+    _skipped: dict[str, Counter] = field(default_factory=dict)  # labeler -> item -> times skipped
     _assignments: dict[str, list[str]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -191,7 +193,10 @@ class Session:
                 if not isinstance(who, str) or not isinstance(item, str):
                     raise SessionError(f"{log.path}: the record {record['id']!r} has no labeler or item; the log was "
                                        f"changed by hand? Remove or repair that line")
-                s._done.setdefault(who, set()).add(item)
+                if log is s.skips:
+                    s._skipped.setdefault(who, Counter())[item] += 1
+                else:
+                    s._labeled.setdefault(who, set()).add(item)
         return s
 
     # ------------------------------------------------------------------ who is asking, and what is theirs
@@ -218,8 +223,11 @@ class Session:
         return names
 
     def queue(self, name: str) -> list[str]:
-        done = self._done.get(name, set())
-        return [i for i in self.items if name in self.assigned(i) and i not in done]
+        """The labeler's items not ranked or judged yet: those never skipped first, then those skipped once (a
+        skipped item comes back once, at the end; skipped again, it is gone)."""
+        done, skipped = self._labeled.get(name, set()), self._skipped.get(name, Counter())
+        mine = [i for i in self.items if name in self.assigned(i) and i not in done]
+        return [i for i in mine if not skipped[i]] + [i for i in mine if skipped[i] == 1]
 
     def order(self, name: str, item_id: str) -> list[int]:
         """The order a labeler sees an item's responses in (position p shows response order[p]): shuffled per
@@ -266,7 +274,7 @@ class Session:
                   "ranking": [order[p] for p in ranking], "finished": item["finished"], "labeler": name,
                   "time": _now(), "seconds": _seconds(body), "ratings": [ratings[by_response[j]] for j in range(k)],
                   "flags": [sorted(set(flags[by_response[j]])) for j in range(k)], "source": self.settings["source"]}
-        return self._save(self.comparisons, name, record)
+        return self._save(self.comparisons, name, record, body.get("corrects"))
 
     def _judge(self, name: str, sid: str, item: dict, body: dict) -> bool:
         """A blind verdict: body["choice"] is the shown position (0 left, 1 right) of the better answer, or
@@ -280,7 +288,7 @@ class Session:
         record = {"id": sid, "item": item["id"], "prompt": item["prompt"], "policies": item["policies"],
                   "responses": item["responses"], "winner": winner, "labeler": name, "time": _now(),
                   "seconds": _seconds(body), "source": self.settings["source"]}
-        return self._save(self.judgments, name, record)
+        return self._save(self.judgments, name, record, body.get("corrects"))
 
     def skip(self, name: str, body: dict) -> bool:
         sid, item = self._common(name, body)
@@ -300,7 +308,10 @@ class Session:
                                   404)
         return sid, item
 
-    def _save(self, log: SubmissionLog, name: str, record: dict) -> bool:
+    def _save(self, log: SubmissionLog, name: str, record: dict, corrects=None) -> bool:
+        """Store `record` once. corrects: the id of this labeler's saved answer on the same item, which the
+        record replaces in the log (an undo: the item keeps exactly one record)."""
+        item = record["item"]
         with self._lock:
             saved = log.by_id.get(record["id"])
             if saved is not None:
@@ -308,10 +319,24 @@ class Session:
                     raise SubmissionError(f"the id {record['id']!r} was saved with another answer; a new submission "
                                           f"needs a new id (reload the page)", 409)
                 return False  # a resend of what is saved: acknowledged again, stored once
-            if record["item"] in self._done.get(name, set()):
-                raise SubmissionError(f"you already submitted {record['item']}", 409)
+            if corrects is not None:
+                old = log.by_id.get(corrects) if isinstance(corrects, str) else None
+                if old is None or old.get("labeler") != name or old.get("item") != item:
+                    raise SubmissionError(f"'corrects' must name your saved answer on {item} (got "
+                                          f"{str(corrects)[:80]!r}); reload the page and submit it as a new answer", 409)
+                log.replace(corrects, record)
+                return True
+            if item in self._labeled.get(name, set()):
+                raise SubmissionError(f"you already submitted {item}; to change your answer press Undo (U) right "
+                                      f"after submitting, or reload the page for your next item", 409)
+            if log is self.skips and item not in self.queue(name):
+                raise SubmissionError(f"{item} was skipped twice already and is out of your queue; reload the page "
+                                      f"for your next item", 409)
             log.append(record)
-            self._done.setdefault(name, set()).add(record["item"])
+            if log is self.skips:
+                self._skipped.setdefault(name, Counter())[item] += 1
+            else:
+                self._labeled.setdefault(name, set()).add(item)
             return True
 
     def progress(self) -> dict:

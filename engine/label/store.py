@@ -115,6 +115,36 @@ class SubmissionLog:
             self.records.append(record)
             return True
 
+    def replace(self, old_id: str, record: dict) -> None:
+        """`record` in place of the record `old_id` (a correction: the labeler undid that answer), durably: the
+        whole log is written beside itself, fsynced and renamed over it, so a kill leaves the old or the new log,
+        never a mix. The old id is forgotten (a late resend of it is then refused as an item already done)."""
+        with self._lock:
+            records = [record if r["id"] == old_id else r for r in self.records]
+            data = "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in records)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            dirfd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
+            self._file.close()
+            self._file = os.fdopen(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC),
+                                   "a", encoding="utf-8")
+            del self.by_id[old_id]
+            self.by_id[record["id"]] = record
+            self.records = records
+
     def close(self) -> None:
         with self._lock:
             if self._file is not None:

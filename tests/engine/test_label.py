@@ -157,6 +157,7 @@ def test_rankings_saved_through_the_app_train_a_reward_model_as_they_are(tmp_pat
                     "flags": [[FLAGS[0]], [], [], []]}
             if n == 5:
                 assert httpx.post(f"http://127.0.0.1:{port}/api/skip", headers=headers, json=body).is_success
+                skipped = nxt["item"]
             else:
                 assert httpx.post(f"http://127.0.0.1:{port}/api/submit", headers=headers, json=body).is_success
             n += 1
@@ -164,7 +165,9 @@ def test_rankings_saved_through_the_app_train_a_reward_model_as_they_are(tmp_pat
         proc.kill()
         proc.wait()
     rows = [json.loads(line) for line in (folder / "comparisons.jsonl").read_text().splitlines()]
-    assert len(rows) == 7 and len((folder / "skips.jsonl").read_text().splitlines()) == 1
+    # the skipped item came back once, after every other one, and was ranked then
+    assert len(rows) == 8 and len((folder / "skips.jsonl").read_text().splitlines()) == 1
+    assert rows[-1]["item"] == skipped and skipped not in [r["item"] for r in rows[:-1]]
     assert all(sorted(r["ranking"]) == [0, 1, 2, 3] and r["source"] == {"policy": "p"} for r in rows)
     assert cli(["rm", "--policy.path", str(tiny_models["llama"]), "--data.comparisons", str(folder / "comparisons.jsonl"),
                 "--out", str(tmp_path / "run"), "--run.progress", "false", "--rm.steps", "2",
@@ -237,10 +240,12 @@ def test_win_rate_interval_and_agreement_against_hand_computations():
     assert win_rate([1])["ci95"] == [None, None] and win_rate([])["win_rate"] is None
     judged = [{"policies": ["good", "bad"], "winner": "good", "labeler": "a"},
               {"policies": ["bad", "good"], "winner": None, "labeler": "b"},
-              {"policies": ["good", "bad"], "winner": "bad", "labeler": "a"}]
-    rep = compare_report(judged)["bad vs good"]  # names sorted: the first is "bad"
-    assert rep["win_rate"] == pytest.approx((0 + 0.5 + 1) / 3) and rep["ties"] == 1
-    assert rep["per_labeler"]["a"]["win_rate"] == 0.5 and rep["per_labeler"]["b"]["win_rate"] == 0.5
+              {"policies": ["good", "bad"], "winner": "good", "labeler": "a"}]
+    rep = compare_report(judged)  # each pair as its first judgment lists it, whatever the others' order
+    assert list(rep) == ["good vs bad"] and rep["good vs bad"]["win_rate"] == pytest.approx((1 + 0.5 + 1) / 3)
+    rep = compare_report(judged, ["bad", "good"])["bad vs good"]  # as --policies listed them: "bad" under test
+    assert rep["win_rate"] == pytest.approx((0 + 0.5 + 0) / 3) and rep["ties"] == 1
+    assert rep["per_labeler"]["a"]["win_rate"] == 0 and rep["per_labeler"]["b"]["win_rate"] == 0.5
     # rankings: A [0, 1, 2], B [0, 2, 1] on item x: pairs (0,1) and (0,2) agree, (1,2) does not -> 2/3
     ranks = [{"item": "x", "labeler": "A", "ranking": [0, 1, 2]}, {"item": "x", "labeler": "B", "ranking": [0, 2, 1]},
              {"item": "y", "labeler": "A", "ranking": [1, 0]}]  # y: one labeler only, left out
@@ -317,7 +322,7 @@ def test_the_whole_loop_through_the_app_on_the_built_in_task(tiny_run, tmp_path,
     assert main(["label", "rank", "--policy", str(sft), "--prompts", str(data / "ppo_prompts.jsonl"), "--labelers",
                  "a", "--k", "3", "--rm", str(rm_dir), "--to", str(tmp_path / "next"), *quiet]) == 0
     check_uncertainty_order(tmp_path / "next", rm_dir)
-    assert main(["label", "compare", "--policies", f"sft={sft},ppo={out / 'ppo' / 'final' / 'policy'}", "--prompts",
+    assert main(["label", "compare", "--policies", f"ppo={out / 'ppo' / 'final' / 'policy'},sft={sft}", "--prompts",
                  str(data / "eval_prompts.jsonl"), "--labelers", "h1,h2", "--to", str(tmp_path / "eval"), *quiet]) == 0
     proc = start(tmp_path / "eval", port)
     try:

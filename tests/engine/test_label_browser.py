@@ -128,9 +128,9 @@ def test_two_labelers_rank_one_by_dragging_one_by_keyboard_and_the_file_says_exa
 
 
 def test_a_blind_comparison_through_the_page_reports_the_win_rate_and_interval_of_what_was_chosen(browser, tmp_path):
-    """12 prompts, policies "base" and "tuned" (never named on the page); the labeler picks the answer that says
-    GOOD (tuned's) on 9, base's on 2, a tie on 1, by keyboard and buttons. The report: tuned wins
-    (2 + 0.5) / 12 ... from base's side, with the interval computed from those 12 scores."""
+    """12 prompts, policies "tuned" and "base" (in that order; never named on the page); the labeler picks the
+    answer that says GOOD (tuned's) on 9, base's on 2, a tie on 1, by keyboard and buttons. The report: tuned,
+    listed first, wins (9 + 0.5) / 12, with the interval computed from those 12 scores, overall and per labeler."""
     import statistics
 
     from engine.cli import main
@@ -167,10 +167,12 @@ def test_a_blind_comparison_through_the_page_reports_the_win_rate_and_interval_o
         proc.wait()
     assert main(["label", "report", "--session", str(folder)]) == 0
     report = json.loads((folder / "report.json").read_text())
-    scores = [0.5, 1, 1] + [0] * 9  # from base's side ("base vs tuned": names sorted)
-    w = report["win_rates"]["base vs tuned"]
+    scores = [0.5, 0, 0] + [1] * 9  # from tuned's side: "tuned vs base", as the items list the pair
+    assert list(report["win_rates"]) == ["tuned vs base"]
+    w = report["win_rates"]["tuned vs base"]
     half = 1.959963984540054 * statistics.stdev(scores) / 12 ** 0.5
-    assert w["n"] == 12 and w["ties"] == 1 and w["win_rate"] == pytest.approx(2.5 / 12)
-    assert w["ci95"] == pytest.approx([max(0, 2.5 / 12 - half), 2.5 / 12 + half])
+    assert w["n"] == 12 and w["ties"] == 1 and w["win_rate"] == pytest.approx(9.5 / 12)
+    assert w["ci95"] == pytest.approx([9.5 / 12 - half, min(1, 9.5 / 12 + half)])
     md = (folder / "report.md").read_text()
-    assert "| base vs tuned | 12 | **20.8%** |" in md and (folder / "report.png").stat().st_size > 1000
+    assert "| tuned vs base | 12 | **79.2%** |" in md and (folder / "report.png").stat().st_size > 1000
+    assert "| tuned vs base | ann | 12 | 79.2% |" in md  # per labeler

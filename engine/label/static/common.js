@@ -6,6 +6,19 @@ const headers = {"Authorization": "Bearer " + token, "Content-Type": "applicatio
 function text(el, s) { el.textContent = s; return el; }
 function promptText(p) { return typeof p === "string" ? p : p.map(m => m.role + ": " + m.content).join("\n"); }
 
+// A submission id. crypto.randomUUID exists only in secure contexts (https, localhost): a labeler opening
+// http://host:8765 gets none, so the id is made from crypto.getRandomValues, which every context has.
+function newId() {
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(b, x => x.toString(16).padStart(2, "0")).join("");
+}
+
+// What went wrong, and what to do about it, in the labeler's words.
+function explain(e) {
+  if (e instanceof TypeError) return "not saved: the server cannot be reached. Check your connection, then submit again.";
+  return "not saved: " + e.message;
+}
+
 async function send(path, body) {
   for (let attempt = 0; ; attempt++) {
     try {
@@ -19,3 +32,24 @@ async function send(path, body) {
     }
   }
 }
+
+async function nextItem() {
+  const r = await fetch("/api/next", {headers});
+  if (!r.ok) throw new Error((await r.json()).detail || r.statusText);
+  return r.json();
+}
+
+// Work in progress survives a reload: kept in this browser per labeler and item, dropped once saved.
+const draftKey = itemId => "rlhf-engine draft " + token + " " + itemId;
+function saveDraft(itemId, draft) { try { localStorage.setItem(draftKey(itemId), JSON.stringify(draft)); } catch (e) {} }
+function loadDraft(itemId) { try { return JSON.parse(localStorage.getItem(draftKey(itemId)) || "null"); } catch (e) { return null; } }
+function dropDraft(itemId) { try { localStorage.removeItem(draftKey(itemId)); } catch (e) {} }
+
+// Where the queue ends: the item and its buttons go, the message stays.
+function endOfQueue(message) {
+  document.querySelectorAll(".during").forEach(el => { el.hidden = true; });
+  text(document.getElementById("prompt"), message);
+  text(document.getElementById("remaining"), "0 left for you");
+}
+
+function short(s) { s = promptText(s); return s.length > 60 ? s.slice(0, 60) + "\u2026" : s; }
