@@ -372,4 +372,6 @@ def pipeline(ctx, with_dpo: bool = False) -> dict:
         out[ctx.cfg.dpo.stage] = str(dpo(ctx))
     if ctx.task is not None:
         evaluate(ctx)
+        if dist.world().main:  # the last line a newcomer reads says where to look next
+            print(f"done: the report is {ctx.out / 'report.md'} (report.json and the plots beside it)", flush=True)
     return out

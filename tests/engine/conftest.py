@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from flag_bundles import cli_with_bundles, tiny_flags
@@ -14,8 +16,16 @@ def tiny_run(tmp_path_factory, tiny_args):
     """A whole built-in pipeline run at the TINY sizes, shared read-only by the tests (copy before changing)."""
     from engine.cli import main
 
+    import contextlib
+    import io
+    import sys
+
     out = tmp_path_factory.mktemp("pipeline")
-    assert main(["pipeline", "--out", str(out), *tiny_args("pipeline")]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["pipeline", "--out", str(out), *tiny_args("pipeline")]) == 0
+    sys.stdout.write(printed.getvalue())
+    Path(f"{out}.stdout").write_text(printed.getvalue())  # beside the run: what the pipeline printed
     return out
 
 

@@ -1,5 +1,6 @@
 """Each stage on a few steps, through the real CLI: outputs, report, resume, NaN stop, Ctrl-C."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,11 @@ def test_pipeline_writes_report(run_dir):
     assert "PPO preferred over SFT" in md and "| PPO-ptx |" in md
     for png in ("training.png", "win_rates.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_pipelines_last_line_says_where_the_report_is(run_dir):
+    printed = Path(f"{run_dir}.stdout").read_text().strip().splitlines()
+    assert printed[-1] == f"done: the report is {run_dir / 'report.md'} (report.json and the plots beside it)"
 
 
 def test_pipeline_writes_each_stage(run_dir):
