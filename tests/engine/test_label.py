@@ -143,6 +143,37 @@ def test_every_request_needs_the_right_token_and_bodies_are_bounded(server):
     assert progress["labelers"]["ann"] == {"assigned": 6, "labeled": 1, "skipped": 0}
 
 
+def test_an_undo_replaces_the_labelers_own_record_in_place_and_nothing_else(tmp_path):
+    """A correction ("corrects": the id of the labeler's saved answer on that item) leaves exactly one record for
+    the item, where the first one was, durable across a reopen; a resend of it is acknowledged, not stored; a
+    correction of another labeler's record, of another item's or of an unknown id is refused (409)."""
+    folder = create_session(tmp_path / "s", items(3), ["ann", "bob"], overlap=1.0, per_shared=2)
+    s = Session.open(folder)
+    first, second = s.queue("ann")[:2]
+    body = {"id": "a1", "item": first, "ranking": [0, 1, 2], "ratings": [1, 2, 3]}
+    assert s.submit("ann", body) and s.submit("bob", {**body, "id": "b1"})
+    assert s.submit("ann", {**body, "id": "a2", "item": second})
+    fixed = {**body, "id": "a3", "ranking": [2, 1, 0], "ratings": [7, 7, 7], "corrects": "a1"}
+    assert s.submit("ann", fixed) is True and s.submit("ann", fixed) is False
+    for corrects, item in (("b1", first), ("a2", first), ("nope", first), (["a3"], first), ("a3", second)):
+        with pytest.raises(SubmissionError) as err:
+            s.submit("ann", {**fixed, "id": "a4", "item": item, "corrects": corrects})
+        assert err.value.status == 409 and "'corrects' must name your saved answer" in str(err.value)
+    with pytest.raises(SubmissionError, match="already submitted"):  # a late resend of the replaced answer
+        s.submit("ann", body)
+    s.close()
+    rows = [json.loads(line) for line in (folder / "comparisons.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a3", "b1", "a2"]
+    reader = Session.open(folder, write=False)
+    order = reader.order("ann", first)
+    reader.close()
+    assert rows[0]["ranking"] == [order[2], order[1], order[0]] and rows[0]["ratings"] == [7, 7, 7]
+    again = Session.open(folder)
+    assert first not in again.queue("ann") and [r["id"] for r in again.comparisons.records] == ["a3", "b1", "a2"]
+    again.close()
+    assert not list(folder.glob(".*.tmp"))
+
+
 def test_rankings_saved_through_the_app_train_a_reward_model_as_they_are(tmp_path, tiny_models):
     from flag_bundles import cli_with_bundles as cli
 
