@@ -118,7 +118,7 @@ def _tampered_batches_are_refused(out, stage, flags, capsys):
     original = path.read_bytes()
     before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     for edit, says in ((lambda b: b[0].update(version=2), "async_pending[0].version is 2"),
-                       (lambda b: b[1]["results"][0][1].__setitem__(0, 2**70), f"token id {2**70} is outside"),
+                       (lambda b: b[1]["results"][0][1].__setitem__(0, 2**70), f"async_pending[1].results[0]: token id {2**70} is outside"),
                        (lambda b: b[0]["results"].__setitem__(0, [0, [1] * 3000, [-1.0] * 3000, "length"]),
                         "async_pending[0].results[0]: 3000 token ids")):
         doc = json.loads(original)
