@@ -209,7 +209,9 @@ def test_sharded_checkpoints_hold_no_pickle_crafted_ones_are_refused_unread_and_
         result = engine(procs, "sft", "--out", out, *flags, "--run.resume", "true")
         text = result.stdout + result.stderr
         assert result.returncode != 0 and f"{first}: " in text and "is stored as I32, but it loads into F32" in text
-        assert "Traceback" not in text and not (out / "sft" / "final").exists(), text[-3000:]
+        # no traceback of ours (with 2 processes torchrun prints its own ChildFailedError for the exit code 2)
+        assert f'File "{ROOT / "engine"}' not in text and not (out / "sft" / "final").exists(), text[-3000:]
+        assert procs == 2 or "Traceback" not in text, text[-3000:]
         resumed = interrupted(f"resumed-{procs}")
         ok(engine(procs, "sft", "--out", resumed, *flags, "--run.resume", "true"))
         assert_same_weights(straight / "sft/final/policy", resumed / "sft/final/policy", 1e-3 / 50)
