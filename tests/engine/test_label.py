@@ -90,13 +90,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(folder, port) -> subprocess.Popen:
-    out = tempfile.TemporaryFile()  # a file, not a pipe: a server that writes much can never block on it
+def start(folder, port, *extra: str, scheme: str = "http") -> subprocess.Popen:
+    """`label serve` of `folder` on `port` (extra: more flags; scheme https with --tls_cert/--tls_key), once it
+    answers; its output is kept in `proc.output` (a file, not a pipe: a server that writes much never blocks)."""
+    out = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "engine", "label", "serve", "--session", str(folder), "--port",
-                             str(port)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+                             str(port), *extra], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    proc.output = out
     for _ in range(600):
         try:
-            httpx.get(f"http://127.0.0.1:{port}/api/next", timeout=1)
+            httpx.get(f"{scheme}://127.0.0.1:{port}/api/next", timeout=1, verify=False)
             return proc
         except httpx.TransportError:
             if proc.poll() is not None:

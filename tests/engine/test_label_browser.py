@@ -29,16 +29,22 @@ def chromium_path() -> str | None:
     return found
 
 
-@pytest.fixture(scope="module")
-def browser():
+def launch(*args: str):
+    """Debian's chromium through Playwright (headless), with more command-line `args`; skipped saying why
+    where either is missing."""
     playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
     path = chromium_path()
     if path is None:
         pytest.skip("no chromium here: install Debian's (apt-get install chromium) to run the browser tests")
     with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        b = p.chromium.launch(executable_path=path, args=["--no-sandbox", *args])
         yield b
         b.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    yield from launch()
 
 
 ANSWERS = ["Blue is the colour of a clear sky.", "Red.", "I do not know, sorry.\n" + "Long answer. " * 80]

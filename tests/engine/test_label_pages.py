@@ -9,17 +9,15 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from engine.label.session import FLAGS, create_session
-from test_label import ROOT, free_port
-from test_label_browser import chromium_path, shown_to_response, wait_until
+from test_label import free_port
+from test_label import start as start_server
+from test_label_browser import launch, shown_to_response, wait_until
 
 SCREENSHOTS = os.environ.get("RLHF_ENGINE_SCREENSHOTS")
 HOST = "labeler.test"  # resolved to 127.0.0.1 inside the browser only
@@ -28,31 +26,7 @@ ANSWERS = ["Blue is the colour of a clear sky.", "Red.", "I do not know, sorry."
 
 @pytest.fixture(scope="module")
 def browser():
-    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
-    path = chromium_path()
-    if path is None:
-        pytest.skip("no chromium here: install Debian's (apt-get install chromium) to run the browser tests")
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, args=["--no-sandbox", f"--host-resolver-rules=MAP {HOST} 127.0.0.1"])
-        yield b
-        b.close()
-
-
-def serve(folder: Path, port: int, *extra: str, scheme: str = "http") -> subprocess.Popen:
-    out = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "label", "serve", "--session", str(folder), "--port",
-                             str(port), *extra], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    for _ in range(600):
-        try:
-            httpx.get(f"{scheme}://127.0.0.1:{port}/api/next", timeout=1, verify=False)
-            proc.output = out
-            return proc
-        except httpx.TransportError:
-            if proc.poll() is not None:
-                out.seek(0)
-                raise AssertionError(out.read().decode(errors="replace"))
-            time.sleep(0.1)
-    raise AssertionError("the server did not start")
+    yield from launch(f"--host-resolver-rules=MAP {HOST} 127.0.0.1")
 
 
 @pytest.fixture
@@ -62,7 +36,7 @@ def served(tmp_path):
     def start(items, labelers, *extra, kind="rank", scheme="http"):
         folder = create_session(tmp_path / f"s{len(procs)}", items, labelers, kind=kind)
         port = free_port()
-        procs.append(serve(folder, port, *extra, scheme=scheme))
+        procs.append(start_server(folder, port, *extra, scheme=scheme))
         return folder, port, json.loads((folder / "tokens.json").read_text())["labelers"], procs[-1]
 
     yield start

@@ -45,6 +45,23 @@ function saveDraft(itemId, draft) { try { localStorage.setItem(draftKey(itemId),
 function loadDraft(itemId) { try { return JSON.parse(localStorage.getItem(draftKey(itemId)) || "null"); } catch (e) { return null; } }
 function dropDraft(itemId) { try { localStorage.removeItem(draftKey(itemId)); } catch (e) {} }
 
+// The next item to `showItem(data)`, or the end of the queue (`showItem(null)` after the message); a failed
+// request says so and leaves the page as it is.
+async function loadNext(endMessage, showItem) {
+  let data;
+  try { data = await nextItem(); }
+  catch (e) { text(document.getElementById("status"), explain(e) + " (reload the page)"); return; }
+  if (!data.item) { endOfQueue(endMessage); showItem(null); return; }
+  showItem(data);
+}
+
+// A new item starts with its controls shown and nothing focused: Enter on the Skip button pressed for the last
+// item must not skip this one.
+function beginItem() {
+  if (document.activeElement && document.activeElement !== document.body) document.activeElement.blur();
+  document.querySelectorAll(".during").forEach(el => { el.hidden = false; });
+}
+
 // Where the queue ends: the item and its buttons go, the message stays.
 function endOfQueue(message) {
   document.querySelectorAll(".during").forEach(el => { el.hidden = true; });
