@@ -179,7 +179,8 @@ def random_json(rng: random.Random, depth: int = 0):
         return "\ud800x"
     if kind == "list":
         return [random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
-    return {rng.choice(["id", "item", "ranking", "ratings", "flags", "choice", "seconds", "x"]): random_json(rng, depth + 1)
+    return {rng.choice(["id", "item", "ranking", "ratings", "flags", "choice", "seconds", "corrects", "x"]):
+            random_json(rng, depth + 1)
             for _ in range(rng.randint(0, 5))}
 
 
