@@ -37,11 +37,9 @@ def test_pytest_benchmark_runs_every_case_with_the_harness_figures(tmp_path):
     assert json.loads(report.read_text())["machine_info"]["copy_bandwidth_gbps"] > 0
 
 
-def test_python_m_bench_prints_every_kernel_and_one_kernel_alone():
-    out = run("-m", "bench", "--quick")
-    for kernel in KERNELS:
-        assert any(line.startswith(f"| {kernel} |") for line in out.splitlines()), (kernel, out[-2000:])
-    assert "saved" not in out  # --quick is never saved over the record
+def test_one_kernel_alone_prints_only_its_rows():
+    """`python -m bench --quick` (every kernel) runs in the GPU kit's dry run (tests/test_gpu_kit.py), which
+    checks its table; here one kernel's own entry point."""
     one = run("-m", "bench.bench_rewards", "--quick")
     rows = [line for line in one.splitlines() if line.startswith("| ") and "---" not in line and "kernel |" not in line]
     assert rows and all(line.startswith("| shape_rewards k3 |") for line in rows), one[-2000:]

