@@ -21,9 +21,15 @@ import stat
 import threading
 from pathlib import Path
 
+from ..rundir.atomic import write_text_atomic
+
 
 class LogError(ValueError):
     pass
+
+
+def _line(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
 def read_regular(path: Path, what: str) -> bytes:
@@ -104,7 +110,7 @@ class SubmissionLog:
 
     def append(self, record: dict) -> bool:
         """Write `record` (a JSON object with a string "id") durably; False when its id was already saved."""
-        line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+        line = _line(record)
         with self._lock:
             if record["id"] in self.by_id:
                 return False
@@ -117,28 +123,13 @@ class SubmissionLog:
 
     def replace(self, old_id: str, record: dict) -> None:
         """`record` in place of the record `old_id` (a correction: the labeler undid that answer), durably: the
-        whole log is written beside itself, fsynced and renamed over it, so a kill leaves the old or the new log,
-        never a mix. The old id is forgotten (a late resend of it is then refused as an item already done)."""
+        whole log is written beside itself, fsynced and renamed over it (engine.rundir.atomic), so a kill leaves
+        the old or the new log, never a mix. The old id is forgotten (a late resend of it is then refused as an
+        item already done)."""
         with self._lock:
             records = [record if r["id"] == old_id else r for r in self.records]
-            data = "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in records)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            dirfd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dirfd)
-            finally:
-                os.close(dirfd)
-            self._file.close()
+            write_text_atomic(self.path, "".join(map(_line, records)))
+            self._file.close()  # the old file is unlinked: append to the new one
             self._file = os.fdopen(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC),
                                    "a", encoding="utf-8")
             del self.by_id[old_id]

@@ -79,15 +79,23 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """`path` replaced by `data` at once: written to a new file beside it (created exclusively, so a link or
-    file planted under a temporary name is never written through) and renamed over it."""
+    """`path` replaced by `data` at once and durably: written to a new file beside it (created exclusively, so a
+    link or file planted under a temporary name is never written through), fsynced, renamed over it, and the
+    folder fsynced (a power cut leaves the old file or the new one, never an empty one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise CheckpointWriteError(exc.errno or errno.EIO, f"could not write {path}: {reason(exc)}") from exc
