@@ -80,15 +80,16 @@ def _results(results, field: str, where: Path, shape: PendingShape, fix: str) ->
             size = len(tokens) if isinstance(tokens, list) else type(tokens).__name__
             raise CheckpointError(f"{at}: {size} token ids; an answer has 1..{shape.max_tokens} "
                                   f"(--rollout.max_new_tokens). {fix}")
-        bad = next((t for t in tokens if type(t) is not int or not 0 <= t < shape.vocab), None)
-        if bad is not None:
+        bad = [t for t in tokens if type(t) is not int or not 0 <= t < shape.vocab][:1]
+        if bad:
+            bad = bad[0]
             raise CheckpointError(f"{at}: token id {str(bad)[:40]} is outside the policy's vocabulary "
                                   f"(0..{shape.vocab - 1}). {fix}")
         if not isinstance(logprobs, list) or len(logprobs) != len(tokens):
             raise CheckpointError(f"{at}: the log-probs must be a list as long as the {len(tokens)} token ids. {fix}")
-        odd = next((x for x in logprobs if type(x) not in (int, float) or not math.isfinite(x)
-                    or x > LOGPROB_SLACK), None)
-        if odd is not None:
+        odd = [x for x in logprobs if type(x) not in (int, float) or not math.isfinite(x) or x > LOGPROB_SLACK][:1]
+        if odd:
+            odd = odd[0]
             raise CheckpointError(f"{at}: log-prob {str(odd)[:40]} is not a finite number <= 0 (the log of a "
                                   f"sampled token's probability). {fix}")
         if reason not in FINISH:
