@@ -71,10 +71,13 @@ def sync_times(rollout, model, reps: int = 3) -> tuple[float, list[float]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_rollout", description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--quick", action="store_true", help="a smoke run (CI, the GPU kit's dry run): the first model, "
+                    "batch 8 x 16 new tokens, one repetition; not a measurement")
+    ap.add_argument("--batch", type=int, default=None, help="prompts per generate call (64; --quick 8)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per prompt (64; --quick 16)")
     args = ap.parse_args(argv)
+    args.batch = args.batch or (8 if args.quick else 64)
+    args.new_tokens = args.new_tokens or (16 if args.quick else 64)
     from engine.rollout import HFRollout, VLLMRollout
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -99,7 +102,7 @@ def main(argv=None) -> int:
             for layout, packed in layouts.items():
                 label = f"VLLMRollout ({layout} layout)" if layout else "VLLMRollout"
                 with VLLMRollout(d, dtype=dt, seed=0, max_model_len=256, cpu_packed_gemm=packed) as vr:
-                    reps = 1 if params > 2e8 else 3
+                    reps = 1 if params > 2e8 or args.quick else 3
                     tps, sec = tokens_per_second(vr, prompts, args.new_tokens, reps=reps)
                     throughput[label] = tps
                     results.append(Result("rollout", label, gen_shape, dt, sec * 1e3, sec * 1e3, sec * 1e3,
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
                                                  "reloaded": len(vr.last_sync["reloaded"])}))
             if params < 2e8 or args.quick:  # HF generate of the 0.5B model on 2 CPU cores takes minutes
                 hr = HFRollout(model, seed=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-                tps, sec = tokens_per_second(hr, prompts, args.new_tokens, reps=2)
+                tps, sec = tokens_per_second(hr, prompts, args.new_tokens, reps=1 if args.quick else 2)
                 throughput["HF generate"] = tps
                 results.append(Result("rollout", "HFRollout (transformers generate)", gen_shape, dt, sec * 1e3,
                                       sec * 1e3, sec * 1e3, extra={"tokens_per_s": round(tps, 1)}))
