@@ -2,8 +2,9 @@
 report.png in the session folder.
 
 Blind comparisons: for each pair of policies, the first one's win rate against the second, the pair oriented
-as `label compare --policies` listed them (the policy under test first; ties count half, InstructGPT's rule) with a 95% confidence interval (normal approximation on the per-judgment scores 1, 0.5,
-0: mean +- 1.96 standard errors), overall and per labeler. Agreement, on the items two or more labelers did:
+as `label compare --policies` listed them (the policy under test first; ties count half, InstructGPT's rule),
+with a 95% confidence interval (normal approximation on the per-judgment scores 1, 0.5, 0: mean +- 1.96
+standard errors), overall and per labeler. Agreement, on the items two or more labelers did:
 the paper's pairwise agreement (the share of labeler pairs x response pairs ordered the same way; for A/B,
 the same verdict) and Krippendorff's alpha (ordinal on each response's place in the ranking; nominal on A/B
 verdicts), computed by the `krippendorff` package. Per labeler: items done, median seconds per item, and
@@ -132,9 +133,9 @@ def build_report(folder: str | Path) -> dict:
                   "labelers": labelers(records)}
         if kind == "compare":
             source = session.settings.get("source")
-            listed = source.get("policies") if isinstance(source, dict) else None
-            report["win_rates"] = compare_report(records, [n for n in listed or [] if isinstance(n, str)]
-                                                 if isinstance(listed, (dict, list)) else [])
+            listed = source.get("policies") if isinstance(source, dict) else None  # --policies, in its order
+            order = [n for n in listed if isinstance(n, str)] if isinstance(listed, (dict, list)) else []
+            report["win_rates"] = compare_report(records, order)
     finally:
         session.close()
     folder = Path(folder)

@@ -35,7 +35,8 @@ def read_headers(files: list[Path]) -> dict[str, list[tuple[Path, list[int], lis
         try:
             with safe_open(str(path), framework="pt") as f:
                 info = json.loads((f.metadata() or {}).get(SHARDING_KEY) or "null")
-                entries = [(key, list(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype()) for key in f.keys()]
+                slices = {key: f.get_slice(key) for key in f.keys()}
+                entries = [(key, list(s.get_shape()), s.get_dtype()) for key, s in slices.items()]
         except (Exception, RecursionError) as exc:  # noqa: BLE001 - safetensors' and json's errors, all named here
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise CheckpointError(f"{path}: not a readable shard ({first[:200]}). {FIX}") from None

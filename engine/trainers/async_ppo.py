@@ -27,15 +27,10 @@ from ..parallel import distributed as dist
 from ..rollout.async_engine import AsyncRollout, EngineSpec, split_cores
 from ..rollout.base import RolloutResult
 from ..seeds import derive_seed, rollout_seeds
-from .async_pending import PendingShape, read_pending
+from .async_pending import PendingShape, read_pending, version_of
 from .follow_threads import FollowEngine
 
 log = logging.getLogger("engine")
-
-
-def version_of(batch: int, k: int) -> int:
-    """The policy version (updates applied) that generates batch `batch` with max_staleness k."""
-    return max(batch - k, 0)
 
 
 class Pipeline:
@@ -77,9 +72,9 @@ class Pipeline:
 
     def start(self, step: int, named_weights, pending: list | None, where: Path | None = None) -> None:
         """Begin at iteration `step` with the policy's current weights (version `step`); `pending`: the batches
-        a checkpoint kept (`pending_state`), read from `where` (its trainer.json) and checked. Batches the checkpoint did not keep (a run that was synchronous,
-        or had a smaller k) are generated with the current weights: that resumed run then differs from an
-        uninterrupted one, which is said once."""
+        a checkpoint kept (`pending_state`), read from `where` (its trainer.json) and checked. Batches the
+        checkpoint did not keep (a run that was synchronous, or had a smaller k) are generated with the current
+        weights: that resumed run then differs from an uninterrupted one, which is said once."""
         shape = PendingShape(step, self.k, self.total, self.rollout_batch, self.spec.n, self.spec.max_tokens,
                              self.vocab)
         self.ready.update(read_pending(pending, where or Path("trainer.json"), shape))
