@@ -142,15 +142,8 @@ def _run_and_report(command: Command, rank: int) -> int:
 
     try:
         run(command)
-    except DivergedError as exc:  # every process stops at the same step: one message
-        if rank == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        if dist.launched():  # leave with the other ranks, which left run() together: torchrun kills whoever
-            peers.said_why()
-            logging.shutdown()  # is still tearing the interpreter down when the first one exits
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(3)
+    except DivergedError as exc:  # one process (several leave from run() itself, together)
+        print(f"error: {exc}", file=sys.stderr)
         return 3
     except CheckpointWriteError as exc:
         print(f"error: {exc.strerror}; nothing written before it was changed (the last complete checkpoint "
@@ -215,6 +208,7 @@ def run(command: Command) -> None:
     from .models.loading import compute_precision
 
     from .parallel import distributed as dist
+    from .parallel import peers
     from .rundir.guard import DivergedError
 
     dist.init(cfg.run.device, cfg.run.dist_timeout)
@@ -229,10 +223,18 @@ def run(command: Command) -> None:
             else:
                 getattr(stages, {"eval": "evaluate"}.get(name, name))(ctx)
         clean = True
-    except DivergedError:
-        # Every rank raises it at the same step. Leave together once each has closed its files (the main
-        # rank's writers take longest): a rank that exits first makes torchrun kill the others mid-teardown.
+    except DivergedError as exc:
+        if not dist.launched():
+            raise
+        # Every rank raises it at the same step (the loss and the weight check are collectives). The main
+        # rank says why before they meet, each leaves its note that the job ended with a message, and all
+        # exit 3 the moment they have met, with no teardown: a rank that exits first makes torchrun SIGTERM
+        # the others, which would cut the message off or add "ended without a word" (the loops have closed
+        # their files on the way out; the run lock is the kernel's and ends with the process).
+        if dist.world().main:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        peers.said_why()
         dist.barrier()
-        raise
+        peers.exit_now(3)
     finally:
         dist.close(clean)

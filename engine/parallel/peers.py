@@ -9,6 +9,7 @@ nobody repeats or contradicts it.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -97,7 +98,9 @@ def farewell(wait: float = 0.0) -> str | None:
 
 
 def leave() -> None:
-    """A clean end of the job: the main rank removes the notes folder."""
+    """A clean end of the job: the main rank removes the notes folder. (After a failure it stays, a few
+    empty files in the temporary folder: removing it while a peer still ends would make that peer say
+    "ended without a word" of a rank that did say why.)"""
     if _PEERS and _RANK == 0:
         import shutil
 
@@ -107,11 +110,26 @@ def leave() -> None:
 def say_farewell(wait: float = 0.0) -> None:
     """Print `farewell(wait)` when it has something to say, with SIGTERM held back meanwhile (torchrun's
     SIGTERM then finds the line said and adds nothing, instead of cutting it off or repeating it)."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    arrived: list[int] = []
+    # Python runs handlers in the main thread whichever thread the signal reached, so a thread's signal mask
+    # would not hold it back: a handler that only notes the signal does, until the line is out.
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: arrived.append(signum))
     try:
         _say(farewell(wait))
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        signal.signal(signal.SIGTERM, before)
+    if arrived and callable(before):
+        before(arrived[0], None)
+
+
+def exit_now(code: int) -> None:
+    """End this process at once with `code`, deaf to torchrun's SIGTERM from here on (every rank has said
+    what it had to; a SIGTERM now would only turn the exit code into 143)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # process-wide (a mask would hold for this thread only)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _say(message: str | None) -> None:
