@@ -1,0 +1,3 @@
+"""Over-optimisation of a learned reward: gold against proxy as the policy moves away (Gao et al. 2022's
+scaling laws, best-of-n as the baseline that needs no training) and reward-model ensembles that hold it back
+(Coste et al. 2023)."""
