@@ -308,7 +308,10 @@ def ppo(ctx, ptx: bool = False) -> Path:
     if ctx.task is not None and cfg.ppo.eval_every:
         sft_policy = reference if reference is not None else frozen(load_model(
             cfg.policy.path, flag="--policy.path", scalar=False, device=dev, run=cfg.run, tokenizer=tok))
-        evaluate = ctx.task.ppo_evaluator(ctx, sft_policy)
+        proxy = None  # the training RM's score of the evaluation's answers (the built-in RM shares the vocabulary)
+        if reward_model is not None and same_vocabulary(tok, reward_model[1]):
+            proxy = reward_model[0]
+        evaluate = ctx.task.ppo_evaluator(ctx, sft_policy, proxy)
     setup = PPOSetup(
         load_policy=_loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=tok,
                             no_dropout=True),

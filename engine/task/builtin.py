@@ -64,19 +64,34 @@ class BuiltinTask:
 
         return build_policy(model_cfg, tokenizer)
 
-    def ppo_evaluator(self, ctx, sft_policy):
-        """evaluate(policy) -> the held-out labelers' win rate of `policy` against `sft_policy` on the first
-        ppo.eval_prompts held-out prompts (the SFT answers are sampled once, here)."""
-        from .evaluate import sample_answers, win_rate
+    def ppo_evaluator(self, ctx, sft_policy, proxy=None):
+        """evaluate(policy) -> on the first ppo.eval_prompts held-out prompts, one answer each: the held-out
+        labelers' win rate of `policy` against `sft_policy` ("win_rate_vs_sft"), gold against proxy
+        (engine.task.gold: "gold", "proxy", "kl_to_init", "d_to_init") and the SFT policy's own gold and proxy
+        ("gold_sft", "proxy_sft"; its answers are sampled once, here). proxy: batch -> the training reward
+        model's scores [B], or None (no proxy)."""
+        from . import decode_response
+        from .evaluate import sample_tokens, win_rate
+        from .gold import gold_and_proxy
 
         cfg, tok = ctx.cfg, ctx.tokenizer
         insts = self.data.eval_prompts[: cfg.ppo.eval_prompts]
-        kw = dict(temperature=cfg.eval.temperature, max_tokens=cfg.rollout.max_new_tokens, seed=cfg.eval.seed)
-        sft_answers = sample_answers(sft_policy, tok, insts, **kw)
+        labelers, temperature = self.data.heldout_labelers, cfg.eval.temperature
+        kw = dict(temperature=temperature, max_tokens=cfg.rollout.max_new_tokens, seed=cfg.eval.seed)
 
-        def evaluate(policy) -> float:
-            answers = sample_answers(policy, tok, insts, **kw)
-            return win_rate(insts, answers, sft_answers, self.data.heldout_labelers, cfg.eval.seed)["win_rate"]
+        def measure(policy) -> tuple[list, dict]:
+            prompts, responses = sample_tokens(policy, tok, insts, **kw)
+            m = gold_and_proxy(policy, sft_policy, tok, insts, prompts, responses, labelers, proxy, temperature,
+                               ctx.device)
+            return [decode_response(tok, r) for r in responses], m
+        sft_answers, sft = measure(sft_policy)
+        start = {f"{k}_sft": v for k, v in sft.items() if k in ("gold", "proxy")}
+
+        def evaluate(policy) -> dict:
+            answers, m = measure(policy)
+            m["d_to_init"] = m.pop("d")
+            verdict = win_rate(insts, answers, sft_answers, labelers, cfg.eval.seed)
+            return {"win_rate_vs_sft": verdict["win_rate"], **m, **start}
         return evaluate
 
     def report(self, ctx) -> dict:

@@ -15,16 +15,26 @@ from .instructions import FEATURES, Instruction, features
 def sample_answers(policy, tokenizer, insts: list[Instruction], *, temperature: float, max_tokens: int,
                    seed: int, chunk: int = 128) -> list[tuple[str, bool]]:
     """One sampled answer per prompt -> [(words, finished)]."""
+    _, responses = sample_tokens(policy, tokenizer, insts, temperature=temperature, max_tokens=max_tokens,
+                                 seed=seed, chunk=chunk)
+    return [decode_response(tokenizer, r) for r in responses]
+
+
+@torch.no_grad()
+def sample_tokens(policy, tokenizer, insts: list[Instruction], *, temperature: float, max_tokens: int,
+                  seed: int, chunk: int = 128) -> tuple[list[list[int]], list[list[int]]]:
+    """One sampled answer per prompt -> (prompt ids, response ids as generated, <eos> included when it ended)."""
     from ..rollout import HFRollout
 
     rollout = HFRollout(policy, seed=seed, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     enc = Encoder(tokenizer)
-    out = []
+    prompts, responses = [], []
     for i in range(0, len(insts), chunk):
-        prompts = [enc.prompt(x.prompt) for x in insts[i:i + chunk]]
-        for r in rollout.generate(prompts, max_tokens=max_tokens, temperature=temperature):
-            out.append(decode_response(tokenizer, r.token_ids))
-    return out
+        part = [enc.prompt(x.prompt) for x in insts[i:i + chunk]]
+        prompts += part
+        responses += [list(r.token_ids) for r in rollout.generate(part, max_tokens=max_tokens,
+                                                                  temperature=temperature)]
+    return prompts, responses
 
 
 def win_rate(insts, answers_a, answers_b, labelers, seed: int) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..data.encode import Encoder
 from ..models.loading import load_model
+from ..overopt.track import gold_points, summarize
 from ..rundir.atomic import write_text_atomic
 from ..rundir.metrics import read_metrics
 from .evaluate import answer_quality, corpus_loss, sample_answers, win_rate
@@ -58,6 +59,8 @@ def build_report(ctx) -> dict:
         "corpus_loss": losses,
         "policies": rows,
         "rm": rm_eval,
+        "gold_vs_proxy": {s: g for s in ("ppo", "ppo_ptx")
+                          if (g := summarize(read_metrics(ctx.stage_dir(s) / "metrics.jsonl"))) is not None},
     }
     out = ctx.out
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
@@ -124,9 +127,69 @@ def render_markdown(r: dict, plots: list[str], cfg) -> str:
         lines.append(f"| {names.get(stage, stage)} | {_fmt(row['vs_sft']['win_rate'], True)} | "
                      f"{_fmt(row['vs_demonstrator']['win_rate'], True)} | {_fmt(q['exact'], True)} | "
                      f"{_fmt(q['opener_sure'], True)} | {_fmt(row['corpus_loss'])} |")
+    lines += _gold_lines(r.get("gold_vs_proxy", {}), names)
     lines += ["", "![training](training.png)", ""] if "training.png" in plots else []
+    lines += ["![gold against proxy](gold_vs_proxy.png)", ""] if "gold_vs_proxy.png" in plots else []
     lines += ["![win rates](win_rates.png)", ""] if "win_rates.png" in plots else []
     return "\n".join(lines) + "\n"
+
+
+def _gold_lines(tracks: dict, names: dict) -> list[str]:
+    """Gold against proxy at PPO's evaluations (engine.overopt): where the gold peaked, how far it fell since,
+    and Gao et al.'s RL curve fitted to it."""
+    if not tracks:
+        return []
+    lines = ["", "## Gold against proxy (over-optimisation)", "",
+             "At each evaluation, on the same held-out prompts: the held-out labelers' expected utility of the "
+             "policy's answers (gold, which the reward model never saw) and the reward model's score (proxy), "
+             "both as gains over the SFT policy, against d = sqrt(KL to SFT). Gold that falls while the proxy "
+             "rises is over-optimisation (Gao et al. 2022); the fit is their R(d) = d (alpha - beta log d).", "",
+             "| policy | evaluations | final d | final gold gain | final proxy gain | peak gold gain (d) | fell since "
+             "| fit alpha, beta (R^2) | predicted peak d* |", "|---|---|---|---|---|---|---|---|---|"]
+    for stage, t in tracks.items():
+        fit, fin, peak = t["gold_fit"], t["final"], t["peak"]
+        fitted = f"{fit['alpha']:.3f}, {fit['beta']:.3f} ({fit['r2']:.2f})" if fit else "n/a"
+        star = f"{fit['peak_d']:.2f}" if fit and fit["peak_d"] is not None else "none (still rising)" if fit else "n/a"
+        lines.append(f"| {names.get(stage, stage)} | {t['points']} | {fin['d']:.2f} | {fin['gold']:+.3f} | "
+                     f"{_fmt(fin['proxy']) if fin['proxy'] is not None else 'n/a'} | {peak['gold']:+.3f} "
+                     f"({peak['d']:.2f}) | {t['fell_by']:.3f} | {fitted} | {star} |")
+    return lines
+
+
+def _draw_gold(plt, out: Path) -> bool:
+    """gold_vs_proxy.png: gold and proxy gains against d for PPO and PPO-ptx, with the fitted gold curve."""
+    import numpy as np
+
+    from ..overopt.scaling import fit_curve
+
+    series = {s: gold_points(read_metrics(out / s / "metrics.jsonl")) for s in ("ppo", "ppo_ptx")}
+    if not any(series.values()):
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for stage, pts in series.items():
+        if not pts:
+            continue
+        label = "PPO" if stage == "ppo" else "PPO-ptx"
+        d = [0.0] + [p["d"] for p in pts]
+        for ax, key in zip(axes, ("gold", "proxy")):
+            ys = [0.0] + [p[key] if p[key] is not None else float("nan") for p in pts]
+            line, = ax.plot(d, ys, marker=".", ls="none", label=label)
+            try:
+                fit = fit_curve(d, ys, "rl")
+                grid = np.linspace(0.0, max(d), 100)
+                ax.plot(grid, fit(grid), color=line.get_color(), alpha=0.6, label=f"{label} fit (R^2 {fit.r2:.2f})")
+            except ValueError:
+                pass
+    for ax, title in zip(axes, ("gold gain (held-out labelers)", "proxy gain (reward model)")):
+        ax.set_title(title)
+        ax.set_xlabel("d = sqrt(KL to SFT)")
+        ax.axhline(0.0, color="gray", lw=0.8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "gold_vs_proxy.png", dpi=110)
+    plt.close(fig)
+    return True
 
 
 def draw_plots(out: Path, rows: dict) -> list[str]:
@@ -154,6 +217,8 @@ def draw_plots(out: Path, rows: dict) -> list[str]:
         fig.savefig(out / "training.png", dpi=110)
         plt.close(fig)
         drawn.append("training.png")
+    if _draw_gold(plt, out):
+        drawn.append("gold_vs_proxy.png")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     labels = [s for s in rows if s != "sft"]
     ax.bar(labels, [rows[s]["vs_sft"]["win_rate"] for s in labels], color="tab:blue")

@@ -73,7 +73,7 @@ def ppo_iteration(run: PPORun, step: int, gen: torch.Generator) -> dict:
         run.kl.update(metrics["kl"], len(rollouts.results))
     if setup.evaluate is not None and ((step + 1) % cfg.eval_every == 0 or step == 0) and run.plain_policy():
         with phase("evaluate"):  # every process evaluates the same whole policy the same way
-            metrics["win_rate_vs_sft"] = setup.evaluate(run.plain_policy())
+            metrics.update(setup.evaluate(run.plain_policy()))
     metrics.update(phase.pop())
     return metrics
 

@@ -38,7 +38,7 @@ class PPOSetup:
     prompts: list[list[int]]               # prompt token ids
     ptx_examples: list | None = None       # (prompt ids, response ids) of pretraining text, for PPO-ptx
     max_model_len: int = 64                # prompt + response tokens
-    evaluate: Callable | None = None       # evaluate(policy) -> win rate against the SFT policy
+    evaluate: Callable | None = None       # evaluate(policy) -> {metric: value}: win rate against SFT, gold, proxy
     engine_dtype: str | None = None        # the rollout engine's weights; None: the policy's
 
 

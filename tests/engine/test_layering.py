@@ -14,6 +14,7 @@ TOP = ["engine", "engine.__main__", "engine.cli", "engine.commands", "engine.con
 LAYERS = [
     ["kernels"],
     ["engine.config", "engine.seeds"],
+    ["engine.overopt"],
     ["engine.parallel"],
     ["engine.data"],
     ["engine.models"],

@@ -25,7 +25,10 @@ def test_pipeline_writes_report(run_dir):
     assert report["alignment_tax_ppo"] == pytest.approx(report["corpus_loss"]["ppo"] - report["corpus_loss"]["sft"])
     md = (run_dir / "report.md").read_text()
     assert "PPO preferred over SFT" in md and "| PPO-ptx |" in md
-    for png in ("training.png", "win_rates.png"):
+    gold = report["gold_vs_proxy"]["ppo"]
+    assert gold["points"] == 2 and gold["gold_fit"] is not None and gold["peak"]["gold"] >= gold["final"]["gold"]
+    assert "## Gold against proxy" in md and "| PPO | 2 |" in md
+    for png in ("training.png", "win_rates.png", "gold_vs_proxy.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -56,6 +59,12 @@ def test_pipeline_writes_each_stage(run_dir):
     phases = ("generate", "logprobs", "ref_logprobs", "values", "score", "advantages", "update", "sync")
     assert all(ppo[-1][f"time/{p}"] >= 0 for p in phases) and "time/evaluate" in ppo[0]
     assert "win_rate_vs_sft" in ppo[0] and "win_rate_vs_sft" in ppo[1]
+    # gold against proxy at each evaluation: d is the root of the KL to SFT, the SFT's own values stay put
+    evals = [m for m in ppo if "gold" in m]
+    assert len(evals) == 2 and all(k in m for m in evals for k in ("proxy", "gold_sft", "proxy_sft", "kl_to_init"))
+    assert all(m["d_to_init"] == pytest.approx(max(m["kl_to_init"], 0.0) ** 0.5) for m in evals)
+    assert evals[0]["gold_sft"] == evals[1]["gold_sft"] and evals[0]["proxy_sft"] == evals[1]["proxy_sft"]
+    assert evals[0]["kl_to_init"] != 0.0 != evals[1]["kl_to_init"]  # the policy moved from SFT
     assert (run_dir / "ppo" / "final" / "value" / "model.safetensors").exists()
 
 
