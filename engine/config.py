@@ -131,10 +131,19 @@ class RewardSourceConfig:
     """
     path: Optional[str] = None
     fn: Optional[str] = None
+    # a reward model with several members (`rm --rm.members N`): their scores made one reward (Coste et al.
+    # 2023): mean, wco (the minimum) or uwo (mean - uwo_lambda x their variance)
+    ensemble: str = "mean"
+    uwo_lambda: float = 1.0
 
     def __post_init__(self):
         _require(self.fn is None or (":" in self.fn and all(self.fn.split(":", 1))),
                  f"reward.fn must be package.module:function, got {self.fn!r}")
+        _require(self.ensemble in ("mean", "wco", "uwo"),
+                 f"reward.ensemble must be mean, wco or uwo, got {self.ensemble!r}")
+        _require(self.uwo_lambda >= 0 and self.uwo_lambda < float("inf"),
+                 f"reward.uwo_lambda must be a finite number >= 0 (the weight of the members' variance), got "
+                 f"{self.uwo_lambda}")
 
 
 @dataclass
@@ -199,9 +208,13 @@ class RewardConfig:
     max_grad_norm: float = 1.0
     checkpoint_every: int = 100
     log_every: int = 20
+    # an ensemble: N score heads on the one body, each with its own initialisation and trained on its own
+    # bootstrap resample of the comparisons (the prompts it drew at least once); saved as one model
+    members: int = 1
 
     def __post_init__(self):
-        _positive(self, "rm", "steps", "batch_size", "checkpoint_every", "log_every")
+        _positive(self, "rm", "steps", "batch_size", "checkpoint_every", "log_every", "members")
+        _require(self.members <= 1024, f"rm.members must be at most 1024, got {self.members}")
         for name in ("lr", "max_grad_norm"):
             _require(getattr(self, name) > 0, f"rm.{name} must be > 0, got {getattr(self, name)}")
         _require(self.warmup >= 0 and self.weight_decay >= 0, "rm.warmup and rm.weight_decay must be >= 0")

@@ -18,6 +18,7 @@ Under LoRA (`--policy.lora_rank`) the reference is the policy with its adapters 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -32,6 +33,7 @@ from .models.dropout import disable_dropout
 from .models.forward import PolicyLogprobs, SequenceScores
 from .models.loading import load_model, load_tokenizer, resolve_dtype, same_vocabulary
 from .models.sharding import shard
+from .overopt import ensemble
 from .parallel import distributed as dist
 from .reward_fn import call_reward_fn, load_reward_fn, prompt_text
 from .trainers.dpo import train_dpo
@@ -59,14 +61,15 @@ def _from_run(ctx, **roles):
     return ctx.using(**paths) if paths else ctx
 
 
-def _loader(ctx, path, flag, *, scalar, train, tokenizer, no_dropout: bool = False):
+def _loader(ctx, path, flag, *, scalar, train, tokenizer, no_dropout: bool = False, heads: int | None = None,
+            mean_head: bool = False):
     """load(resume) of a trained role. no_dropout: an RL or preference stage's model, its dropout turned off
-    unless --run.keep_dropout true."""
+    unless --run.keep_dropout true. heads: a scalar model's score heads (loading.score_heads)."""
     cfg = ctx.cfg
 
     def load(resume):
         model = load_model(path, flag=flag, scalar=scalar, device=ctx.device, run=cfg.run, train=train,
-                           resume=resume, tokenizer=tokenizer)
+                           resume=resume, tokenizer=tokenizer, heads=heads, mean_head=mean_head)
         if no_dropout and not cfg.run.keep_dropout:
             disable_dropout(model)
         return model
@@ -155,8 +158,8 @@ def rm(ctx) -> Path:
         def evaluate(model) -> dict:
             return {"rm_heldout_accuracy": pairwise_accuracy(model, heldout, tok.pad_token_id)}
     # The `value` section's LoRA and checkpointing settings apply to every scalar-head model being trained.
-    return train_reward(ctx, _loader(ctx, init, flag, scalar=True, train=cfg.value, tokenizer=tok), cfg.rm, rows,
-                        demos, evaluate)
+    return train_reward(ctx, _loader(ctx, init, flag, scalar=True, train=cfg.value, tokenizer=tok,
+                                     heads=cfg.rm.members), cfg.rm, rows, demos, evaluate)
 
 
 def _reference(ctx, needed: bool, why: str):
@@ -214,15 +217,16 @@ def _reward_model(ctx):
     rm_tok = load_tokenizer(cfg.reward.path, "--reward.path")
     rm = load_model(cfg.reward.path, flag="--reward.path", scalar=True, device=ctx.device, run=cfg.run,
                     tokenizer=rm_tok, head_required=True)
-    return shard(SequenceScores(rm), offload=cfg.run.offload_frozen), rm_tok
+    combine = functools.partial(ensemble.combine, mode=cfg.reward.ensemble, uwo_lambda=cfg.reward.uwo_lambda)
+    return shard(SequenceScores(rm, combine), offload=cfg.run.offload_frozen), rm_tok
 
 
-def _scorer(ctx, reward_model, prompts, enc):
+def _scorer(ctx, reward_model, prompts, enc, spreads: list):
     """score(batch, prompt index of each row, results) -> rewards [B]: the reward model's (--reward.path) plus
-    the reward function's (--reward.fn), whichever are given."""
+    the reward function's (--reward.fn), whichever are given. spreads: where an ensemble's spreads go."""
     cfg, parts = ctx.cfg, []
     if reward_model is not None:
-        parts.append(_reward_scorer(ctx, *reward_model, cfg.reward.path, prompts, enc))
+        parts.append(_reward_scorer(ctx, *reward_model, cfg.reward.path, prompts, enc, spreads))
     if cfg.reward.fn:
         fn, spec = load_reward_fn(cfg.reward.fn), cfg.reward.fn
 
@@ -235,10 +239,17 @@ def _scorer(ctx, reward_model, prompts, enc):
     return lambda batch, idx, results: sum(part(batch, idx, results) for part in parts)
 
 
-def _reward_scorer(ctx, reward, rm_tok, rm_path, prompts, enc):
-    """score(batch, prompt indices, results): RM scores, re-tokenizing text when the RM has its own tokenizer."""
+def _reward_scorer(ctx, reward, rm_tok, rm_path, prompts, enc, spreads: list):
+    """score(batch, prompt indices, results): RM scores, re-tokenizing text when the RM has its own tokenizer.
+    An ensemble's members are combined (--reward.ensemble) and their spread per answer appended to `spreads`."""
+    def scores(batch):
+        if reward.heads == 1:
+            return reward(batch)
+        members = reward(batch, members=True)
+        spreads.extend(ensemble.spread(members).tolist())
+        return reward.combine(members)
     if same_vocabulary(ctx.tokenizer, rm_tok):
-        return lambda batch, idx, results: reward(batch)
+        return lambda batch, idx, results: scores(batch)
     log.warning("ppo: the reward model's tokenizer differs from the policy's: each answer is decoded to text "
                 "and re-tokenized for the reward model")
     rm_enc = make_encoder(rm_tok, dataclasses.replace(ctx.cfg.data, long_prompts="truncate"),
@@ -250,7 +261,7 @@ def _reward_scorer(ctx, reward, rm_tok, rm_path, prompts, enc):
             rm_prompts.append(rm_enc.prompt(prompts[i]))
             rm_responses.append(rm_enc.response(prompts[i], enc.text_of(r.token_ids), len(rm_prompts[-1]),
                                                 finished=r.finish_reason == "stop"))
-        return reward(make_batch(rm_prompts, rm_responses, rm_tok.pad_token_id).to(ctx.device))
+        return scores(make_batch(rm_prompts, rm_responses, rm_tok.pad_token_id).to(ctx.device))
     return score
 
 
@@ -312,13 +323,15 @@ def ppo(ctx, ptx: bool = False) -> Path:
         if reward_model is not None and same_vocabulary(tok, reward_model[1]):
             proxy = reward_model[0]
         evaluate = ctx.task.ppo_evaluator(ctx, sft_policy, proxy)
+    spreads = []  # an ensemble's members' disagreement per answer, since the last iteration's metrics
     setup = PPOSetup(
         load_policy=_loader(ctx, cfg.policy.path, "--policy.path", scalar=False, train=cfg.policy, tokenizer=tok,
                             no_dropout=True),
-        load_value=_loader(ctx, *value, scalar=True, train=cfg.value, tokenizer=tok, no_dropout=True) if value
-        else None,
+        load_value=_loader(ctx, *value, scalar=True, train=cfg.value, tokenizer=tok, no_dropout=True,
+                           mean_head=True) if value else None,
         reference=reference,
-        score=_scorer(ctx, reward_model, records, enc),
+        score=_scorer(ctx, reward_model, records, enc, spreads),
+        reward_spread=spreads,
         policy_dir=Path(cfg.policy.path),
         prompts=prompts,
         ptx_examples=ptx_examples,

@@ -109,17 +109,42 @@ class TokenValues(nn.Module):
 
 class SequenceScores(nn.Module):
     """A reward model: forward(batch) -> the score of each whole sequence, read at its last real token, minus
-    the config's `score_offset`, [B] float32."""
+    the config's `score_offset`, [B] float32.
 
-    def __init__(self, scalar):
+    An ensemble of M members as M score heads on one body (config num_labels M, score_offset a list of M):
+    forward(batch, members=True) -> every member's scores [M, B]; forward(batch) -> `combine` of them [B]
+    (engine.overopt.ensemble: mean, WCO or UWO; the mean when None). One head is itself either way."""
+
+    def __init__(self, scalar, combine=None):
         super().__init__()
-        self.scalar = scalar
+        self.scalar, self.combine = scalar, combine
 
-    def forward(self, batch: SequenceBatch) -> torch.Tensor:
+    def forward(self, batch: SequenceBatch, members: bool = False) -> torch.Tensor:
         if isinstance(batch, Inside):
             return batch.fn(self.scalar)
         h = _hidden(self.scalar, batch)
         idx, _ = kernels.reference.last_valid_index(batch.attention_mask)
         last = h[torch.arange(h.shape[0], device=h.device), idx]
-        offset = float(getattr(unwrap(self.scalar).config, "score_offset", 0.0))
-        return unwrap(self.scalar).score(last).squeeze(-1).float() - offset
+        scores = unwrap(self.scalar).score(last).float().T  # [M, B]
+        scores = scores - torch.as_tensor(score_offsets(self.scalar, scores.shape[0]), dtype=scores.dtype,
+                                          device=scores.device)[:, None]
+        if members:
+            return scores
+        if scores.shape[0] == 1:
+            return scores[0]
+        return self.combine(scores) if self.combine is not None else scores.mean(0)
+
+    @property
+    def heads(self) -> int:
+        """M, the members of the ensemble (1: a single reward model)."""
+        return unwrap(self.scalar).score.out_features
+
+
+def score_offsets(scalar, heads: int) -> list[float]:
+    """The config's score_offset per head: a number (one head; several share it) or a list of one per head."""
+    offset = getattr(unwrap(scalar).config, "score_offset", 0.0)
+    values = offset if isinstance(offset, (list, tuple)) else [offset] * heads
+    if len(values) != heads or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"the reward model's config.json: score_offset must be a number or a list of {heads} "
+                         f"numbers (one per score head), got {offset!r}")
+    return [float(v) for v in values]

@@ -180,9 +180,49 @@ def placed(model, device):
     return model if pending(model) else model.to(device)
 
 
+def score_heads(p: Path, flag: str, path, heads: int | None) -> int:
+    """The outputs of the score head to build: `heads` when given, else a saved reward model's own (its
+    config's num_labels: an ensemble of several heads on one body is one model directory), else 1 (a causal
+    LM's config says num_labels 2 by transformers' default, which means nothing here). A saved reward model
+    with another number of heads than asked is refused rather than given a fresh head."""
+    config = check_json_object(p / "config.json", flag, path) if (p / "config.json").is_file() else {}
+    saved = None
+    if any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        labels = config.get("id2label")
+        saved = config["num_labels"] if "num_labels" in config else len(labels) if isinstance(labels, dict) else 1
+        if not isinstance(saved, int) or isinstance(saved, bool) or not 1 <= saved <= 1024:
+            raise ValueError(f"{flag} {path}: config.json's num_labels is {saved!r}; a reward model here has 1 to "
+                             f"1024 score heads (an ensemble's members)")
+    if heads is None:
+        return saved or 1
+    if saved is not None and saved != heads:
+        raise ValueError(f"{flag} {path}: a reward model with {saved} score head(s), not {heads}; give "
+                         f"--rm.members {saved}, or start from the SFT policy instead")
+    return heads
+
+
+@torch.no_grad()
+def _average_heads(model) -> None:
+    """The score head's outputs replaced by one, their mean (weights, bias and score offsets alike)."""
+    from .forward import score_offsets
+
+    old = model.score
+    head = torch.nn.Linear(old.in_features, 1, bias=old.bias is not None, dtype=old.weight.dtype,
+                           device=old.weight.device)
+    head.weight.copy_(old.weight.mean(0, keepdim=True))
+    if old.bias is not None:
+        head.bias.copy_(old.bias.mean(0, keepdim=True))
+    offsets = score_offsets(model, old.out_features)
+    model.score = head
+    model.config.num_labels = 1
+    model.config.score_offset = sum(offsets) / len(offsets)
+
+
 def load_model(path, *, flag: str, scalar: bool, device="cpu", run=None, train=None, resume=None, tokenizer=None,
-               head_required: bool = False):
-    """A causal LM (scalar=False) or the same body with a one-output scalar head (scalar=True).
+               head_required: bool = False, heads: int | None = None, mean_head: bool = False):
+    """A causal LM (scalar=False) or the same body with a linear score head (scalar=True): one output, or
+    `heads` (score_heads: by default a saved reward model's own number, an ensemble's members). mean_head: a
+    value model that starts from an ensemble: its heads averaged into one (the members' mean score).
 
     run: RunConfig (dtype, attention; None: the defaults). train: TrainedModelConfig of a trained role (gradient checkpointing,
     LoRA) or None for a frozen one. resume: a checkpoint's model directory: full weights replace `path`;
@@ -209,6 +249,7 @@ def load_model(path, *, flag: str, scalar: bool, device="cpu", run=None, train=N
         run = RunConfig()
     device = torch.device(device)
     dtype = resolve_dtype(run.dtype, device)
+    labels = score_heads(p, flag, path, heads) if scalar else None
     if train is not None and train.lora_rank == 0:
         # Trained weights stay float32 (the master copy): a bf16 weight would swallow updates smaller than
         # 1/256 of itself, i.e. most of PPO's. The passes still compute in `dtype` (see `compute_precision`).
@@ -221,17 +262,22 @@ def load_model(path, *, flag: str, scalar: bool, device="cpu", run=None, train=N
     if meta:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(str(p), **({"num_labels": 1} if scalar else {}))
+        config = AutoConfig.from_pretrained(str(p), **({"num_labels": labels} if scalar else {}))
         cls = AutoModelForSequenceClassification if scalar else AutoModelForCausalLM
         model = build(cls, config, p, flag, head_required=head_required and scalar, **kw)
     elif scalar:
         model = _from_pretrained(AutoModelForSequenceClassification, p, flag, head_required=head_required,
-                                 num_labels=1, **kw)
+                                 num_labels=labels, **kw)
     else:
         model = _from_pretrained(AutoModelForCausalLM, p, flag, head_required=False, **kw)
     if scalar and not isinstance(getattr(model, "score", None), torch.nn.Linear):
         raise ValueError(f"{flag} {path}: {type(model).__name__} has no linear `score` head, which reward and "
                          f"value models here read; use a decoder-only model (Llama, Qwen2, Mistral, GPT-2, ...)")
+    if mean_head and scalar and model.score.out_features > 1:
+        if meta:
+            raise ValueError(f"{flag} {path}: a value model starting from an ensemble of {model.score.out_features} "
+                             f"reward heads needs one process, or --value.path (e.g. the SFT policy)")
+        _average_heads(model)
     if tokenizer is not None:
         check_vocab(tokenizer, model, flag, path)
         if model.config.pad_token_id is None:

@@ -61,6 +61,9 @@ def ppo_iteration(run: PPORun, step: int, gen: torch.Generator) -> dict:
         else:  # into shared memory, and the next batch asked for
             run.pipeline.advance(step, merged_named_weights(run.policy.lm))
     metrics = iteration_metrics(exp, rollouts.results, stats, run.kl.coef, cfg.kl_estimator)
+    if setup.reward_spread:  # this process's answers: the ensemble's members' disagreement
+        metrics["reward_spread"] = sum(setup.reward_spread) / len(setup.reward_spread)
+        setup.reward_spread.clear()
     if run.pipeline is not None:
         metrics.update(policy_version=version, staleness=step - version, engine_generate_s=engine_s)
     if hasattr(run.engine, "held_bytes"):  # what this rank's rollout engine holds (1/TP of the policy)

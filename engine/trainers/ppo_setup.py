@@ -40,6 +40,7 @@ class PPOSetup:
     max_model_len: int = 64                # prompt + response tokens
     evaluate: Callable | None = None       # evaluate(policy) -> {metric: value}: win rate against SFT, gold, proxy
     engine_dtype: str | None = None        # the rollout engine's weights; None: the policy's
+    reward_spread: list | None = None      # an ensemble RM's members' std per answer scored, drained per iteration
 
 
 @dataclass

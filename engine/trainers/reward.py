@@ -30,8 +30,37 @@ log = logging.getLogger("engine")
 
 def score_comparisons(rm: SequenceScores, rows: list[dict], pad_id: int):
     """Score every response of every prompt at once -> (scores [B, Kmax], ranks [B, Kmax], valid [B, Kmax]).
-    rows: {prompt, responses, ranks} of token ids (ranks: 0 = best)."""
+    rows: {prompt, responses, ranks} of token ids (ranks: 0 = best). An ensemble's scores are combined."""
     return per_prompt(rm(comparison_batch(rows, pad_id, next(rm.parameters()).device)), rows)
+
+
+def in_bag(n_rows: int, members: int, seed: int) -> torch.Tensor:
+    """[members, n_rows] bool: the comparisons each member trains on. One member: all of them. Several: each
+    its own bootstrap resample (n_rows draws with replacement; about 63% of the rows, each counted once), so
+    the members differ by data as well as by their heads' initialisation."""
+    if members == 1:
+        return torch.ones(1, n_rows, dtype=torch.bool)
+    bags = torch.zeros(members, n_rows, dtype=torch.bool)
+    for m in range(members):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + m)
+        bags[m, torch.randint(0, n_rows, (n_rows,), generator=gen)] = True
+    return bags
+
+
+def ensemble_ranking_loss(rm: SequenceScores, rows: list[dict], bag: torch.Tensor, pad_id: int):
+    """The ranking loss of each member on its own rows of the batch -> (losses [M], pair accuracies [M],
+    prompts with a pair per member [M]). rows: the batch's comparisons; bag: [M, len(rows)] which member
+    trains on which row."""
+    flat = rm(comparison_batch(rows, pad_id, next(rm.parameters()).device), members=True)  # [M, sum K]
+    losses, accs, counted = [], [], []
+    for m in range(flat.shape[0]):
+        values, ranks, valid = per_prompt(flat[m], rows)
+        valid = valid & bag[m].to(valid.device)[:, None]
+        loss, acc = ranking_loss(values, ranks, valid)
+        losses.append(loss)
+        accs.append(acc)
+        counted.append(sum(n_pairs(r) > 0 and bool(b) for r, b in zip(rows, bag[m])))
+    return torch.stack(losses), accs, counted
 
 
 def comparison_batch(rows: list[dict], pad_id: int, device):
@@ -81,14 +110,15 @@ def pairwise_accuracy(rm: SequenceScores, rows: list[dict], pad_id: int, rank_ke
 
 
 @torch.no_grad()
-def mean_score(rm: SequenceScores, prompts, responses, pad_id: int, chunk: int = 256) -> float:
+def mean_score(rm: SequenceScores, prompts, responses, pad_id: int, chunk: int = 256) -> list[float]:
+    """Each member's mean score of the sequences (one value for a single reward model)."""
     was = rm.training
     rm.eval()
     device = next(rm.parameters()).device
-    vals = [rm(make_batch(prompts[i:i + chunk], responses[i:i + chunk], pad_id).to(device))
+    vals = [rm(make_batch(prompts[i:i + chunk], responses[i:i + chunk], pad_id).to(device), members=True)
             for i in range(0, len(prompts), chunk)]
     rm.train(was)
-    return torch.cat(vals).mean().item()
+    return torch.cat(vals, dim=1).mean(dim=1).tolist()
 
 
 def train_reward(ctx, load_model, cfg, rows: list[dict], demos: tuple[list, list] | None, evaluate=None) -> Path:
@@ -107,21 +137,26 @@ def train_reward(ctx, load_model, cfg, rows: list[dict], demos: tuple[list, list
     dist.require_rows(cfg.batch_size, "the batch of prompts", "--rm.batch_size")
     tok, pad = ctx.tokenizer, ctx.tokenizer.pad_token_id
     model = placed(load_model(saved_model(ckpt, "reward")), ctx.device).train()
-    unwrap(model).config.score_offset = 0.0
+    members = unwrap(model).score.out_features
+    unwrap(model).config.score_offset = 0.0 if members == 1 else [0.0] * members
     rm = shard(SequenceScores(model))
     optim, state, start = train_one(stage_dir, "reward", model, cfg, "--rm.lr", tok, ckpt)
+    bag = in_bag(len(rows), members, ctx.cfg.run.seed)
 
     def step_fn(step: int, gen: torch.Generator) -> dict:
         idx = torch.randint(0, len(rows), (cfg.batch_size,), generator=gen).tolist()
         mine = [idx[i] for i in dist.rows(len(idx))]  # this process's prompts of the global batch
-        loss, acc = ranking_loss(*score_comparisons(rm, [rows[i] for i in mine], pad))
+        losses, accs, counted = ensemble_ranking_loss(rm, [rows[i] for i in mine], bag[:, mine], pad)
         pairs, all_pairs = [n_pairs(rows[i]) for i in mine], [n_pairs(rows[i]) for i in idx]
-        # the loss is a mean over prompts that have a pair, the accuracy one over pairs
-        loss = dist.part(loss, sum(p > 0 for p in pairs), sum(p > 0 for p in all_pairs))
+        # each member's loss is a mean over its prompts that have a pair, the accuracy one over pairs; the
+        # members' losses are summed over members (each head's gradient is its own loss's)
+        everyone = [sum(n_pairs(rows[i]) > 0 and bool(bag[m, i]) for i in idx) for m in range(members)]
+        loss = sum(dist.part(losses[m], counted[m], everyone[m]) for m in range(members))
         optim.zero_grad()
         dist.backward(loss)
         optim.step()
-        shares = dist.all_sum({"loss": loss.item(), "accuracy": acc * sum(pairs) / max(sum(all_pairs), 1)})
+        acc = sum(accs) / members  # one member: its accuracy (several: their mean, in-bag pairs of the batch)
+        shares = dist.all_sum({"loss": loss.item() / members, "accuracy": acc * sum(pairs) / max(sum(all_pairs), 1)})
         return {**shares, "lr": optim.current_lr}
 
     run_steps(stage="rm", seed=ctx.cfg.run.seed, start=start, total=cfg.steps, step_fn=step_fn, state=state,
@@ -132,10 +167,13 @@ def train_reward(ctx, load_model, cfg, rows: list[dict], demos: tuple[list, list
         rm = SequenceScores(plain(model))  # adapters merged
     result = {"rm_train_accuracy": pairwise_accuracy(rm, rows[:500], pad)}
     if demos is not None:
-        # Normalise: the labelers' demonstrations score 0 on average (the paper's bias fix before PPO).
+        # Normalise: the labelers' demonstrations score 0 on average (the paper's bias fix before PPO), each
+        # member on its own
         offset = mean_score(rm, *demos, pad)
-        rm.scalar.config.score_offset = offset
-        result.update(score_offset=offset, demonstration_score_mean_after=mean_score(rm, *demos, pad))
+        rm.scalar.config.score_offset = offset[0] if members == 1 else offset
+        after = mean_score(rm, *demos, pad)
+        result.update(score_offset=rm.scalar.config.score_offset,
+                      demonstration_score_mean_after=after[0] if members == 1 else max(after, key=abs))
     else:
         log.warning("rm: no demonstrations given (--data.demonstrations), so scores are not shifted to average "
                     "0 on them")
