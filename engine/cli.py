@@ -21,14 +21,14 @@ from typing import Optional
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from .commands import COMMANDS, SECTIONS, unread
-from .config import (Config, DataConfig, DPOConfig, EvalConfig, FrozenModelConfig, LMTrainConfig, ModelConfig,
-                     PPOConfig, RewardConfig, RewardSourceConfig, RolloutConfig, RunConfig, TaskConfig,
+from .config import (Config, DataConfig, DPOConfig, EvalConfig, FrozenModelConfig, GoldConfig, LMTrainConfig,
+                     ModelConfig, PPOConfig, RewardConfig, RewardSourceConfig, RolloutConfig, RunConfig, TaskConfig,
                      TrainedModelConfig)
 
 TYPES = {"run": RunConfig, "task": TaskConfig, "model": ModelConfig, "pretrain": LMTrainConfig,
          "sft": LMTrainConfig, "rm": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig, "rollout": RolloutConfig,
          "eval": EvalConfig, "policy": TrainedModelConfig, "reference": FrozenModelConfig,
-         "reward": RewardSourceConfig, "value": TrainedModelConfig, "data": DataConfig}
+         "reward": RewardSourceConfig, "value": TrainedModelConfig, "data": DataConfig, "gold": GoldConfig}
 
 
 def build_parser() -> ArgumentParser:

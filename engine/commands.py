@@ -30,7 +30,7 @@ SECTIONS = {
     "pretrain": ("run", "task", "model", "pretrain", "policy"),
     "sft": ("run", "task", "policy", "data", "sft"),
     "rm": ("run", "task", "policy", "reward", "value", "data", "rm"),
-    "ppo": ("run", "task", "policy", "reference", "reward", "value", "data", "ppo", "rollout", "eval"),
+    "ppo": ("run", "task", "policy", "reference", "reward", "value", "data", "ppo", "rollout", "eval", "gold"),
     "dpo": ("run", "task", "policy", "reference", "data", "dpo"),
     "eval": ("run", "task", "rollout", "eval", "policy"),
     "pipeline": ALL,
@@ -40,10 +40,10 @@ SECTIONS = {
     "plan": (),
     "tiny-model": (),
 }
-DATA_FILES = ("prompts", "demonstrations", "comparisons", "eval_comparisons", "pretrain")
+DATA_FILES = ("prompts", "demonstrations", "comparisons", "eval_comparisons", "pretrain", "eval_prompts")
 # the data files each training command reads (the pipeline reads them all)
 READS_FILES = {"sft": ("demonstrations",), "rm": ("comparisons", "demonstrations", "eval_comparisons"),
-               "ppo": ("prompts", "pretrain"), "dpo": ("comparisons", "eval_comparisons")}
+               "ppo": ("prompts", "pretrain", "eval_prompts"), "dpo": ("comparisons", "eval_comparisons")}
 LORA_DETAILS = ("lora_alpha", "lora_dropout", "lora_targets")
 
 
@@ -66,15 +66,20 @@ def unread(command: str, cfg: Config, ptx: bool = False, dpo: bool = False) -> l
         for section in ("task", "model", "pretrain"):
             if section in offered:
                 refuse(section, fields[section], "the built-in task's; your run brings its own model and data")
-        if "eval" in offered:
+        if "eval" in offered and not cfg.gold.given:
             refuse("eval", fields["eval"], "the held-out labelers' win rate is the built-in task's")
         if command == "eval":
             refuse("rollout", ("max_new_tokens",), "the held-out labelers' win rate is the built-in task's")
-        if "ppo" in offered:
-            refuse("ppo", ("eval_every", "eval_prompts"), "the held-out labelers' win rate is the built-in task's")
+        if "ppo" in offered and not cfg.gold.given:
+            refuse("ppo", ("eval_every", "eval_prompts"), "the held-out labelers' win rate is the built-in task's; "
+                                                          "on your model, give a gold: --gold.path or --gold.fn")
+        if "gold" in offered and not cfg.gold.given:
+            refuse("data", ("eval_prompts",), "the gold judges answers to them: give --gold.path or --gold.fn")
         if command == "reproduce":
             out.append("--policy.path (reproduce runs the built-in task at several sizes)")
     else:
+        if "gold" in offered:
+            refuse("gold", fields["gold"], "the built-in task's gold is its held-out labelers")
         if "data" in offered:
             refuse("data", DATA_FILES, "the built-in task makes its own data: give --policy.path DIR to train your "
                                        "own checkpoint on your files")
@@ -91,7 +96,11 @@ def unread(command: str, cfg: Config, ptx: bool = False, dpo: bool = False) -> l
                "the reward model is trained with the --value.* settings")
         refuse("value", ("path",), "`rm` starts from --reward.path or the policy")
         refuse("reward", ("fn",), "`rm` trains a reward model; a reward function is PPO's")
+        refuse("reward", ("ensemble", "uwo_lambda"), "how PPO combines an ensemble's members; `rm` trains them "
+                                                     "(--rm.members)")
     if "ppo" in offered:
+        if cfg.reward.ensemble != "uwo":
+            refuse("reward", ("uwo_lambda",), "only --reward.ensemble uwo reads it")
         estimator = cfg.ppo.advantage_estimator
         if estimator != "gae":  # critic-free: no value model, no GAE
             why = f"--ppo.advantage_estimator {estimator} trains no value model"

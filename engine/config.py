@@ -131,8 +131,7 @@ class RewardSourceConfig:
     """
     path: Optional[str] = None
     fn: Optional[str] = None
-    # a reward model with several members (`rm --rm.members N`): their scores made one reward (Coste et al.
-    # 2023): mean, wco (the minimum) or uwo (mean - uwo_lambda x their variance)
+    # an ensemble's members (`rm --rm.members N`) made one reward: mean, wco (min), uwo (mean - lambda x var)
     ensemble: str = "mean"
     uwo_lambda: float = 1.0
 
@@ -144,6 +143,25 @@ class RewardSourceConfig:
         _require(self.uwo_lambda >= 0 and self.uwo_lambda < float("inf"),
                  f"reward.uwo_lambda must be a finite number >= 0 (the weight of the members' variance), got "
                  f"{self.uwo_lambda}")
+
+
+@dataclass
+class GoldConfig:
+    """A gold signal on your own model, which the trained-on reward never saw, measured at PPO's evaluations
+    beside the proxy and d = sqrt(KL to the start) (the built-in task's gold: its held-out labelers). path: a
+    reward model to judge with; fn: `package.module:function` as --reward.fn. One, with --data.eval_prompts."""
+    path: Optional[str] = None
+    fn: Optional[str] = None
+
+    def __post_init__(self):
+        _require(self.fn is None or (":" in self.fn and all(self.fn.split(":", 1))),
+                 f"gold.fn must be package.module:function, got {self.fn!r}")
+        _require(self.fn is None or self.path is None,
+                 "give one gold: --gold.path (a reward model) or --gold.fn (a function), not both")
+
+    @property
+    def given(self) -> bool:
+        return self.path is not None or self.fn is not None
 
 
 @dataclass
@@ -165,6 +183,7 @@ class DataConfig:
     comparisons: Optional[str] = None       # RM: pairwise chosen/rejected or K-way ranked
     eval_comparisons: Optional[str] = None  # RM: held-out comparisons -> rm_heldout_accuracy in rm/eval.json
     pretrain: Optional[str] = None          # PPO-ptx's pretraining texts: {"text": ...}
+    eval_prompts: Optional[str] = None      # PPO: held-out prompts the gold (--gold.*) judges answers to
     max_prompt_tokens: int = 512
     max_response_tokens: int = 512         # SFT and RM responses longer than this are cut (counted in the log)
     long_prompts: str = "truncate"          # "truncate": keep the last max_prompt_tokens tokens | "drop"
@@ -419,6 +438,7 @@ class Config:
     reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
     value: TrainedModelConfig = field(default_factory=TrainedModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    gold: GoldConfig = field(default_factory=GoldConfig)
 
     def __post_init__(self):
         self.pretrain.check("pretrain")

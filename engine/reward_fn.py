@@ -16,17 +16,17 @@ from typing import Callable
 import torch
 
 
-def load_reward_fn(spec: str) -> Callable:
+def load_reward_fn(spec: str, flag: str = "--reward.fn") -> Callable:
     """The function `spec` ("package.module:function") names, or a ValueError saying why not."""
     module_name, _, name = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"--reward.fn {spec}: cannot import {module_name!r} ({exc}); is it installed or on "
+        raise ValueError(f"{flag} {spec}: cannot import {module_name!r} ({exc}); is it installed or on "
                          f"PYTHONPATH?") from None
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ValueError(f"--reward.fn {spec}: {module_name} has no function {name!r}")
+        raise ValueError(f"{flag} {spec}: {module_name} has no function {name!r}")
     return fn
 
 
@@ -40,38 +40,39 @@ def prompt_text(prompt) -> str:
 LIMIT = 1e15  # |reward|: a batch's sums and squares stay finite in float32 (1e38 each overflowed to inf)
 
 
-def _values(out, spec: str, n: int) -> list:
+def _values(out, spec: str, n: int, flag: str) -> list:
     """The function's result as a list of n elements, or a ValueError saying what it returned instead."""
     if isinstance(out, torch.Tensor) or type(out).__module__ == "numpy" and hasattr(out, "ndim"):
         if out.ndim != 1:
-            raise ValueError(f"--reward.fn {spec} returned an array of shape {tuple(out.shape)}; it must return "
+            raise ValueError(f"{flag} {spec} returned an array of shape {tuple(out.shape)}; it must return "
                              f"one number per response ({n})")
         out = out.tolist()
     if isinstance(out, (str, bytes)) or not isinstance(out, Sequence):
-        raise ValueError(f"--reward.fn {spec} returned a {type(out).__name__}; it must return a list (or tuple, or "
+        raise ValueError(f"{flag} {spec} returned a {type(out).__name__}; it must return a list (or tuple, or "
                          f"1-D array) of numbers, one per response ({n})")
     if len(out) != n:
-        raise ValueError(f"--reward.fn {spec} returned {len(out)} values for {n} responses; it must return one per "
+        raise ValueError(f"{flag} {spec} returned {len(out)} values for {n} responses; it must return one per "
                          f"response")
     return list(out)
 
 
-def call_reward_fn(fn: Callable, spec: str, prompts: list[str], responses: list[str]) -> torch.Tensor:
+def call_reward_fn(fn: Callable, spec: str, prompts: list[str], responses: list[str],
+                   flag: str = "--reward.fn") -> torch.Tensor:
     """fn(prompts, responses) as float32 [B]. The result must be a sequence of B real numbers (not strings, not
     a dict), each finite and at most LIMIT in magnitude; anything else, and any exception the function raises
     (SystemExit included), is a ValueError that names the function."""
     try:
         out = fn(list(prompts), list(responses))
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's code: any error is reported with its name
-        raise ValueError(f"--reward.fn {spec} raised {type(exc).__name__}: {exc}") from exc
-    values = _values(out, spec, len(responses))
+        raise ValueError(f"{flag} {spec} raised {type(exc).__name__}: {exc}") from exc
+    values = _values(out, spec, len(responses), flag)
     for i, v in enumerate(values):
         if not isinstance(v, numbers.Real):
-            raise ValueError(f"--reward.fn {spec} returned {v!r} ({type(v).__name__}) for response {i} "
+            raise ValueError(f"{flag} {spec} returned {v!r} ({type(v).__name__}) for response {i} "
                              f"({responses[i][:60]!r}); each reward must be a number")
         v = float(v)
         if not math.isfinite(v) or abs(v) > LIMIT:
-            raise ValueError(f"--reward.fn {spec} returned {v} for response {i} ({responses[i][:60]!r}); rewards "
+            raise ValueError(f"{flag} {spec} returned {v} for response {i} ({responses[i][:60]!r}); rewards "
                              f"must be finite and at most {LIMIT:g} in magnitude (the trainer sums and squares them "
                              f"in float32)")
         values[i] = v

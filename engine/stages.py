@@ -32,6 +32,7 @@ from .models.batch import make_batch
 from .models.dropout import disable_dropout
 from .models.forward import PolicyLogprobs, SequenceScores
 from .models.loading import load_model, load_tokenizer, resolve_dtype, same_vocabulary
+from .gold import gold_evaluator, gold_scorer
 from .models.sharding import shard
 from .overopt import ensemble
 from .parallel import distributed as dist
@@ -239,14 +240,15 @@ def _scorer(ctx, reward_model, prompts, enc, spreads: list):
     return lambda batch, idx, results: sum(part(batch, idx, results) for part in parts)
 
 
-def _reward_scorer(ctx, reward, rm_tok, rm_path, prompts, enc, spreads: list):
+def _reward_scorer(ctx, reward, rm_tok, rm_path, prompts, enc, spreads: list | None = None):
     """score(batch, prompt indices, results): RM scores, re-tokenizing text when the RM has its own tokenizer.
     An ensemble's members are combined (--reward.ensemble) and their spread per answer appended to `spreads`."""
     def scores(batch):
         if reward.heads == 1:
             return reward(batch)
         members = reward(batch, members=True)
-        spreads.extend(ensemble.spread(members).tolist())
+        if spreads is not None:
+            spreads.extend(ensemble.spread(members).tolist())
         return reward.combine(members)
     if same_vocabulary(ctx.tokenizer, rm_tok):
         return lambda batch, idx, results: scores(batch)
@@ -316,9 +318,20 @@ def ppo(ctx, ptx: bool = False) -> Path:
                           offload=cfg.run.offload_frozen)
     reference = frozen(reference) if reference is not None else None
     evaluate = None
-    if ctx.task is not None and cfg.ppo.eval_every:
+    if (ctx.task is not None or cfg.gold.given) and cfg.ppo.eval_every:
         sft_policy = reference if reference is not None else frozen(load_model(
             cfg.policy.path, flag="--policy.path", scalar=False, device=dev, run=cfg.run, tokenizer=tok))
+    if ctx.task is None and cfg.gold.given and cfg.ppo.eval_every:  # your model, judged by your gold
+        held = _need(cfg.data.eval_prompts, "--data.eval_prompts FILE", "--gold.*",
+                     "held-out prompts for the gold to judge answers to")
+        held_records = [r.prompt for r in _load(held, "prompts", enc) if enc.prompt(r.prompt) is not None]
+        held_records = held_records[:cfg.ppo.eval_prompts]
+        if not held_records:
+            raise ValueError(f"--data.eval_prompts {held}: no prompt left after the length rule")
+        evaluate = gold_evaluator(ctx, sft_policy, [enc.prompt(r) for r in held_records],
+                                  gold_scorer(ctx, held_records, enc, _reward_scorer),
+                                  _scorer(ctx, reward_model, held_records, enc, None))
+    elif ctx.task is not None and cfg.ppo.eval_every:
         proxy = None  # the training RM's score of the evaluation's answers (the built-in RM shares the vocabulary)
         if reward_model is not None and same_vocabulary(tok, reward_model[1]):
             proxy = reward_model[0]

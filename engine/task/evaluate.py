@@ -24,17 +24,24 @@ def sample_answers(policy, tokenizer, insts: list[Instruction], *, temperature: 
 def sample_tokens(policy, tokenizer, insts: list[Instruction], *, temperature: float, max_tokens: int,
                   seed: int, chunk: int = 128) -> tuple[list[list[int]], list[list[int]]]:
     """One sampled answer per prompt -> (prompt ids, response ids as generated, <eos> included when it ended)."""
+    enc = Encoder(tokenizer)
+    prompts = [enc.prompt(x.prompt) for x in insts]
+    return prompts, generate_ids(policy, tokenizer, prompts, temperature=temperature, max_tokens=max_tokens,
+                                 seed=seed, chunk=chunk)
+
+
+@torch.no_grad()
+def generate_ids(policy, tokenizer, prompts: list[list[int]], *, temperature: float, max_tokens: int, seed: int,
+                 chunk: int = 128) -> list[list[int]]:
+    """One sampled answer (token ids as generated) per prompt (token ids), `chunk` prompts at a time."""
     from ..rollout import HFRollout
 
     rollout = HFRollout(policy, seed=seed, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    enc = Encoder(tokenizer)
-    prompts, responses = [], []
-    for i in range(0, len(insts), chunk):
-        part = [enc.prompt(x.prompt) for x in insts[i:i + chunk]]
-        prompts += part
-        responses += [list(r.token_ids) for r in rollout.generate(part, max_tokens=max_tokens,
-                                                                  temperature=temperature)]
-    return prompts, responses
+    out = []
+    for i in range(0, len(prompts), chunk):
+        out += [list(r.token_ids) for r in rollout.generate(prompts[i:i + chunk], max_tokens=max_tokens,
+                                                            temperature=temperature)]
+    return out
 
 
 def win_rate(insts, answers_a, answers_b, labelers, seed: int) -> dict:

@@ -19,12 +19,13 @@ OTHER = {
     "task.n_heldout_labelers": 5, "run.resume": True, "reward.fn": "my_rewards:exact",
     "ppo.advantage_estimator": "reinforce_pp", "ppo.loss_agg": "seq-mean-token-mean", "ppo.kl_loss_estimator": "k2",
     "ppo.old_logprobs": "engine", "dpo.backend": "torch", "dpo.loss": "ipo", "ppo.off_policy_correction": "tis",
-    "rollout.engine_cores": "split",
+    "rollout.engine_cores": "split", "reward.ensemble": "wco", "gold.fn": "my_gold:judge",
 }
 # fields whose other value needs a companion to be valid, or to be read at all
 WITH = {"ppo.drop_constant_groups": ["--ppo.samples_per_prompt", "2"], "run.offload_frozen": ["--run.device", "cuda"],
         "rollout.tensor_parallel": ["--rollout.backend", "vllm"], "ppo.off_policy_correction": ["--ppo.max_staleness", "1"],
-        "rollout.engine_cores": ["--ppo.max_staleness", "1"]}
+        "rollout.engine_cores": ["--ppo.max_staleness", "1"], "reward.uwo_lambda": ["--reward.ensemble", "uwo"],
+        "data.eval_prompts": ["--gold.fn", "my_gold:judge"]}
 
 
 def other(key: str, default):
@@ -49,7 +50,9 @@ ALL = {k for s in SECTIONS["pipeline"] for k in fields(s)}
 RUN = set(fields("run"))
 NO_FROZEN = RUN - {"run.offload_frozen", "run.keep_dropout"}  # a command with no reference or reward model to
 # load, and no RL or preference training whose dropout it would turn off
-FILES = {f"data.{f}" for f in ("prompts", "demonstrations", "comparisons", "eval_comparisons", "pretrain")}
+FILES = {f"data.{f}" for f in ("prompts", "demonstrations", "comparisons", "eval_comparisons", "pretrain",
+                                "eval_prompts")}
+GOLD = set(fields("gold"))  # a user's gold (the built-in task's is its held-out labelers)
 LENGTHS = {"data.max_prompt_tokens", "data.max_response_tokens", "data.long_prompts"}
 LORA_DETAILS = {"lora_alpha", "lora_dropout", "lora_targets"}
 BUILTIN_ONLY = set(fields("task")) | set(fields("eval")) | {"ppo.eval_every", "ppo.eval_prompts"}
@@ -62,7 +65,7 @@ def trained(role):  # what a command that trains `role` reads of it (LoRA detail
 PPO_READS = (set(fields("ppo")) - {"ppo.ptx_coef", "ppo.ptx_batch", "ppo.target_kl", "ppo.kl_horizon",
                                    "ppo.kl_loss_estimator"}) | \
     (set(fields("rollout")) - {"rollout.gpu_memory_utilization", "rollout.sleep", "rollout.cpu_packed_gemm"}) \
-    | {"reward.fn"}
+    | {"reward.fn", "reward.ensemble", "reward.uwo_lambda"}
 READS = {  # command -> (read on the built-in task, read on a user's checkpoint)
     "pretrain": (NO_FROZEN | set(fields("task")) | set(fields("model")) | set(fields("pretrain")),
                  NO_FROZEN | {"policy.path"}),
@@ -75,14 +78,14 @@ READS = {  # command -> (read on the built-in task, read on a user's checkpoint)
     "ppo": (RUN | set(fields("task")) | set(fields("eval")) | trained("policy") | trained("value") | LENGTHS
             | {"reference.path", "reward.path"} | PPO_READS,
             RUN | trained("policy") | trained("value") | LENGTHS | {"reference.path", "reward.path", "data.prompts"}
-            | PPO_READS - {"ppo.eval_every", "ppo.eval_prompts"}),
+            | PPO_READS - {"ppo.eval_every", "ppo.eval_prompts"} | GOLD | {"data.eval_prompts"}),
     "eval": (NO_FROZEN | set(fields("task")) | set(fields("eval")) | {"rollout.max_new_tokens"},
              NO_FROZEN | {"policy.path"}),
     "dpo": (RUN | set(fields("task")) | trained("policy") | LENGTHS | {"reference.path"} | set(fields("dpo")),
             RUN | trained("policy") | LENGTHS | {"reference.path"} | set(fields("dpo"))
             | {"data.comparisons", "data.eval_comparisons"}),
     # the pipeline reads the dpo section only with --with_dpo true (test_conditional_fields_...)
-    "pipeline": (ALL - set(fields("dpo")) - FILES - {f"{r}.{d}" for r in ("policy", "value") for d in LORA_DETAILS}
+    "pipeline": (ALL - set(fields("dpo")) - FILES - GOLD - {f"{r}.{d}" for r in ("policy", "value") for d in LORA_DETAILS}
                  - {"ppo.target_kl", "ppo.kl_horizon", "rollout.gpu_memory_utilization", "rollout.sleep",
                     "rollout.cpu_packed_gemm", "policy.path", "ppo.kl_loss_estimator"},
                  ALL - set(fields("dpo")) - BUILTIN_ONLY - set(fields("model")) - set(fields("pretrain"))

@@ -1,6 +1,7 @@
 """Gold against proxy at PPO's evaluations: the KL to the initial policy estimated from the policy's own
 answers against the exact KL of a next-token distribution, and the gold as the labelers' own utility with
 their noise averaged out."""
+import json
 import math
 import random
 
@@ -54,3 +55,70 @@ def test_gold_is_the_labelers_utility_with_the_noise_averaged_out():
     noisy = sum(labelers[k % 3].utility(i, a, f, rng) for k in range(300)
                 for i, (a, f) in zip(insts, answers)) / (300 * 40)
     assert noisy == pytest.approx(by_hand, abs=0.03)  # 12,000 draws of noise 0.8: standard error 0.007
+
+
+def words(prompts, responses):
+    """A gold function for the tests: the answer's word count."""
+    return [float(len(r.split())) for r in responses]
+
+
+def one_point(prompts, responses):
+    return [1.0] * len(responses)
+
+
+def _user_ppo(tiny_models, tmp_path, *flags):
+    from flag_bundles import cli_with_bundles as cli
+    from test_local_models import EXAMPLES, FEW
+
+    return cli(["ppo", "--policy.path", str(tiny_models["qwen2"]), "--out", str(tmp_path / "run"),
+                "--data.prompts", str(EXAMPLES / "prompts.jsonl"), *FEW, *flags])
+
+
+def test_your_model_judged_by_a_gold_reward_model_with_its_own_tokenizer(tiny_models, tmp_path):
+    """Qwen2 trained on a reward function, judged at each evaluation by a GPT-2 reward model (another
+    tokenizer: answers re-tokenized) on held-out prompts."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from test_local_models import EXAMPLES
+
+    gold = tmp_path / "gold"
+    AutoModelForSequenceClassification.from_pretrained(tiny_models["gpt2"], num_labels=1).save_pretrained(gold)
+    AutoTokenizer.from_pretrained(tiny_models["gpt2"]).save_pretrained(gold)
+    code = _user_ppo(tiny_models, tmp_path, "--reward.fn", "test_gold:one_point", "--gold.path", str(gold),
+                           "--data.eval_prompts", str(EXAMPLES / "prompts.jsonl"), "--ppo.eval_every", "1",
+                           "--ppo.eval_prompts", "3")
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(k in r for r in rows for k in ("gold", "proxy", "d_to_init", "gold_sft"))
+    assert all(r["proxy"] == 1.0 == r["proxy_sft"] for r in rows)  # the proxy is the reward trained on
+    assert rows[0]["gold_sft"] == rows[1]["gold_sft"] and rows[0]["gold"] != 0.0
+    assert all(r["d_to_init"] == pytest.approx(max(r["kl_to_init"], 0.0) ** 0.5) for r in rows)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--gold.fn", "words"], "gold.fn must be package.module:function, got 'words'"),
+    (["--gold.fn", "test_gold:words", "--gold.path", "x"], "give one gold: --gold.path (a reward model) or"),
+    (["--gold.fn", "no_such_module_xyz:f", "--data.eval_prompts", "PROMPTS"],
+     "--gold.fn no_such_module_xyz:f: cannot import 'no_such_module_xyz'"),
+    (["--gold.fn", "test_gold:nothing_here", "--data.eval_prompts", "PROMPTS"],
+     "--gold.fn test_gold:nothing_here: test_gold has no function 'nothing_here'"),
+    (["--gold.fn", "test_gold:words"], "--gold.* with --policy.path needs --data.eval_prompts FILE"),
+    (["--gold.path", "/nonexistent/gold", "--data.eval_prompts", "PROMPTS"], "--gold.path"),
+    (["--data.eval_prompts", "PROMPTS"], "--data.eval_prompts (the gold judges answers to them: give --gold.path "
+                                         "or --gold.fn)"),
+])
+def test_bad_gold_settings_are_refused_by_name(tiny_models, tmp_path, capsys, flags, message):
+    from test_local_models import EXAMPLES
+
+    flags = [str(EXAMPLES / "prompts.jsonl") if f == "PROMPTS" else f for f in flags]
+    code = _user_ppo(tiny_models, tmp_path, "--reward.fn", "test_gold:one_point", *flags)
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "ppo" / "final").exists()
+
+
+def test_the_built_in_task_refuses_another_gold(tmp_path, tiny, capsys):
+    from engine.cli import main
+
+    assert main(["ppo", "--out", str(tmp_path / "run"), *tiny("ppo"), "--gold.fn", "test_gold:words"]) == 2
+    assert "--gold.fn (the built-in task's gold is its held-out labelers)" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from pathlib import Path
 from import_graph import arrows, modules
 
 ROOT = Path(__file__).resolve().parents[2]
-TOP = ["engine", "engine.__main__", "engine.cli", "engine.commands", "engine.context", "engine.stages",
+TOP = ["engine", "engine.__main__", "engine.cli", "engine.commands", "engine.context", "engine.stages", "engine.gold",
        "engine.reproduce", "engine.reward_fn"]
 # bottom first; a package may import its own modules and those of lower layers, never a layer's neighbour
 LAYERS = [
