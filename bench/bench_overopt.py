@@ -1,12 +1,12 @@
 """Over-optimisation on the built-in task (issue 40): gold against proxy as PPO moves away from SFT, with a
 single reward model and with an ensemble of 4 (mean, WCO, UWO), beside best-of-n from the SFT policy.
 
-    python -m bench.bench_overopt                    # 3 seeds x 4 PPO runs of 300 iterations, ~30 min, 2 cores
+    python -m bench.bench_overopt                    # 3 seeds x 4 PPO runs of 150 iterations, ~40 min, 2 cores
     python -m bench.bench_overopt --iterations 30 --seeds 0   # a quick look (not for the record)
 
-Per seed (--run.seed: the RM's initialisation and data order, PPO's sampling; the task's data stays):
-pretrain, sft and rm as the built-in pipeline makes them; an ensemble RM (`rm --rm.members 4`) from the same
-SFT policy; then PPO with a low KL coefficient (--kl_coef, default 0.01, where the single RM is
+Per seed (--run.seed: the reward models' initialisation and data order, PPO's sampling; the task's data and
+the pretrained and SFT policies, the first seed's, stay): rm as the built-in pipeline makes it; an ensemble
+RM (`rm --rm.members 4`) from the same SFT policy; then PPO with a low KL coefficient (--kl_coef, default 0.01, where the single RM is
 over-optimised) against each reward. Every --eval_every iterations the run logs (engine/task/gold.py) the gold
 (the held-out labelers' expected utility, which no reward model saw), the proxy (the reward it trains on) and
 d = sqrt(KL to SFT) on the first --prompts held-out prompts. Best-of-n: 64 SFT answers to each of the same
@@ -43,10 +43,16 @@ def engine(argv: list[str]) -> None:
         raise RuntimeError(f"python -m engine {' '.join(argv)} failed")
 
 
-def bases(work: Path, seed: int) -> tuple[Path, Path]:
-    """(the single-RM base, the ensemble base) of one seed, made unless there."""
+def bases(work: Path, seed: int, first: int) -> tuple[Path, Path]:
+    """(the single-RM base, the ensemble base) of one seed, made unless there. The pretrained and SFT policies
+    are the first seed's for every seed: the seeds vary the reward models and PPO, what this bench is about."""
     single, ens = work / f"seed{seed}" / "single", work / f"seed{seed}" / "ensemble"
     flags = ["--run.seed", str(seed), "--run.resume", "true"]
+    if seed != first and not (single / "sft" / "final").is_dir():
+        shutil.rmtree(single, ignore_errors=True)
+        source = work / f"seed{first}" / "single"
+        for part in ("pretrain", "sft", "tokenizer", "data"):
+            shutil.copytree(source / part, single / part)
     for stage in ("pretrain", "sft", "rm"):
         engine([stage, "--out", str(single), *flags])
     if not (ens / "rm" / "final").is_dir():
@@ -214,11 +220,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_overopt", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--iterations", type=int, default=300)
+    ap.add_argument("--iterations", type=int, default=150)
     ap.add_argument("--kl_coef", type=float, default=0.01)
     ap.add_argument("--eval_every", type=int, default=10)
     ap.add_argument("--prompts", type=int, default=128, help="held-out prompts of every evaluation")
-    ap.add_argument("--uwo_lambda", type=float, default=1.0)
+    ap.add_argument("--uwo_lambda", type=float, default=10.0,
+                    help="the members disagree by about 0.03 (std) at the start: lambda 10 makes their variance "
+                         "count once they disagree ten times more")
     ap.add_argument("--guard_growth", type=float, default=2.0)
     ap.add_argument("--work", help="a directory for the runs, reused when given (default: a temporary one)")
     args = ap.parse_args(argv)
@@ -230,7 +238,7 @@ def main(argv=None) -> int:
              "ensemble WCO": ("ensemble", ("wco", 0.0)), "ensemble UWO": ("ensemble", ("uwo", args.uwo_lambda))}
     rows, bon = [], []
     for seed in args.seeds:
-        single, ens = bases(work, seed)
+        single, ens = bases(work, seed, args.seeds[0])
         for name, (use_ens, flags) in runs.items():
             tag = f"{name}-{args.iterations}it-kl{args.kl_coef}-e{args.eval_every}-p{args.prompts}".replace(" ", "-")
             if name == "ensemble UWO":
@@ -243,13 +251,13 @@ def main(argv=None) -> int:
     meta = provenance("python -m bench.bench_overopt " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
                       "cpu")
     meta.update(vars(args) | {"work": None})
-    single, ens = bases(work, args.seeds[0])
+    single, ens = bases(work, args.seeds[0], args.seeds[0])
     cost = scoring_cost(single, ens)
     print(json.dumps(cost), flush=True)
     result = {"runs": rows, "best_of_n": bon, "scoring": cost}
     text = render(result, meta)
     print(text)
-    if args.iterations == 300 and len(args.seeds) >= 3:
+    if args.iterations == 150 and len(args.seeds) >= 3:
         print("saved", write_rows("overoptimization", "cpu", meta, [result], text, plot))
     return 0
 
