@@ -12,9 +12,9 @@ over-optimised) against each reward. Every --eval_every iterations the run logs 
 d = sqrt(KL to SFT) on the first --prompts held-out prompts. Best-of-n: 64 SFT answers to each of the same
 prompts, the answer with the best proxy kept (exact expectations over n-subsets, engine/overopt/scaling.py),
 its KL to SFT log n - (n - 1)/n. Gao et al.'s RL and best-of-n curves are fitted to every run.
-The guard reads only what a run sees: it stops at the first evaluation where the ensemble's spread (the
-members' std per answer, the mean over the last 10 iterations) has grown past --guard_growth times its mean
-over the first 10; it is scored against the gold peak it never saw.
+The guard (engine/overopt/guard.py) reads only what a run sees: it stops at the first evaluation where the
+proxy's gain per unit of d since the last one falls below --guard_fraction of its first; it is scored
+against the gold peak it never saw. The ensembles' spread is reported too (it did not grow: see the results).
 Results: bench/results/<device>/overoptimization.{md,json,png}.
 """
 from __future__ import annotations
@@ -179,20 +179,8 @@ def _stacked(model, batch):
     return lambda: run(params, buffers)
 
 
-def guard_stop(rows: list[dict], growth: float) -> int | None:
-    """The step at which the guard stops the run: the first evaluation where the members' spread, averaged
-    over the last 10 iterations, is past `growth` times its average over the first 10 (None: never)."""
-    spread = [r["reward_spread"] for r in rows if "reward_spread" in r]
-    if len(spread) < 20:
-        return None
-    start = sum(spread[:10]) / 10
-    for i, r in enumerate(rows):
-        if "gold" in r and i >= 19 and sum(spread[i - 9:i + 1]) / 10 > growth * start:
-            return r["step"]
-    return None
-
-
-def summarize(name: str, seed: int, rows: list[dict], growth: float) -> dict:
+def summarize(name: str, seed: int, rows: list[dict], fraction: float) -> dict:
+    from engine.overopt.guard import first_stop
     from engine.overopt.track import summarize as track
 
     t = track(rows)
@@ -202,11 +190,15 @@ def summarize(name: str, seed: int, rows: list[dict], growth: float) -> dict:
            "peak_step": t["peak"]["step"], "fell_by": t["fell_by"], "fit": t["gold_fit"],
            "final_win_rate": evals[-1]["win_rate_vs_sft"], "peak_win_rate": max(r["win_rate_vs_sft"] for r in evals),
            "curve": [{k: p[k] for k in ("step", "d", "gold", "proxy")} for p in _points(rows)]}
-    stop = guard_stop(rows, growth) if "reward_spread" in rows[0] else None
+    curve = out["curve"]
+    stop = first_stop([(p["d"], p["proxy"]) for p in curve], fraction)
+    at = curve[stop] if stop is not None else None
+    out["guard"] = {"step": at["step"] if at else None, "d": at["d"] if at else None,
+                    "gold": at["gold"] if at else None,
+                    "within_20pct": bool(at and abs(at["d"] - out["peak_d"]) <= 0.2 * out["peak_d"])}
     if "reward_spread" in rows[0]:
-        at = next((p for p in out["curve"] if p["step"] == stop), None)
-        out["guard"] = {"step": stop, "d": at["d"] if at else None, "gold": at["gold"] if at else None,
-                        "within_20pct": bool(at and abs(at["d"] - out["peak_d"]) <= 0.2 * out["peak_d"])}
+        spread = [r["reward_spread"] for r in rows]
+        out["spread_first_last_10"] = [sum(spread[:10]) / 10, sum(spread[-10:]) / 10]
     return out
 
 
@@ -227,7 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--uwo_lambda", type=float, default=10.0,
                     help="the members disagree by about 0.03 (std) at the start: lambda 10 makes their variance "
                          "count once they disagree ten times more")
-    ap.add_argument("--guard_growth", type=float, default=2.0)
+    ap.add_argument("--guard_fraction", type=float, default=0.25,
+                    help="the guard stops where the proxy's gain per unit of d falls below this share of its first")
     ap.add_argument("--work", help="a directory for the runs, reused when given (default: a temporary one)")
     args = ap.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="overopt-"))
@@ -244,7 +237,7 @@ def main(argv=None) -> int:
             if name == "ensemble UWO":
                 tag += f"-l{args.uwo_lambda}"
             metrics = ppo_run(ens if use_ens else single, work / f"seed{seed}" / tag, seed, flags, args)
-            row = summarize(name, seed, metrics, args.guard_growth)
+            row = summarize(name, seed, metrics, args.guard_fraction)
             print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
             rows.append(row)
         bon.append({"seed": seed, **best_of_n(single, ens, args.prompts, 64, modes)})
@@ -291,6 +284,11 @@ def render(result: dict, meta: dict) -> str:
                      f"{np.mean([r['peak_d'] for r in rs]):.2f} | {np.mean([r['final_d'] for r in rs]):.2f} | "
                      f"{_stats(r['fell_by'] for r in rs)} | {_stats(r['final_win_rate'] for r in rs)} | "
                      f"{_stats(r['peak_win_rate'] for r in rs)} | {np.median(r2) if r2 else float('nan'):.2f} |")
+    spreads = [r["spread_first_last_10"] for r in runs if "spread_first_last_10" in r]
+    if spreads:
+        lines += ["", f"The ensemble's members' spread (std per answer), mean over the ensemble runs: "
+                  f"{np.mean([a for a, _ in spreads]):.4f} over the first 10 iterations, "
+                  f"{np.mean([b for _, b in spreads]):.4f} over the last 10."]
     lines += ["", "Gao et al.'s RL law fitted to each run's gold gain against d (the origin included):", "",
               "| reward | seed | alpha | beta | R^2 | predicted peak d* | observed peak d |", "|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -324,8 +322,9 @@ def render(result: dict, meta: dict) -> str:
     guarded = [r for r in runs if "guard" in r]
     if guarded:
         hits = sum(r["guard"]["within_20pct"] for r in guarded)
-        lines += ["", f"The guard (stop when the ensemble's spread grows past {meta['guard_growth']}x its start; no gold "
-                  f"given to it) stopped within 20% of the gold peak's d in {hits} of {len(guarded)} ensemble runs:", "",
+        lines += ["", f"The guard (stop where the proxy's gain per unit of d falls below {meta['guard_fraction']} of its "
+                  f"first; no gold given to it) stopped within 20% of the gold peak's d in {hits} of {len(guarded)} "
+                  "runs:", "",
                   "| reward | seed | guard stop (step, d) | gold peak (step, d) | gold at the stop |", "|---|---|---|---|---|"]
         for r in guarded:
             g = r["guard"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict
 
+from .guard import first_stop
 from .scaling import fit_curve
 
 
@@ -22,8 +23,9 @@ def gold_points(rows: list[dict]) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> dict | None:
-    """{"points", "final", "peak", "fell_by", "gold_fit", "proxy_fit"} of a run's evaluations, None without
-    any. fell_by: the gold gain lost from its peak to the last evaluation (0 when the last is the peak);
+    """{"points", "final", "peak", "fell_by", "guard", "gold_fit", "proxy_fit"} of a run's evaluations, None
+    without any. fell_by: the gold gain lost from its peak to the last evaluation (0 when the last is the peak);
+    guard: the evaluation where engine.overopt.guard (proxy and d only) would stop the run, or None;
     *_fit: Gao's RL curve through the points with the initial policy (d = 0, gain 0) as {"alpha", "beta",
     "r2", "peak_d"}, or None where it cannot be fitted (fewer than two distinct d > 0)."""
     pts = gold_points(rows)
@@ -32,6 +34,9 @@ def summarize(rows: list[dict]) -> dict | None:
     peak = max(pts, key=lambda p: p["gold"])
     final = pts[-1]
     out = {"points": len(pts), "final": final, "peak": peak, "fell_by": peak["gold"] - final["gold"]}
+    with_proxy = [p for p in pts if p["proxy"] is not None]
+    stop = first_stop([(p["d"], p["proxy"]) for p in with_proxy])
+    out["guard"] = with_proxy[stop] if stop is not None else None  # where the proxy-slope guard would stop
     for key in ("gold", "proxy"):
         usable = [p for p in pts if p[key] is not None and math.isfinite(p[key]) and math.isfinite(p["d"])]
         try:

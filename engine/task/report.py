@@ -143,16 +143,20 @@ def _gold_lines(tracks: dict, names: dict) -> list[str]:
              "At each evaluation, on the same held-out prompts: the held-out labelers' expected utility of the "
              "policy's answers (gold, which the reward model never saw) and the reward model's score (proxy), "
              "both as gains over the SFT policy, against d = sqrt(KL to SFT). Gold that falls while the proxy "
-             "rises is over-optimisation (Gao et al. 2022); the fit is their R(d) = d (alpha - beta log d).", "",
+             "rises is over-optimisation (Gao et al. 2022); the fit is their R(d) = d (alpha - beta log d). The "
+             "guard sees no gold: it stops where the proxy's gain per unit of d falls below a quarter of its "
+             "first (engine/overopt/guard.py).", "",
              "| policy | evaluations | final d | final gold gain | final proxy gain | peak gold gain (d) | fell since "
-             "| fit alpha, beta (R^2) | predicted peak d* |", "|---|---|---|---|---|---|---|---|---|"]
+             "| fit alpha, beta (R^2) | predicted peak d* | the guard would stop at d |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for stage, t in tracks.items():
         fit, fin, peak = t["gold_fit"], t["final"], t["peak"]
         fitted = f"{fit['alpha']:.3f}, {fit['beta']:.3f} ({fit['r2']:.2f})" if fit else "n/a"
         star = f"{fit['peak_d']:.2f}" if fit and fit["peak_d"] is not None else "none (still rising)" if fit else "n/a"
         lines.append(f"| {names.get(stage, stage)} | {t['points']} | {fin['d']:.2f} | {fin['gold']:+.3f} | "
                      f"{_fmt(fin['proxy']) if fin['proxy'] is not None else 'n/a'} | {peak['gold']:+.3f} "
-                     f"({peak['d']:.2f}) | {t['fell_by']:.3f} | {fitted} | {star} |")
+                     f"({peak['d']:.2f}) | {t['fell_by']:.3f} | {fitted} | {star} | "
+                     f"{f'{g:.2f}' if (g := (t.get('guard') or {}).get('d')) is not None else 'no stop'} |")
     return lines
 
 

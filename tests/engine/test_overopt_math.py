@@ -91,3 +91,20 @@ def test_wco_uwo_and_mean_against_a_hand_computation():
         combine(scores, "uwo", -1.0)
     with pytest.raises(ValueError, match=r"\[members, answers\]"):
         combine(scores[0], "mean")
+
+
+def test_the_proxy_slope_guard_fires_where_the_proxy_flattens_and_not_before():
+    from engine.overopt.guard import ProxySlopeGuard, first_stop
+
+    # proxy gain 0.7 d up to d = 1.5, then nearly flat: the guard fires at the first flat interval
+    ds = [0.0, 0.5, 1.0, 1.5, 1.55, 2.0, 2.5]
+    gains = [0.0 if d == 0 else (0.7 * d if d <= 1.5 else 1.05 + 0.02 * (d - 1.5)) for d in ds]
+    assert first_stop(list(zip(ds, gains))) == 5  # 1.55 moved d by less than 0.1: it waits for 2.0
+    # a proxy that keeps rising at its first rate, or one that wiggles d back, never fires
+    assert first_stop([(d, 0.7 * d) for d in ds]) is None
+    assert first_stop([(0.0, 0.0), (1.0, 0.7), (0.8, 0.9), (0.95, 0.95), (1.5, 1.1)]) is None
+    g = ProxySlopeGuard(0.5)
+    assert not g.feed(1.0, 1.0) and not g.feed(2.0, 1.6) and g.feed(3.0, 1.9) and g.feed(3.0, 0.0)
+    assert g.fired_at == 3.0 and g.slopes == pytest.approx([1.0, 0.6, 0.3])
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\)"):
+        ProxySlopeGuard(1.5)

@@ -27,6 +27,7 @@ def test_pipeline_writes_report(run_dir):
     assert "PPO preferred over SFT" in md and "| PPO-ptx |" in md
     gold = report["gold_vs_proxy"]["ppo"]
     assert gold["points"] == 2 and gold["gold_fit"] is not None and gold["peak"]["gold"] >= gold["final"]["gold"]
+    assert gold["guard"] is None  # two evaluations: one slope, nothing to compare it with
     assert "## Gold against proxy" in md and "| PPO | 2 |" in md
     for png in ("training.png", "win_rates.png", "gold_vs_proxy.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
