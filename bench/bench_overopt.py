@@ -255,10 +255,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def _stats(values) -> str:
+def _stats(values, pct: bool = False) -> str:
     v = [x for x in values if x is not None]
     if not v:
         return "n/a"
+    if pct:
+        return f"{100 * np.mean(v):.1f}% ({100 * min(v):.1f}-{100 * max(v):.1f}%)"
     return f"{np.mean(v):+.3f} ({min(v):+.3f} to {max(v):+.3f})"
 
 
@@ -282,8 +284,8 @@ def render(result: dict, meta: dict) -> str:
         r2 = [r["fit"]["r2"] for r in rs if r["fit"]]
         lines.append(f"| {n} | {_stats(r['final_gold'] for r in rs)} | {_stats(r['peak_gold'] for r in rs)} | "
                      f"{np.mean([r['peak_d'] for r in rs]):.2f} | {np.mean([r['final_d'] for r in rs]):.2f} | "
-                     f"{_stats(r['fell_by'] for r in rs)} | {_stats(r['final_win_rate'] for r in rs)} | "
-                     f"{_stats(r['peak_win_rate'] for r in rs)} | {np.median(r2) if r2 else float('nan'):.2f} |")
+                     f"{_stats(r['fell_by'] for r in rs)} | {_stats((r['final_win_rate'] for r in rs), True)} | "
+                     f"{_stats((r['peak_win_rate'] for r in rs), True)} | {np.median(r2) if r2 else float('nan'):.2f} |")
     spreads = [r["spread_first_last_10"] for r in runs if "spread_first_last_10" in r]
     if spreads:
         lines += ["", f"The ensemble's members' spread (std per answer), mean over the ensemble runs: "
