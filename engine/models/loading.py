@@ -186,8 +186,11 @@ def score_heads(p: Path, flag: str, path, heads: int | None) -> int:
     LM's config says num_labels 2 by transformers' default, which means nothing here). A saved reward model
     with another number of heads than asked is refused rather than given a fresh head."""
     config = check_json_object(p / "config.json", flag, path) if (p / "config.json").is_file() else {}
-    saved = None
-    if any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+    saved, archs = None, config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ValueError(f"{flag} {path}: config.json's architectures is {archs!r}; it must be a list of class "
+                         f"names (e.g. [\"LlamaForSequenceClassification\"])")
+    if any(a.endswith("ForSequenceClassification") for a in archs):
         labels = config.get("id2label")
         saved = config["num_labels"] if "num_labels" in config else len(labels) if isinstance(labels, dict) else 1
         if not isinstance(saved, int) or isinstance(saved, bool) or not 1 <= saved <= 1024:

@@ -124,3 +124,13 @@ def test_a_reward_model_with_other_heads_than_asked_is_refused(ensemble_run, tmp
     assert "a reward model with 4 score head(s), not 2; give --rm.members 4" in capsys.readouterr().err
     assert main(["rm", "--out", str(out), *tiny("rm"), "--rm.members", "0"]) == 2
     assert "rm.members must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("archs", [5, "LlamaForSequenceClassification", [3]])
+def test_a_reward_models_architectures_that_are_not_class_names_are_refused_by_file(ensemble_run, tmp_path, archs):
+    rm_dir = tmp_path / "rm"
+    shutil.copytree(ensemble_run / "rm" / "final" / "reward", rm_dir)
+    config = json.loads((rm_dir / "config.json").read_text())
+    (rm_dir / "config.json").write_text(json.dumps({**config, "architectures": archs}))
+    with pytest.raises(ValueError, match="config.json's architectures is .*; it must be a list of class names"):
+        load_model(rm_dir, flag="--reward.path", scalar=True)
