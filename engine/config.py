@@ -374,29 +374,30 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
-    # vLLM on a GPU, colocated with training: the engine's share of GPU memory, and whether it sleeps
-    # (weights offloaded, KV cache freed) while the trainer runs. Ignored by the hf backend and on the CPU.
+    # vLLM on a GPU, colocated with training: its share of GPU memory, and whether it sleeps while the trainer runs
     gpu_memory_utilization: float = 0.3
     sleep: bool = False
-    # vLLM on the CPU: keep its oneDNN-packed linear layers (decoding 1.5x faster at 58M and 1.8x at 630M
-    # parameters on the 2-core machine, but every weight sync repacks them: 10-13x the copy floor) instead of
-    # the plain layout whose every parameter is synced in place (within 1.2x of the floor; no slower to decode
-    # at the built-in task's size).
+    # vLLM on the CPU: its oneDNN-packed layers (decoding 1.5-1.8x faster at 58M-630M parameters here, but each
+    # sync repacks them: 10-13x the copy floor) or the plain layout synced in place (within 1.2x of the floor)
     cpu_packed_gemm: bool = False
-    # vLLM tensor parallelism across the trainer's own processes (torchrun; vLLM's external_launcher): each
-    # group of tensor_parallel ranks runs one engine holding 1/tensor_parallel of the weights on each rank,
-    # all of them generating the group's share of the prompts. 1: an engine per process with all the weights.
+    # vLLM tensor parallelism across the trainer's own processes (torchrun; vLLM's external_launcher): a group of
+    # tensor_parallel ranks runs one engine, each rank 1/tensor_parallel of the weights. 1: an engine per process.
     tensor_parallel: int = 1
-    # With --ppo.max_staleness > 0, where the engine process runs: follow (the trainer on every CPU while the
-    # engine idles, on all but the engine's while it generates, switched block by block: 1.13-1.15x the
-    # synchronous loop's iterations per second at 25.8M parameters, bench/results/cpu-2core/async-cores.md;
-    # a run's numbers may differ from another's with the same seed in the last bits, as PyTorch's CPU
-    # reductions round differently on 1 and 2 threads), shared (the trainer keeps every CPU, the engine half
-    # as many threads anywhere: bit-exact runs and resumes, 0.91-1.01x) or split (the CPUs halved, each
-    # process pinned to its half: bit-exact, 0.79-0.80x).
+    # --ppo.max_staleness > 0: the engine process's CPUs: follow (the trainer takes them while the engine idles:
+    # 1.13-1.15x the synchronous loop at 25.8M, bench/results/cpu-2core/async-cores.md; not bit-exact across
+    # 1 and 2 threads), shared (bit-exact, 0.91-1.01x) or split (the CPUs halved and pinned: bit-exact, 0.79x).
     engine_cores: str = "follow"
+    # Episodes (engine/episodes): several turns with an environment, package.module:Class (None: one answer)
+    env: str | None = None
+    max_turns: int = 4                  # the model's turns per episode
+    max_episode_tokens: int = 0         # all tokens after the prompt, both sides' (0: max_turns x max_new_tokens)
+    max_env_tokens: int = 64            # per environment message (longer ones are cut)
+    env_timeout: float = 10.0           # seconds per call into the environment
 
     def __post_init__(self):
+        _positive(self, "rollout", "max_turns", "max_env_tokens", "max_new_tokens")
+        _require(self.env_timeout > 0 and self.max_episode_tokens >= 0, "rollout.env_timeout must be > 0 and "
+                 "rollout.max_episode_tokens >= 0")
         _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization must be in (0, 1]")
         _require(self.tensor_parallel >= 1, f"rollout.tensor_parallel must be >= 1, got {self.tensor_parallel}")
         _require(self.engine_cores in ("split", "shared", "follow"), f"rollout.engine_cores must be split, shared or "
@@ -409,7 +410,6 @@ class RolloutConfig:
         _require(self.temperature > 0, "rollout.temperature must be > 0")
         _require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _require(self.top_k == -1 or self.top_k >= 1, f"rollout.top_k must be -1 (off) or >= 1, got {self.top_k}")
-        _require(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass

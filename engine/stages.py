@@ -23,11 +23,14 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
 from kernels import needs_critic
 
 from .config import TrainedModelConfig
 from .data.encode import make_encoder, special_texts, text_examples
 from .data.formats import load
+from .episodes import episode_task, episode_tokens
 from .models.batch import make_batch
 from .models.dropout import disable_dropout
 from .models.forward import PolicyLogprobs, SequenceScores
@@ -233,8 +236,12 @@ def _scorer(ctx, reward_model, prompts, enc, spreads: list):
 
         def by_function(batch, idx, results):
             texts = [prompt_text(prompts[i]) for i in idx]
-            return call_reward_fn(fn, spec, texts, [enc.text_of(r.token_ids) for r in results]).to(ctx.device)
+            answers = [enc.text_of(r.token_ids) if r.episode is None else  # an episode: every turn's text
+                       enc.tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in results]
+            return call_reward_fn(fn, spec, texts, answers).to(ctx.device)
         parts.append(by_function)
+    if not parts:  # an environment's rewards alone (--rollout.env)
+        return lambda batch, idx, results: batch.input_ids.new_zeros(len(idx), dtype=torch.float32)
     if len(parts) == 1:
         return parts[0]
     return lambda batch, idx, results: sum(part(batch, idx, results) for part in parts)
@@ -280,14 +287,15 @@ def _value_start(cfg) -> tuple[str, str] | None:
 def ppo(ctx, ptx: bool = False) -> Path:
     """PPO, or a critic-free estimator (--ppo.advantage_estimator), scored by the RM and/or --reward.fn."""
     runs = {"policy": ("sft", "policy")}
-    if ctx.cfg.reward.fn is None:  # a reward function alone needs no RM; --reward.path adds one to it
-        runs["reward"] = ("rm", "reward")
+    if ctx.cfg.reward.fn is None and not ctx.cfg.rollout.env:  # a reward function or an environment alone needs
+        runs["reward"] = ("rm", "reward")                        # no RM; --reward.path adds one to them
     ctx = _from_run(ctx, **runs)
     cfg = ctx.cfg
     path = _need(cfg.data.prompts, "--data.prompts FILE", "ppo", "the prompts to sample answers for")
-    if cfg.reward.path is None and cfg.reward.fn is None:
+    if cfg.reward.path is None and cfg.reward.fn is None and not cfg.rollout.env:
         raise ValueError("ppo with --policy.path needs --reward.path DIR (the reward model: `python -m engine rm` "
-                         "writes OUT/rm/final/reward) or --reward.fn package.module:function, or both")
+                         "writes OUT/rm/final/reward), --reward.fn package.module:function or --rollout.env "
+                         "package.module:Class (an environment's rewards), or several")
     tok, dev = ctx.tokenizer, ctx.device
     reward_model = _reward_model(ctx)
     value = _value_start(cfg)
@@ -299,13 +307,15 @@ def ppo(ctx, ptx: bool = False) -> Path:
     # nothing reads it without a KL penalty, KL loss or KL metric: never loaded then
     reference = _reference(ctx, needs_reference(cfg.ppo), "the KL penalty compares the two models token by token")
     context = _context_length(cfg.policy.path)
-    enc = make_encoder(tok, cfg.data, context, cfg.rollout.max_new_tokens, "--policy.path")
-    records, prompts = [], []
+    after = episode_tokens(cfg.rollout)  # an answer's tokens, or an episode's
+    enc = make_encoder(tok, cfg.data, context, after, "--policy.path")
+    records, prompts, env_args = [], [], []
     for rec in _load(path, "prompts", enc):
         ids = enc.prompt(rec.prompt)
         if ids is not None:
             records.append(rec.prompt)
             prompts.append(ids)
+            env_args.append(rec.env)
     log.info("ppo: %s: %s", path, enc.counts.summary())
     ptx_examples = None
     if ptx:
@@ -350,7 +360,8 @@ def ppo(ctx, ptx: bool = False) -> Path:
         ptx_examples=ptx_examples,
         evaluate=evaluate,
         engine_dtype=str(resolve_dtype(cfg.run.dtype, dev)).split(".")[-1],
-        max_model_len=min(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, context),
+        max_model_len=min(cfg.data.max_prompt_tokens + after, context),
+        episodes=episode_task(cfg.rollout, tok, records, env_args) if cfg.rollout.env else None,
     )
     return train_ppo(ctx, setup, ptx=ptx)
 

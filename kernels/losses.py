@@ -58,7 +58,12 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float = 0.2,
                     advantages=advantages, is_weights=is_weights)
     check_positive("clip_low", low)
     check_positive("clip_high", high)
-    ratio = torch.exp(logprobs - old_logprobs)
+    # Masked positions (padding, an environment's tokens in an episode) may hold anything: selected away, not
+    # multiplied by 0, so an overflowing ratio there cannot turn into a NaN (inf * 0) in the loss or its gradient.
+    valid = mask != 0
+    log_ratio = torch.where(valid, logprobs - old_logprobs, 0.0)
+    advantages = torch.where(valid, advantages, 0.0)
+    ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
     per_token = torch.maximum(unclipped, clipped)
@@ -66,7 +71,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float = 0.2,
         per_token = per_token * is_weights
     loss = aggregate(per_token, mask, loss_agg, norm_len)
     with torch.no_grad():
-        log_ratio = logprobs - old_logprobs
+        log_ratio = log_ratio.detach()
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
             # k3 estimate of KL(old || new), as in the PPO literature's "approx_kl"

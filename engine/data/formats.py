@@ -7,6 +7,7 @@ field. Nothing is fetched and nothing in a file is executed.
 
 Formats (one JSON object per line in JSONL; lines end at "\\n" only, so U+2028 inside a string is text):
   prompts         {"prompt": str}                      or {"messages": [{"role", "content"}, ...]}
+                  optional "env": {...}, the arguments of the episode's environment (--rollout.env: its reset)
   demonstrations  {"prompt": str, "completion": str}   or {"messages": [..., {"role": "assistant", ...}]}
   comparisons     {"prompt": str, "chosen": str, "rejected": str}                (pairwise, as in Anthropic HH)
                   {"prompt": str, "responses": [str, ...], "ranking": [int, ...]} (InstructGPT's K-way; ranking
@@ -34,7 +35,8 @@ class DataError(ValueError):
 
 @dataclass
 class Prompt:
-    prompt: str | list[dict]                 # text, or chat messages ending with a user turn
+    prompt: str | list[dict]                 # text, or chat messages ending with a user (or tool) turn
+    env: dict | None = None                  # keyword arguments of the environment's reset (episodes)
 
 
 @dataclass
@@ -181,21 +183,27 @@ class _Record:
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise self.err(f"field 'messages'[{i}] must be an object with string 'role' and 'content'")
-            if m["role"] not in ("system", "user", "assistant"):
-                raise self.err(f"field 'messages'[{i}].role must be system, user or assistant, got {m['role']!r}")
+            if m["role"] not in ("system", "user", "assistant", "tool"):
+                raise self.err(f"field 'messages'[{i}].role must be system, user, assistant or tool, got "
+                               f"{m['role']!r}")
             self.checked(m["content"], f"'messages'[{i}].content", allow_empty=True)
         return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
 def _prompt(r: _Record) -> Prompt:
+    env = r.row.get("env")
+    if env is not None and (not isinstance(env, dict) or not all(isinstance(k, str) and k.isidentifier()
+                                                                 for k in env)):
+        raise r.err(f"field 'env' must be an object whose keys are argument names (the environment's reset "
+                    f"takes them), got {str(env)[:80]}")
     if r.has("messages"):
         msgs = r.messages()
-        if msgs[-1]["role"] != "user":
-            raise r.err("field 'messages' of a prompt must end with a user turn")
-        return Prompt(msgs)
+        if msgs[-1]["role"] not in ("user", "tool"):
+            raise r.err("field 'messages' of a prompt must end with a user (or tool) turn")
+        return Prompt(msgs, env)
     if not r.has("prompt"):
         raise r.err("missing field 'prompt' (or 'messages')")
-    return Prompt(r.text("prompt"))
+    return Prompt(r.text("prompt"), env)
 
 
 def _demonstration(r: _Record) -> Demonstration:

@@ -43,8 +43,11 @@ class SequenceBatch:
         return SequenceBatch(ids[:, start:], attn[:, start:], self.response_mask[idx], self.prompt_len - start)
 
 
-def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> SequenceBatch:
-    """prompts/responses: token id lists (responses include <eos> when they finished)."""
+def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+               masks: list | None = None) -> SequenceBatch:
+    """prompts/responses: token id lists (responses include <eos> when they finished). masks: per response,
+    None or a 0/1 list as long as it (an episode's: 0 on what an environment appended), making response_mask
+    0 there while the tokens stay attended to."""
     if len(prompts) != len(responses):
         raise ValueError(f"`prompts` ({len(prompts)}) and `responses` ({len(responses)}) differ in length")
     b = len(prompts)
@@ -60,4 +63,8 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
             ids[i, p:p + len(rs)] = torch.tensor(rs, dtype=torch.long)
             attn[i, p:p + len(rs)] = 1
             rmask[i, :len(rs)] = True
+            if masks is not None and masks[i] is not None:
+                if len(masks[i]) != len(rs):
+                    raise ValueError(f"make_batch: row {i}'s mask has {len(masks[i])} entries for {len(rs)} tokens")
+                rmask[i, :len(rs)] = torch.tensor(masks[i], dtype=torch.bool)
     return SequenceBatch(ids, attn, rmask, p)

@@ -13,6 +13,10 @@ class RolloutResult:
     token_ids: list[int]             # sampled tokens, including the stop token if one was produced
     logprobs: list[float] = field(default_factory=list)  # the engine's log-prob of each sampled token
     finish_reason: str = "length"    # "stop" (stop/eos token) or "length" (ran out of max_tokens)
+    # An episode of several turns (engine.episodes): token_ids holds every turn and what the environment
+    # appended between them; loss_mask is 1 on the model's own tokens, 0 on the appended ones (None: all 1).
+    loss_mask: list[int] | None = None
+    episode: object | None = None    # engine.episodes.runner.EpisodeStats
 
 
 class RolloutBackend(Protocol):

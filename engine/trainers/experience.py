@@ -34,14 +34,15 @@ class Experience:
 def make_experience(policy: PolicyLogprobs, ref: PolicyLogprobs | None, value: TokenValues | None,
                     batch: SequenceBatch, scores: torch.Tensor, *, kl_coef: float, cfg, temperature: float,
                     phase=no_phases, use_ref: bool = True, old: str = "trainer",
-                    engine_lp: torch.Tensor | None = None) -> Experience:
+                    engine_lp: torch.Tensor | None = None, turn_rewards: torch.Tensor | None = None) -> Experience:
     """Log-probs, values, rewards and advantages of one batch of scored rollouts. cfg: PPOConfig.
 
     ref: the frozen SFT policy, or None for the policy with its LoRA adapters disabled (one base in memory).
     use_ref=False: no reference pass (nothing reads it; kl_coef must be 0). value: the critic, or None for a
     critic-free estimator. scores [B]: each answer's reward; rows are prompt-major, cfg.samples_per_prompt per
     prompt. old: where the old log-probs come from (`old_logprobs_source`); "engine" takes `engine_lp` [B, R].
-    phase(name): a context timing each part (engine.trainers.phases.Phases).
+    phase(name): a context timing each part (engine.trainers.phases.Phases). turn_rewards [B, R]: an
+    environment's rewards at the turns' last tokens, added to the shaped rewards (and to `scores`).
     """
     if not use_ref and kl_coef:
         raise ValueError("make_experience: a KL penalty (kl_coef > 0) needs the reference's log-probs")
@@ -75,6 +76,8 @@ def make_experience(policy: PolicyLogprobs, ref: PolicyLogprobs | None, value: T
         lp = old_lp if old_lp is not None and ref_lp is not None else values.new_zeros(mask.shape)
         rewards, kl = kernels.shape_rewards(scores, lp, ref_lp if lp is old_lp else lp, mask, kl_coef=kl_coef,
                                             estimator=cfg.kl_estimator, backend=cfg.backend)
+        if turn_rewards is not None:
+            rewards, scores = rewards + turn_rewards, scores + turn_rewards.sum(1)
         adv, ret = kernels.estimate_advantages(cfg.advantage_estimator, rewards, mask, values=values,
                                                n=cfg.samples_per_prompt, gamma=cfg.gamma, lam=cfg.lam,
                                                whiten=cfg.whiten_advantages, backend=cfg.backend)

@@ -52,7 +52,7 @@ def ppo_iteration(run: PPORun, step: int, gen: torch.Generator) -> dict:
         eng = engine_logprobs(rollouts.results, rollouts.batch.response_mask)
         exp = make_experience(run.policy, run.ref, run.value, rollouts.batch, rollouts.scores, kl_coef=run.kl.coef,
                               cfg=cfg, temperature=rcfg.temperature, phase=phase, use_ref=needs_reference(cfg),
-                              old=old_logprobs_source(cfg), engine_lp=eng)
+                              old=old_logprobs_source(cfg), engine_lp=eng, turn_rewards=rollouts.turn_rewards)
         with phase("update"):
             stats = ppo_update(run, exp, gen)
     with phase("sync"):

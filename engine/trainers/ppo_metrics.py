@@ -21,6 +21,15 @@ def iteration_metrics(exp: Experience, results, stats: dict[str, list], kl_coef:
     m.update(score=exp.scores.mean().item(), kl_coef=kl_coef,
              reward=(exp.rewards * mask).sum(1).mean().item(), response_len=mask.sum(1).float().mean().item(),
              finished=sum(r.finish_reason == "stop" for r in results) / len(results))
+    episodes = [r.episode for r in results if r.episode is not None]
+    if episodes:  # several turns with an environment: the response is the whole episode after the prompt
+        m.update({"episodes/turns": sum(e.turns for e in episodes) / len(episodes),
+                  "episodes/tokens": sum(len(r.token_ids) for r in results) / len(results),
+                  "episodes/masked_share": 1 - mask.sum().item() / max(1, sum(len(r.token_ids) for r in results)),
+                  "episodes/env_reward": sum(e.reward for e in episodes) / len(episodes),
+                  "episodes/done": sum(e.done for e in episodes) / len(episodes)})
+        for kind in sorted({e.failure for e in episodes if e.failure}):  # the environment's failures, by kind
+            m[f"episodes/env_{kind}"] = float(sum(e.failure == kind for e in episodes))
     if exp.old_logprobs is not exp.engine_logprobs:  # (taken from the engine, they are its own)
         m.update(engine_mismatch(exp.engine_logprobs, exp.old_logprobs, mask))
     return m

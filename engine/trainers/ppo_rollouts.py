@@ -21,8 +21,13 @@ class Rollouts:
     """One iteration's scored answers, prompt-major (samples_per_prompt per prompt)."""
     results: list                          # RolloutResult of each answer
     batch: SequenceBatch
-    scores: torch.Tensor                   # [B] each answer's reward
+    scores: torch.Tensor                   # [B] each answer's reward (the RM's and the reward function's)
     groups_dropped: int = 0
+    turn_rewards: torch.Tensor | None = None  # [B, R] an environment's rewards at each turn's last token
+
+    def totals(self) -> torch.Tensor:
+        """[B] each answer's whole reward, the environment's included."""
+        return self.scores if self.turn_rewards is None else self.scores + self.turn_rewards.sum(1)
 
 
 MAX_ROUNDS = 8  # dynamic sampling gives up refilling after this many rounds (and trains on what it has)
@@ -42,31 +47,50 @@ def collect_rollouts(run: PPORun, step: int, gen: torch.Generator) -> Rollouts:
         scored = score_rollouts(run, step, rows, results)
         if not cfg.drop_constant_groups:
             return scored
-        scores = scored.scores
+        scores = scored.totals()
         groups = scores.view(-1, n)
         live = (groups != groups[:, :1]).any(dim=1).tolist()
         dropped += live.count(False)
-        kept += [(rows[g * n:(g + 1) * n], results[g * n:(g + 1) * n], groups[g]) for g, ok in enumerate(live) if ok]
+        parts = scored.scores.view(-1, n)
+        kept += [(rows[g * n:(g + 1) * n], results[g * n:(g + 1) * n], parts[g]) for g, ok in enumerate(live) if ok]
         if len(kept) >= cfg.rollout_batch:
             break
     if not kept:  # every group scored flat: train on the last round (its advantages are zero)
-        kept = [(rows[g * n:(g + 1) * n], results[g * n:(g + 1) * n], groups[g]) for g in range(cfg.rollout_batch)]
+        parts = scored.scores.view(-1, n)
+        kept = [(rows[g * n:(g + 1) * n], results[g * n:(g + 1) * n], parts[g]) for g in range(cfg.rollout_batch)]
     kept = kept[:cfg.rollout_batch]
     rows = [i for group in kept for i in group[0]]
     results = [r for group in kept for r in group[1]]
-    batch = make_batch([setup.prompts[i] for i in rows], [r.token_ids for r in results], run.pad_id).to(run.device)
-    return Rollouts(results, batch, torch.cat([group[2] for group in kept]), dropped)
+    batch = batch_of(run, rows, results)
+    return Rollouts(results, batch, torch.cat([group[2] for group in kept]), dropped, turn_rewards(results, batch))
 
 
 def score_rollouts(run: PPORun, step: int, rows: list[int], results: list) -> Rollouts:
     """The answers `results` to prompts `rows` (one prompt index per answer) batched and scored."""
     setup = run.setup
-    batch = make_batch([setup.prompts[i] for i in rows], [r.token_ids for r in results], run.pad_id).to(run.device)
+    batch = batch_of(run, rows, results)
     with run.phases("score"):  # each process scores its rows (the RM's forward is sharded)
         scores = dist.map_rows(lambda ix: setup.score(batch.select(ix), [rows[i] for i in ix],
                                                       [results[i] for i in ix]).to(run.device), len(rows))
     check_scores(scores, step, [setup.prompts[i] for i in rows])
-    return Rollouts(results, batch, scores)
+    return Rollouts(results, batch, scores, turn_rewards=turn_rewards(results, batch))
+
+
+def batch_of(run: PPORun, rows: list[int], results: list) -> SequenceBatch:
+    """Prompts `rows` and their answers (episodes: what the environment appended masked out), on the device."""
+    return make_batch([run.setup.prompts[i] for i in rows], [r.token_ids for r in results], run.pad_id,
+                      [r.loss_mask for r in results]).to(run.device)
+
+
+def turn_rewards(results: list, batch: SequenceBatch) -> torch.Tensor | None:
+    """[B, R] an environment's rewards at the last token of the turn that earned them, or None (no episodes)."""
+    if all(r.episode is None for r in results):
+        return None
+    out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
+    for i, r in enumerate(results):
+        for pos, reward in (r.episode.turn_rewards if r.episode is not None else ()):
+            out[i, pos] += reward
+    return out.to(batch.response_mask.device)
 
 
 def check_scores(scores: torch.Tensor, step: int, prompts: list) -> None:
@@ -86,9 +110,14 @@ def generate(run: PPORun, idx: list[int], *, seeds: list[int]) -> list:
     it, so the answers do not depend on the number of processes."""
     cfg, rcfg = run.cfg, run.rollout_cfg
     mine = dist.rows(len(idx), rcfg.tensor_parallel)  # a tensor-parallel engine's ranks share their prompts
-    results = run.engine.generate([run.setup.prompts[idx[k]] for k in mine], n=cfg.samples_per_prompt,
-                                  max_tokens=rcfg.max_new_tokens, temperature=rcfg.temperature, top_p=rcfg.top_p,
-                                  top_k=rcfg.top_k, seeds=[seeds[k] for k in mine])
+    prompts, ep = [run.setup.prompts[idx[k]] for k in mine], run.setup.episodes
+    if ep is not None:  # several turns with an environment
+        results = ep.run(run.engine, [idx[k] for k in mine], prompts, n=cfg.samples_per_prompt,
+                         seeds=[seeds[k] for k in mine])
+    else:
+        results = run.engine.generate(prompts, n=cfg.samples_per_prompt, max_tokens=rcfg.max_new_tokens,
+                                      temperature=rcfg.temperature, top_p=rcfg.top_p, top_k=rcfg.top_k,
+                                      seeds=[seeds[k] for k in mine])
     groups = [[] for _ in mine]
     for r in results:  # prompt_index: the call's local index, made the global one
         groups[r.prompt_index].append(r)

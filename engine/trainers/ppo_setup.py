@@ -41,6 +41,7 @@ class PPOSetup:
     evaluate: Callable | None = None       # evaluate(policy) -> {metric: value}: win rate against SFT, gold, proxy
     engine_dtype: str | None = None        # the rollout engine's weights; None: the policy's
     reward_spread: list | None = None      # an ensemble RM's members' std per answer scored, drained per iteration
+    episodes: object | None = None         # engine.episodes.EpisodeTask: several turns with an environment
 
 
 @dataclass

@@ -19,13 +19,15 @@ OTHER = {
     "task.n_heldout_labelers": 5, "run.resume": True, "reward.fn": "my_rewards:exact",
     "ppo.advantage_estimator": "reinforce_pp", "ppo.loss_agg": "seq-mean-token-mean", "ppo.kl_loss_estimator": "k2",
     "ppo.old_logprobs": "engine", "dpo.backend": "torch", "dpo.loss": "ipo", "ppo.off_policy_correction": "tis",
-    "rollout.engine_cores": "split", "reward.ensemble": "wco", "gold.fn": "my_gold:judge",
+    "rollout.engine_cores": "split", "reward.ensemble": "wco", "gold.fn": "my_gold:judge", "rollout.env": "my_env:Env",
 }
 # fields whose other value needs a companion to be valid, or to be read at all
 WITH = {"ppo.drop_constant_groups": ["--ppo.samples_per_prompt", "2"], "run.offload_frozen": ["--run.device", "cuda"],
         "rollout.tensor_parallel": ["--rollout.backend", "vllm"], "ppo.off_policy_correction": ["--ppo.max_staleness", "1"],
         "rollout.engine_cores": ["--ppo.max_staleness", "1"], "reward.uwo_lambda": ["--reward.ensemble", "uwo"],
-        "data.eval_prompts": ["--gold.fn", "my_gold:judge"]}
+        "data.eval_prompts": ["--gold.fn", "my_gold:judge"],
+        **{f"rollout.{k}": ["--rollout.env", "my_env:Env"] for k in ("max_turns", "max_episode_tokens", "max_env_tokens",
+                                                                    "env_timeout")}}
 
 
 def other(key: str, default):

@@ -53,8 +53,8 @@ def write(tmp_path, lines, name="data.jsonl"):
     ("comparisons", ['{"prompt": "p", "chosen": "a"}'], "line 1: missing field 'rejected'"),
     ("comparisons", ['{"prompt": "p", "responses": ["a", "b"]}'], "missing field 'ranking'"),
     ("prompts", ['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'],
-     "must end with a user turn"),
-    ("demonstrations", ['{"messages": [{"role": "robot", "content": "hi"}]}'], "role must be system, user or assistant"),
+     "must end with a user (or tool) turn"),
+    ("demonstrations", ['{"messages": [{"role": "robot", "content": "hi"}]}'], "role must be system, user, assistant or tool"),
 ])
 def test_bad_records_name_file_line_and_field(tmp_path, kind, lines, needle):
     path = write(tmp_path, lines)

@@ -20,6 +20,7 @@ LAYERS = [
     ["engine.models"],
     ["engine.rundir"],
     ["engine.rollout"],
+    ["engine.episodes"],
     ["engine.trainers"],
     ["engine.task"],
     ["engine.plan", "engine.label"],
