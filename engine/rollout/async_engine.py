@@ -57,6 +57,9 @@ class EngineSpec:
     cores: tuple[int, ...] = ()
     pinned: bool = True                    # the engine's threads bound to `cores` (else their count only)
     engine_kw: dict = field(default_factory=dict)
+    # episodes of several turns: an object with run(engine, rows, prompt_ids, n=, seeds=) -> results
+    # (engine.episodes.EpisodeTask, plain data and an importable class, so it crosses to the child as it is)
+    episodes: object | None = None
 
 
 def split_cores(placement: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -86,8 +89,9 @@ def _build(spec: EngineSpec):
 
 
 def _serve(spec: EngineSpec, slots: list[dict], requests, answers, busy: torch.Tensor, trainer: int) -> None:
-    """The child: build the engine, then for each request (batch, prompts, seeds, version) adopt that version's
-    weights if the engine holds another, generate, and answer (batch, version, results, seconds). None ends it.
+    """The child: build the engine, then for each request (batch, prompts, seeds, version, rows) adopt that
+    version's weights if the engine holds another, generate (with spec.episodes: run the episodes of the run's
+    prompts `rows`, the environment in this process), and answer (batch, version, results, seconds). None ends it.
     busy[0] is 1 from a request's arrival to its answer (the trainer's threads may follow it). answers: the
     pipe's write end, fed by a thread so that the next batch is generated while the trainer reads this one.
     trainer: the trainer's pid (it may be gone before this child gets here)."""
@@ -104,14 +108,19 @@ def _serve(spec: EngineSpec, slots: list[dict], requests, answers, busy: torch.T
         held = None
         while (req := requests.get()) is not None:
             busy[0] = 1
-            batch, prompts, seeds, version = req
+            batch, prompts, seeds, version, rows = req
             began = time.perf_counter()
             if version != held:
                 engine.update_weights(slots[version % len(slots)].items())
                 held = version
-            results = engine.generate(prompts, n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature,
-                                      top_p=spec.top_p, top_k=spec.top_k, seeds=seeds)
-            plain = [(r.prompt_index, list(r.token_ids), list(r.logprobs), r.finish_reason) for r in results]
+            if spec.episodes is not None:
+                results = spec.episodes.run(engine, rows, prompts, n=spec.n, seeds=seeds)
+            else:
+                results = engine.generate(prompts, n=spec.n, max_tokens=spec.max_tokens,
+                                          temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
+                                          seeds=seeds)
+            plain = [(r.prompt_index, list(r.token_ids), list(r.logprobs), r.finish_reason, r.loss_mask, r.episode)
+                     for r in results]
             outbox.put(("batch", batch, version, plain, time.perf_counter() - began))
             busy[0] = 0
         engine.close()
@@ -173,9 +182,11 @@ class AsyncRollout:
             for name, t in named_tensors:
                 slot[name].copy_(t)
 
-    def submit(self, batch: int, prompts: list[list[int]], seeds: list[int], version: int) -> None:
-        """Ask for batch `batch`: samples of `prompts` (one seed each) with version `version`'s weights."""
-        self.requests.put((batch, [list(map(int, p)) for p in prompts], list(seeds), version))
+    def submit(self, batch: int, prompts: list[list[int]], seeds: list[int], version: int,
+               rows: list[int] | None = None) -> None:
+        """Ask for batch `batch`: samples of `prompts` (one seed each) with version `version`'s weights. rows: the
+        run's indices of the prompts (what an episode's environment is started with)."""
+        self.requests.put((batch, [list(map(int, p)) for p in prompts], list(seeds), version, rows))
 
     def result(self, batch: int) -> tuple[int, list[RolloutResult], float]:
         """(version, results, seconds the engine took) of batch `batch`, waiting for it. An engine that died

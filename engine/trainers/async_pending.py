@@ -5,7 +5,9 @@ trainer.json is a file a user receives: its `async_pending` list is token ids an
 run trains on as if its own engine had generated them. Anything the engine cannot produce is refused before
 the first step, naming the field: a batch outside the k the checkpoint holds, a version other than the
 schedule's, a count of answers other than rollout_batch x samples_per_prompt, an answer empty or longer than
---rollout.max_new_tokens, a token outside the vocabulary, a log-prob that is not a finite number <= 0.
+--rollout.max_new_tokens, a token outside the vocabulary, a log-prob that is not a finite number <= 0; for
+episodes (--rollout.env), a mask that is not 0/1 per token, a log-prob on an appended token, and turn counts,
+rewards, turn ends, failures and `done` that are not what an episode can hold.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..episodes.contain import LIMIT
+from ..episodes.runner import EpisodeStats
 from ..rollout.base import RolloutResult
 from ..rundir.atomic import CheckpointError
 
@@ -28,8 +32,8 @@ def version_of(batch: int, k: int) -> int:
 @dataclass(frozen=True)
 class PendingShape:
     """What a kept batch must look like. step: the iteration resumed at; k: --ppo.max_staleness; total:
-    --ppo.iterations; prompts: prompts per batch; n: answers per prompt; max_tokens: --rollout.max_new_tokens;
-    vocab: the policy's vocabulary size."""
+    --ppo.iterations; prompts: prompts per batch; n: answers per prompt; max_tokens: --rollout.max_new_tokens
+    (an episode's tokens with episodes); vocab: the policy's vocabulary size; episodes: --rollout.env is set."""
     step: int
     k: int
     total: int
@@ -37,6 +41,21 @@ class PendingShape:
     n: int
     max_tokens: int
     vocab: int
+    episodes: bool = False
+
+
+KINDS = ("raised", "timeout", "malformed", "special_token")
+
+
+def pending_row(r: RolloutResult) -> list:
+    """One answer as a checkpoint keeps it: [prompt index, token ids, log-probs, finish reason] and, for an
+    episode, [.., loss mask, {turns, reward, turn_rewards, failure, done}]."""
+    row = [r.prompt_index, r.token_ids, r.logprobs, r.finish_reason]
+    if r.episode is None:
+        return row
+    e = r.episode
+    return row + [r.loss_mask, {"turns": e.turns, "reward": e.reward, "turn_rewards": [list(t) for t in e.turn_rewards],
+                                "failure": e.failure, "done": e.done}]
 
 
 def read_pending(pending, where: Path, shape: PendingShape) -> dict[int, tuple[int, list[RolloutResult], float]]:
@@ -76,9 +95,11 @@ def _results(results, field: str, where: Path, shape: PendingShape, fix: str) ->
     out = []
     for j, r in enumerate(results):
         at = f"{where}: {field}[{j}]"
-        if not isinstance(r, list) or len(r) != 4:
-            raise CheckpointError(f"{at} must be [prompt index, token ids, log-probs, finish reason]. {fix}")
-        prompt, tokens, logprobs, reason = r
+        want = 6 if shape.episodes else 4
+        if not isinstance(r, list) or len(r) != want:
+            raise CheckpointError(f"{at} must be [prompt index, token ids, log-probs, finish reason"
+                                  f"{', loss mask, episode' if shape.episodes else ''}]. {fix}")
+        prompt, tokens, logprobs, reason = r[:4]
         if type(prompt) is not int or prompt != j // shape.n:
             raise CheckpointError(f"{at}: prompt index {str(prompt)[:40]}, but answer {j} is of prompt {j // shape.n} "
                                   f"({shape.n} answers per prompt, in prompt order). {fix}")
@@ -100,5 +121,31 @@ def _results(results, field: str, where: Path, shape: PendingShape, fix: str) ->
                                   f"sampled token's probability). {fix}")
         if reason not in FINISH:
             raise CheckpointError(f"{at}: finish reason {str(reason)[:40]!r}, not one of {', '.join(FINISH)}. {fix}")
-        out.append(RolloutResult(prompt, tokens, [float(x) for x in logprobs], reason))
+        mask, episode = _episode(r[4:], tokens, logprobs, at, fix) if shape.episodes else (None, None)
+        out.append(RolloutResult(prompt, tokens, [float(x) for x in logprobs], reason, mask, episode))
     return out
+
+
+def _number(x) -> bool:
+    return type(x) in (int, float) and math.isfinite(x) and abs(x) <= LIMIT
+
+
+def _episode(extra: list, tokens: list, logprobs: list, at: str, fix: str) -> tuple[list[int], EpisodeStats]:
+    """An episode's loss mask and stats, checked against its tokens."""
+    mask, e = extra
+    if not isinstance(mask, list) or len(mask) != len(tokens) or any(type(m) is not int or m not in (0, 1)
+                                                                     for m in mask):
+        raise CheckpointError(f"{at}: the loss mask must be a list of 0 and 1, one per token id. {fix}")
+    if any(lp != 0 for lp, m in zip(logprobs, mask) if m == 0):
+        raise CheckpointError(f"{at}: a log-prob on a token the environment appended (mask 0) must be 0. {fix}")
+    keys = {"turns", "reward", "turn_rewards", "failure", "done"}
+    if not isinstance(e, dict) or set(e) != keys:
+        raise CheckpointError(f"{at}: the episode must hold exactly {', '.join(sorted(keys))}. {fix}")
+    ends = e["turn_rewards"]
+    if type(e["turns"]) is not int or not 1 <= e["turns"] <= len(tokens) or not _number(e["reward"]) \
+            or type(e["done"]) is not bool or e["failure"] not in (None, *KINDS) or not isinstance(ends, list) \
+            or any(not isinstance(t, list) or len(t) != 2 or type(t[0]) is not int or not 0 <= t[0] < len(tokens)
+                   or mask[t[0]] != 1 or not _number(t[1]) for t in ends):
+        raise CheckpointError(f"{at}: the episode {str(e)[:120]} is not one an engine produces (turns 1..tokens, "
+                              f"finite rewards at the model's tokens, a known failure, done true or false). {fix}")
+    return mask, EpisodeStats(e["turns"], float(e["reward"]), [(p, float(x)) for p, x in ends], e["failure"], e["done"])

@@ -27,7 +27,7 @@ from ..parallel import distributed as dist
 from ..rollout.async_engine import AsyncRollout, EngineSpec, split_cores
 from ..rollout.base import RolloutResult
 from ..seeds import derive_seed, rollout_seeds
-from .async_pending import PendingShape, read_pending, version_of
+from .async_pending import PendingShape, pending_row, read_pending, version_of
 from .follow_threads import FollowEngine
 
 log = logging.getLogger("engine")
@@ -68,15 +68,17 @@ class Pipeline:
     def _submit(self, batch: int, version: int) -> None:
         idx = self.prompt_indices(batch)
         self.engine.submit(batch, [self.prompts[i] for i in idx],
-                           rollout_seeds(self.seed, self.stage, batch, 0, len(idx)), version)
+                           rollout_seeds(self.seed, self.stage, batch, 0, len(idx)), version, idx)
 
     def start(self, step: int, named_weights, pending: list | None, where: Path | None = None) -> None:
         """Begin at iteration `step` with the policy's current weights (version `step`); `pending`: the batches
         a checkpoint kept (`pending_state`), read from `where` (its trainer.json) and checked. Batches the
         checkpoint did not keep (a run that was synchronous, or had a smaller k) are generated with the current
         weights: that resumed run then differs from an uninterrupted one, which is said once."""
-        shape = PendingShape(step, self.k, self.total, self.rollout_batch, self.spec.n, self.spec.max_tokens,
-                             self.vocab)
+        episodes = self.spec.episodes
+        longest = episodes.settings.max_episode_tokens if episodes is not None else self.spec.max_tokens
+        shape = PendingShape(step, self.k, self.total, self.rollout_batch, self.spec.n, longest, self.vocab,
+                             episodes=episodes is not None)
         self.ready.update(read_pending(pending, where or Path("trainer.json"), shape))
         self.next = step
         self.engine.publish(step, named_weights)
@@ -118,8 +120,7 @@ class Pipeline:
             if t not in self.ready:
                 self.ready[t] = self.engine.result(t)
             version, results, _ = self.ready[t]
-            out.append({"batch": t, "version": version,
-                        "results": [[r.prompt_index, r.token_ids, r.logprobs, r.finish_reason] for r in results]})
+            out.append({"batch": t, "version": version, "results": [pending_row(r) for r in results]})
         return out
 
     def close(self) -> None:

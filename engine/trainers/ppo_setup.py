@@ -98,7 +98,7 @@ def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) 
         check_async(cfg, rcfg, dev)
         spec = EngineSpec(backend, str(setup.policy_dir), run_cfg.seed, tok.pad_token_id, tok.eos_token_id, dtype,
                           setup.max_model_len, cfg.samples_per_prompt, rcfg.max_new_tokens, rcfg.temperature,
-                          rcfg.top_p, rcfg.top_k, engine_kw=engine_kw)
+                          rcfg.top_p, rcfg.top_k, engine_kw=engine_kw, episodes=setup.episodes)
         pipeline = Pipeline(spec, merged_named_weights(policy_model), k=cfg.max_staleness, total=cfg.iterations,
                             stage=stage, seed=run_cfg.seed, rollout_batch=cfg.rollout_batch, prompts=setup.prompts,
                             placement=rcfg.engine_cores, vocab=policy_model.config.vocab_size)

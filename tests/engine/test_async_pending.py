@@ -101,3 +101,40 @@ def test_tampered_batches_are_refused_naming_file_and_field(kind, says):
         read_pending(tamper(kind), WHERE, SHAPE)
     text = str(err.value)
     assert text.startswith(f"{WHERE}: ") and says in text and "--run.overwrite true" in text, text
+
+
+EPISODES = PendingShape(step=2, k=1, total=5, prompts=1, n=2, max_tokens=12, vocab=50, episodes=True)
+
+
+def kept_episodes() -> list[dict]:
+    """Two episodes of batch 2: the model's turn, a tool message (mask 0, log-prob 0), the model's turn."""
+    episode = {"turns": 2, "reward": 1.25, "turn_rewards": [[1, 0.25], [5, 1.0]], "failure": None, "done": True}
+    row = [0, [5, 6, 7, 8, 9, 10], [-1.0, -0.5, 0.0, 0.0, -2.0, -0.1], "stop", [1, 1, 0, 0, 1, 1], episode]
+    return [{"batch": 2, "version": 1, "results": [copy.deepcopy(row), copy.deepcopy(row)]}]
+
+
+def test_kept_episodes_are_read_back_as_they_were():
+    r = read_pending(kept_episodes(), WHERE, EPISODES)[2][1][1]
+    assert r.loss_mask == [1, 1, 0, 0, 1, 1] and r.episode.turn_rewards == [(1, 0.25), (5, 1.0)]
+    assert (r.episode.turns, r.episode.reward, r.episode.failure, r.episode.done) == (2, 1.25, None, True)
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda r: r.pop(), "must be [prompt index, token ids, log-probs, finish reason, loss mask, episode]"),
+    (lambda r: r[4].pop(), "the loss mask must be a list of 0 and 1, one per token id"),
+    (lambda r: r[4].__setitem__(0, 2), "the loss mask must be a list of 0 and 1"),
+    (lambda r: r[2].__setitem__(2, -3.0), "a log-prob on a token the environment appended (mask 0) must be 0"),
+    (lambda r: r[5].pop("done"), "the episode must hold exactly done, failure, reward, turn_rewards, turns"),
+    (lambda r: r[5].__setitem__("reward", float("inf")), "is not one an engine produces"),
+    (lambda r: r[5].__setitem__("turns", 0), "is not one an engine produces"),
+    (lambda r: r[5].__setitem__("failure", "exploded"), "is not one an engine produces"),
+    (lambda r: r[5].__setitem__("done", 1), "is not one an engine produces"),
+    (lambda r: r[5]["turn_rewards"].append([2, 1.0]), "is not one an engine produces"),  # at an appended token
+    (lambda r: r[5]["turn_rewards"].append([60, 1.0]), "is not one an engine produces"),
+])
+def test_tampered_episodes_are_refused_naming_the_answer(edit, says):
+    p = kept_episodes()
+    edit(p[0]["results"][1])
+    with pytest.raises(CheckpointError, match=r"async_pending\[0\]\.results\[1\]") as err:
+        read_pending(p, WHERE, EPISODES)
+    assert says in str(err.value)
