@@ -23,7 +23,7 @@ class SampledLogprobs:
     """
 
     def __init__(self, temperature: float):
-        self.temperature = temperature
+        self.temperature = temperature if temperature > 0 else 1.0  # greedy: the raw logits' (as vLLM reports)
         self.prev: torch.Tensor | None = None
         self.steps: list[torch.Tensor] = []
 
