@@ -374,9 +374,8 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
-    # vLLM on a GPU, colocated with training: its share of GPU memory, and whether it sleeps while the trainer runs
-    gpu_memory_utilization: float = 0.3
-    sleep: bool = False
+    gpu_memory_utilization: float = 0.3  # vLLM colocated on a GPU: its share of the memory, and whether it sleeps
+    sleep: bool = False                   # (weights and KV cache freed) while the trainer runs
     # vLLM on the CPU: its oneDNN-packed layers (decoding 1.5-1.8x faster at 58M-630M parameters here, but each
     # sync repacks them: 10-13x the copy floor) or the plain layout synced in place (within 1.2x of the floor)
     cpu_packed_gemm: bool = False
@@ -387,8 +386,10 @@ class RolloutConfig:
     # 1.13-1.15x the synchronous loop at 25.8M, bench/results/cpu-2core/async-cores.md; not bit-exact across
     # 1 and 2 threads), shared (bit-exact, 0.91-1.01x) or split (the CPUs halved and pinned: bit-exact, 0.79x).
     engine_cores: str = "follow"
-    # Episodes (engine/episodes): several turns with an environment, package.module:Class (None: one answer)
+    # Episodes (engine/episodes): several turns with an environment (package.module:Class) and/or tools (functions
+    # package.module:a,b, shown to the model in every prompt and run by engine.episodes.tools unless env is given)
     env: str | None = None
+    tools: str | None = None
     max_turns: int = 4                  # the model's turns per episode
     max_episode_tokens: int = 0         # all tokens after the prompt, both sides' (0: max_turns x max_new_tokens)
     max_env_tokens: int = 64            # per environment message (longer ones are cut)
@@ -396,8 +397,7 @@ class RolloutConfig:
 
     def __post_init__(self):
         _positive(self, "rollout", "max_turns", "max_env_tokens", "max_new_tokens")
-        _require(self.env_timeout > 0 and self.max_episode_tokens >= 0, "rollout.env_timeout must be > 0 and "
-                 "rollout.max_episode_tokens >= 0")
+        _require(self.env_timeout > 0 <= self.max_episode_tokens, "rollout.env_timeout must be > 0, max_episode_tokens >= 0")
         _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization must be in (0, 1]")
         _require(self.tensor_parallel >= 1, f"rollout.tensor_parallel must be >= 1, got {self.tensor_parallel}")
         _require(self.engine_cores in ("split", "shared", "follow"), f"rollout.engine_cores must be split, shared or "

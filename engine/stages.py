@@ -31,6 +31,7 @@ from .config import TrainedModelConfig
 from .data.encode import make_encoder, special_texts, text_examples
 from .data.formats import load
 from .episodes import episode_task, episode_tokens
+from .episodes.tools import load_tools, schema as tool_schema
 from .models.batch import make_batch
 from .models.dropout import disable_dropout
 from .models.forward import PolicyLogprobs, SequenceScores
@@ -292,7 +293,7 @@ def ppo(ctx, ptx: bool = False) -> Path:
     ctx = _from_run(ctx, **runs)
     cfg = ctx.cfg
     path = _need(cfg.data.prompts, "--data.prompts FILE", "ppo", "the prompts to sample answers for")
-    if cfg.reward.path is None and cfg.reward.fn is None and not cfg.rollout.env:
+    if cfg.reward.path is None and cfg.reward.fn is None and not cfg.rollout.env:  # (tools alone reward nothing)
         raise ValueError("ppo with --policy.path needs --reward.path DIR (the reward model: `python -m engine rm` "
                          "writes OUT/rm/final/reward), --reward.fn package.module:function or --rollout.env "
                          "package.module:Class (an environment's rewards), or several")
@@ -309,6 +310,8 @@ def ppo(ctx, ptx: bool = False) -> Path:
     context = _context_length(cfg.policy.path)
     after = episode_tokens(cfg.rollout)  # an answer's tokens, or an episode's
     enc = make_encoder(tok, cfg.data, context, after, "--policy.path")
+    if cfg.rollout.tools:  # shown to the model in every prompt
+        enc.tools = [tool_schema(fn) for fn in load_tools(cfg.rollout.tools)]
     records, prompts, env_args = [], [], []
     for rec in _load(path, "prompts", enc):
         ids = enc.prompt(rec.prompt)
@@ -361,7 +364,7 @@ def ppo(ctx, ptx: bool = False) -> Path:
         evaluate=evaluate,
         engine_dtype=str(resolve_dtype(cfg.run.dtype, dev)).split(".")[-1],
         max_model_len=min(cfg.data.max_prompt_tokens + after, context),
-        episodes=episode_task(cfg.rollout, tok, records, env_args) if cfg.rollout.env else None,
+        episodes=episode_task(cfg.rollout, tok, records, env_args) if cfg.rollout.env or cfg.rollout.tools else None,
     )
     return train_ppo(ctx, setup, ptx=ptx)
 

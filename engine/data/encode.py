@@ -14,6 +14,7 @@ a model with learned positions (GPT-2) is never asked for a position it does not
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 
@@ -39,6 +40,7 @@ class Encoder:
     context: int | None = None               # the model's positions; None: unbounded
     reserve: int = 1                         # tokens a prompt leaves room for within `context`
     counts: LengthCounts = field(default_factory=LengthCounts)
+    tools: list | None = None                # tools' JSON schemas, rendered into every prompt by the template
     # rendered chat templates by (messages, generation prompt): a prompt is rendered again for each of its K
     # ranked responses and in every PPO iteration that draws it (a jinja render + tokenization, ~0.1 ms)
     _rendered: dict = field(default_factory=dict, repr=False)
@@ -58,14 +60,15 @@ class Encoder:
 
     def _render(self, messages, generation_prompt: bool) -> list[int]:
         try:
-            key = (tuple(tuple(sorted(m.items())) for m in messages), generation_prompt)
+            key = (tuple(tuple(sorted(m.items())) for m in messages), generation_prompt,
+                   json.dumps(self.tools, sort_keys=True) if self.tools else None)
             hash(key)
         except TypeError:  # a message with unhashable fields: render without the cache
             key = None
         if key is not None and key in self._rendered:
             return list(self._rendered[key])
         ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
-                                                      tokenize=True, return_dict=False))
+                                                      tokenize=True, return_dict=False, tools=self.tools))
         if key is not None:
             if len(self._rendered) >= 65536:
                 self._rendered.clear()

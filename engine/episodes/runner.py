@@ -10,6 +10,7 @@ transformers backend recomputes it.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from ..seeds import derive_seed
 from .contain import EnvFailure, Pending, checked_step
 from .env import load_env
 from .render import TurnRenderer
+from .tools import ToolEnvironment, load_tools
 
 log = logging.getLogger("engine")
 
@@ -65,7 +67,7 @@ def _fail(ep: _Live, exc: EnvFailure, warned: set) -> None:
 
 
 def _start(env_cls, prompts, args, n, s: EpisodeSettings, warned: set) -> list[_Live]:
-    name = getattr(env_cls, "__name__", "environment")
+    name = getattr(env_cls, "__name__", None) or getattr(getattr(env_cls, "func", None), "__name__", "environment")
     eps = []
     for k, prompt in enumerate(prompts):
         for j in range(n):
@@ -166,17 +168,18 @@ class EpisodeTask:
 
 
 def episode_task(rcfg, tokenizer, prompts: list, args: list) -> EpisodeTask:
-    """A run's EpisodeTask from its rollout settings (engine.config.RolloutConfig: env, max_turns, ...); the
-    environment's class loaded from --rollout.env and the chat template checked for its messages now."""
+    """A run's EpisodeTask from its rollout settings (engine.config.RolloutConfig: env, tools, max_turns, ...):
+    the environment's class loaded from --rollout.env (else the tools' environment for --rollout.tools) and the
+    chat template checked for its messages now."""
     settings = EpisodeSettings(rcfg.max_turns, rcfg.max_new_tokens, episode_tokens(rcfg), rcfg.env_timeout,
                                rcfg.temperature, rcfg.top_p, rcfg.top_k)
-    return EpisodeTask(load_env(rcfg.env), prompts, [a or {} for a in args], settings,
-                       TurnRenderer(tokenizer, rcfg.max_env_tokens))
+    env = load_env(rcfg.env) if rcfg.env else functools.partial(ToolEnvironment, load_tools(rcfg.tools))
+    return EpisodeTask(env, prompts, [a or {} for a in args], settings, TurnRenderer(tokenizer, rcfg.max_env_tokens))
 
 
 def episode_tokens(rcfg) -> int:
     """Tokens after the prompt: an episode's (--rollout.max_episode_tokens, or max_turns x max_new_tokens), or
     one answer's without an environment."""
-    if not rcfg.env:
+    if not (rcfg.env or rcfg.tools):
         return rcfg.max_new_tokens
     return rcfg.max_episode_tokens or rcfg.max_turns * rcfg.max_new_tokens

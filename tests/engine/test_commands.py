@@ -20,6 +20,7 @@ OTHER = {
     "ppo.advantage_estimator": "reinforce_pp", "ppo.loss_agg": "seq-mean-token-mean", "ppo.kl_loss_estimator": "k2",
     "ppo.old_logprobs": "engine", "dpo.backend": "torch", "dpo.loss": "ipo", "ppo.off_policy_correction": "tis",
     "rollout.engine_cores": "split", "reward.ensemble": "wco", "gold.fn": "my_gold:judge", "rollout.env": "my_env:Env",
+    "rollout.tools": "my_tools:lookup",
 }
 # fields whose other value needs a companion to be valid, or to be read at all
 WITH = {"ppo.drop_constant_groups": ["--ppo.samples_per_prompt", "2"], "run.offload_frozen": ["--run.device", "cuda"],

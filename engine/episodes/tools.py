@@ -1,0 +1,103 @@
+"""Tools as plain Python functions (`--rollout.tools package.module:a,b`), and the environment that runs them.
+
+A tool is a function with type hints and a Google-style docstring, as transformers' chat templates take them:
+its JSON schema (`transformers.utils.get_json_schema`) is rendered into every prompt by the tokenizer's chat
+template (`tools=`), so the model sees what it may call. The model calls one by writing, in its turn,
+
+    <tool_call>
+    {"name": "lookup", "arguments": {"noun": "cat"}}
+    </tool_call>
+
+(the Hermes format of Qwen2.5, Qwen3, Hermes and most open tool-calling templates; another format: write an
+environment, engine/episodes/env.py). `ToolEnvironment` runs every call of a turn and answers with one "tool"
+message per call: the function's result as text, or the error (an unknown tool, arguments that do not fit,
+an exception) for the model to read; a turn without a call ends the episode, whose reward then comes from the
+reward model or function (--reward.*) reading the whole episode.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import re
+
+from .env import Step
+
+CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def load_tools(spec: str, flag: str = "--rollout.tools") -> list:
+    """The functions `spec` ("package.module:a,b") names, each with a schema, or a ValueError saying why not."""
+    module_name, sep, names = spec.partition(":")
+    if not sep or not module_name or not names.strip(","):
+        raise ValueError(f"{flag} {spec!r}: give package.module:function[,function...]")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"{flag} {spec}: cannot import {module_name!r} ({exc}); is it installed or on "
+                         f"PYTHONPATH?") from None
+    tools = []
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        fn = getattr(module, name, None)
+        if not callable(fn):
+            raise ValueError(f"{flag} {spec}: {module_name} has no function {name!r}")
+        schema(fn, flag)
+        tools.append(fn)
+    return tools
+
+
+def schema(fn, flag: str = "--rollout.tools") -> dict:
+    """The function's JSON schema as chat templates render it, or a ValueError naming what it lacks."""
+    from transformers.utils import get_json_schema
+
+    try:
+        return get_json_schema(fn)
+    except Exception as exc:  # noqa: BLE001 - transformers raises its own errors for missing hints or docs
+        raise ValueError(f"{flag}: {getattr(fn, '__name__', fn)} cannot be described to the model ({exc}); give it "
+                         f"type hints and a docstring with an Args: section") from None
+
+
+def parse_calls(reply: str) -> list:
+    """[(name, arguments) or (None, why)] of every <tool_call> in a turn's text, in order."""
+    out = []
+    for body in CALL.findall(reply):
+        try:
+            call = json.loads(body)
+        except json.JSONDecodeError as exc:
+            out.append((None, f"the tool call is not JSON ({exc.msg})"))
+            continue
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or \
+                not isinstance(call.get("arguments", {}), dict):
+            out.append((None, 'a tool call is {"name": ..., "arguments": {...}}'))
+            continue
+        out.append((call["name"], call.get("arguments", {})))
+    return out
+
+
+class ToolEnvironment:
+    """Runs a turn's tool calls (see the module's docstring). Made per episode with the run's `tools`."""
+
+    def __init__(self, tools: list):
+        self.tools = {fn.__name__: fn for fn in tools}
+
+    def reset(self, prompt, **args):
+        pass
+
+    def step(self, reply: str) -> Step:
+        calls = parse_calls(reply)
+        if not calls:
+            return Step(done=True)
+        messages = []
+        for name, arguments in calls:
+            if name is None:
+                text = f"error: {arguments}"
+            elif name not in self.tools:
+                text = f"error: no tool named {name!r} (tools: {', '.join(sorted(self.tools))})"
+            else:
+                try:
+                    text = str(self.tools[name](**arguments))
+                except TypeError as exc:
+                    text = f"error: {name} cannot take these arguments ({exc})"
+                except Exception as exc:  # noqa: BLE001 - the tool's own failure is the model's to read
+                    text = f"error: {name} raised {type(exc).__name__}: {exc}"
+            messages.append({"role": "tool", "name": name or "", "content": text})
+        return Step(messages)
