@@ -2,6 +2,7 @@
 
     python -m bench.bench_multiturn success          # 3 seeds x (pretrain, SFT, GRPO sync, GRPO staleness 1)
     python -m bench.bench_multiturn success --seeds 0 --iterations 5   # a quick look (not for the record)
+    python -m bench.bench_multiturn speed            # the engine against TRL's GRPOTrainer(tools=), A B A B
 
 The built-in lookup task (engine/task/tools.py): "what color was the cat ?", whose colour is drawn per episode
 and known only to the tool ("see cat" -> "the cat was blue"); reward 1 for exactly "the cat was blue". The
@@ -11,6 +12,16 @@ demonstrations, then GRPO with the environment (--rollout.env engine.task.tools:
 the synchronous loop and with --ppo.max_staleness 1. Success: the mean reward of one sampled episode
 (temperature 1, as trained; the same seeds for every policy) on each of the held-out prompts, which no run
 trained on. Results: bench/results/<device>/multiturn-success.{md,json}.
+
+speed: one multi-turn GRPO job (bench/multiturn_job.py: a Qwen2 checkpoint with Qwen2.5's chat template
+fine-tuned to call a `lookup` tool, the tool's schema in every prompt, at most 3 model turns, the whole
+episode bounded by --budget tokens, each turn by the same, as TRL bounds them; reward 1 for the right final
+answer; 8 prompts x 4 episodes per iteration, KL 0, token-mean loss, lr 1e-6, float32, generation by
+transformers on both sides) in the engine (`ppo --rollout.tools bench.multiturn_job:lookup`) and in TRL's
+GRPOTrainer(tools=[lookup], max_tool_calling_iterations=2), each in its own process, alternating A B A B;
+each run's first iteration left out. Per run: episodes per second (the median iteration), turns and tokens
+per episode and the share of them masked (the tool's); per pair TRL's seconds / the engine's.
+Results: bench/results/<device>/multiturn.{md,json}.
 """
 from __future__ import annotations
 
@@ -121,6 +132,116 @@ def report(rows: list[dict], meta: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def speed_worker_trl(model: str, prompts: str, out: str, iterations: int, budget: int) -> None:
+    """TRL's GRPOTrainer with tools on the job; writes per-step seconds and its tool/length metrics to out."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from .bench_e2e import step_clock
+    from .multiturn_job import correct_trl, lookup
+
+    rows = [json.loads(line) for line in Path(prompts).read_text().splitlines()]
+    tok = AutoTokenizer.from_pretrained(model)
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows])
+    steps: list[float] = []
+    cfg = GRPOConfig(output_dir=str(Path(out).parent / "trl-out"), per_device_train_batch_size=JOB["prompts"] * JOB["n"],
+                     num_generations=JOB["n"], max_completion_length=budget, temperature=1.0, learning_rate=JOB["lr"],
+                     beta=0.0, num_iterations=1, gradient_accumulation_steps=1, max_steps=iterations, use_cpu=True,
+                     bf16=False, gradient_checkpointing=False, logging_steps=1, report_to=[], save_strategy="no",
+                     seed=0, dataloader_num_workers=0, max_tool_calling_iterations=JOB["turns"] - 1)
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype="float32"), reward_funcs=correct_trl,
+                          args=cfg, train_dataset=data, processing_class=tok, tools=[lookup],
+                          callbacks=[step_clock(steps)])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
+    Path(out).write_text(json.dumps({"steps": steps, "logs": logs}))
+
+
+JOB = dict(prompts=8, n=4, lr=1e-6, turns=3)
+
+
+def speed_engine_cmd(model: Path, prompts: Path, out: Path, iterations: int, budget: int) -> list[str]:
+    j = JOB
+    return [sys.executable, "-m", "engine", "ppo", "--policy.path", str(model), "--data.prompts", str(prompts),
+            "--rollout.tools", "bench.multiturn_job:lookup", "--reward.fn", "bench.multiturn_job:correct",
+            "--out", str(out), "--ppo.advantage_estimator", "grpo", "--ppo.samples_per_prompt", str(j["n"]),
+            "--ppo.rollout_batch", str(j["prompts"]), "--ppo.minibatch", str(j["prompts"] * j["n"]),
+            "--ppo.epochs", "1", "--ppo.kl_coef", "0", "--ppo.loss_agg", "token-mean", "--ppo.lr", str(j["lr"]),
+            "--ppo.iterations", str(iterations), "--ppo.checkpoint_every", str(iterations),
+            "--rollout.backend", "hf", "--rollout.max_turns", str(j["turns"]), "--rollout.max_new_tokens", str(budget),
+            "--rollout.max_episode_tokens", str(budget), "--rollout.max_env_tokens", str(budget),
+            "--data.max_prompt_tokens", "1024", "--run.progress", "false", "--run.dtype", "float32"]
+
+
+def run_speed(args) -> None:
+    from .bench_e2e import timed, trl_version
+    from .multiturn_job import write_checkpoint, write_prompts
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="multiturn-speed-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = write_checkpoint(work, hidden=args.hidden, layers=args.layers, heads=args.heads, sft_steps=args.sft_steps)
+    prompts = write_prompts(work)
+    episodes = JOB["prompts"] * JOB["n"]
+    pairs = []
+    for k in range(args.pairs):
+        out = work / f"engine-{k}"
+        peak = timed(speed_engine_cmd(model, prompts, out, args.iterations, args.budget))
+        rows = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()][1:]
+        step = statistics.median(r["time/step"] for r in rows)
+        engine = {"s_per_iter": step, "episodes_per_s": episodes / step, "peak_mib": peak,
+                  "turns": statistics.mean(r["episodes/turns"] for r in rows),
+                  "tokens": statistics.mean(r["episodes/tokens"] for r in rows),
+                  "masked_share": statistics.mean(r["episodes/masked_share"] for r in rows),
+                  "reward": statistics.mean(r["score"] for r in rows),
+                  "phases": {k[5:]: statistics.median(r[k] for r in rows) for k in rows[0]
+                             if k.startswith("time/") and k != "time/step"}}
+        trl_out = work / f"trl-{k}.json"
+        peak = timed([sys.executable, "-m", "bench.bench_multiturn", "trl-worker", str(model), str(prompts),
+                      str(trl_out), str(args.iterations), str(args.budget)])
+        res = json.loads(trl_out.read_text())
+        steps, logs = res["steps"][1:], res["logs"][1:]
+        step = statistics.median(steps)
+        trl = {"s_per_iter": step, "episodes_per_s": episodes / step, "peak_mib": peak,
+               "tool_calls_per_episode": statistics.mean(h.get("tools/call_frequency", 0.0) for h in logs),
+               "model_tokens": statistics.mean(h["completions/mean_length"] for h in logs),
+               "reward": statistics.mean(h.get("reward", float("nan")) for h in logs)}
+        pairs.append({"engine": engine, "trl": trl, "ratio": trl["s_per_iter"] / engine["s_per_iter"]})
+        print(json.dumps(pairs[-1]), flush=True)
+    meta = provenance("python -m bench.bench_multiturn speed " + shlex.join(sys.argv[2:]), "cpu")
+    meta["trl"] = trl_version()
+    write_rows("multiturn", "cpu", meta, pairs, speed_report(pairs, meta, args))
+
+
+def speed_report(pairs: list[dict], meta: dict, args) -> str:
+    e, t = [p["engine"] for p in pairs], [p["trl"] for p in pairs]
+    ratios = [p["ratio"] for p in pairs]
+    lines = [f"# A multi-turn GRPO job with a tool: the engine against TRL {meta['trl']}'s GRPOTrainer(tools=) "
+             f"({meta['device']})", "", f"{meta['date']}, commit {meta['commit']}, {meta.get('cpu')}, torch "
+             f"{meta['torch']}, `{meta['command']}`.", "",
+             f"Job: bench/multiturn_job.py (Qwen2, hidden {args.hidden}, {args.layers} layers, Qwen2.5's chat template "
+             f"with the tool's schema in every prompt), {JOB['prompts']} prompts x {JOB['n']} episodes per iteration, "
+             f"at most {JOB['turns']} model turns and {args.budget} tokens per episode, {args.iterations} iterations "
+             f"per run (the first left out), {len(pairs)} pairs A B A B; medians.", "",
+             "| | episodes/s | s/iteration | peak MiB | reward |", "|---|---|---|---|---|",
+             f"| engine | {statistics.median(x['episodes_per_s'] for x in e):.2f} | "
+             f"{statistics.median(x['s_per_iter'] for x in e):.2f} | {statistics.median(x['peak_mib'] for x in e):.0f} | "
+             f"{statistics.mean(x['reward'] for x in e):.2f} |",
+             f"| TRL | {statistics.median(x['episodes_per_s'] for x in t):.2f} | "
+             f"{statistics.median(x['s_per_iter'] for x in t):.2f} | {statistics.median(x['peak_mib'] for x in t):.0f} | "
+             f"{statistics.mean(x['reward'] for x in t):.2f} |", "",
+             f"Per pair, TRL's seconds per iteration / the engine's: {', '.join(f'{r:.2f}x' for r in ratios)} "
+             f"(median {statistics.median(ratios):.2f}x).", "",
+             f"Episodes (the engine's): {statistics.mean(x['turns'] for x in e):.2f} turns, "
+             f"{statistics.mean(x['tokens'] for x in e):.1f} tokens after the prompt, of which "
+             f"{100 * statistics.mean(x['masked_share'] for x in e):.0f}% the tool's (masked). TRL's: "
+             f"{statistics.mean(x['tool_calls_per_episode'] for x in t):.2f} tool calls per episode, "
+             f"{statistics.mean(x['model_tokens'] for x in t):.1f} model tokens per episode.", "",
+             "The engine's phases (median s per iteration): " + ", ".join(
+                 f"{k} {statistics.median(x['phases'][k] for x in e):.2f}" for k in e[0]["phases"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -130,9 +251,28 @@ def main() -> None:
     s.add_argument("--sft_steps", type=int, default=300)
     s.add_argument("--eval_prompts", type=int, default=200)
     s.add_argument("--work", default=None, help="where the runs go (a temporary folder by default)")
+    v = sub.add_parser("speed", help="the engine against TRL's GRPOTrainer(tools=), A B A B")
+    v.add_argument("--pairs", type=int, default=3)
+    v.add_argument("--iterations", type=int, default=6)
+    v.add_argument("--budget", type=int, default=48, help="tokens per episode after the prompt (and per turn)")
+    v.add_argument("--hidden", type=int, default=128)
+    v.add_argument("--layers", type=int, default=2)
+    v.add_argument("--heads", type=int, default=2)
+    v.add_argument("--sft_steps", type=int, default=150)
+    v.add_argument("--work", default=None)
+    w = sub.add_parser("trl-worker")
+    w.add_argument("model")
+    w.add_argument("prompts")
+    w.add_argument("out")
+    w.add_argument("iterations", type=int)
+    w.add_argument("budget", type=int)
     args = p.parse_args()
     if args.what == "success":
         run_success(args)
+    elif args.what == "speed":
+        run_speed(args)
+    else:
+        speed_worker_trl(args.model, args.prompts, args.out, args.iterations, args.budget)
 
 
 if __name__ == "__main__":
