@@ -67,19 +67,24 @@ def _fail(ep: _Live, exc: EnvFailure, warned: set) -> None:
 
 
 def _start(env_cls, prompts, args, n, s: EpisodeSettings, warned: set) -> list[_Live]:
+    """One environment per episode, made and reset, all at once (a hanging one costs one timeout, not one per
+    episode)."""
     name = getattr(env_cls, "__name__", None) or getattr(getattr(env_cls, "func", None), "__name__", "environment")
-    eps = []
-    for k, prompt in enumerate(prompts):
-        for j in range(n):
-            ep = _Live(k, j, None, name)
+    eps = [_Live(k, j, None, name) for k in range(len(prompts)) for j in range(n)]
+    make = lambda ep: Pending(env_cls, (), f"{name}()")  # noqa: E731
+    reset = lambda ep: Pending(lambda e=ep.env, p=prompts[ep.k], a=args[ep.k]: e.reset(p, **a), (),  # noqa: E731
+                               f"{name}.reset")
+    for start in (make, reset):
+        calls = [(ep, start(ep)) for ep in eps if not ep.over]
+        deadline = time.monotonic() + s.timeout
+        for ep, call in calls:
             try:
-                ep.env = Pending(env_cls, (), f"{name}()").result(time.monotonic() + s.timeout, s.timeout)
-                reset = ep.env.reset
-                Pending(lambda p=prompt, a=args[k]: reset(p, **a), (), f"{name}.reset").result(
-                    time.monotonic() + s.timeout, s.timeout)
+                value = call.result(deadline, s.timeout)
             except EnvFailure as exc:
                 _fail(ep, exc, warned)
-            eps.append(ep)
+                continue
+            if ep.env is None:
+                ep.env = value
     return eps
 
 
@@ -129,7 +134,7 @@ def run_episodes(engine, env_cls, prompts: list, args: list[dict], prompt_ids: l
                 _fail(ep, exc, warned)
                 continue
             ep.stats.reward += float(step.reward)
-            if step.reward:
+            if step.reward and ep.mask and ep.mask[-1] == 1:  # at the turn's last token (a turn has one)
                 ep.stats.turn_rewards.append((len(ep.ids) - 1, float(step.reward)))
             if step.done or turn + 1 == s.max_turns or not step.messages:
                 ep.over, ep.stats.done = True, step.done

@@ -56,7 +56,6 @@ def collect_rollouts(run: PPORun, step: int, gen: torch.Generator) -> Rollouts:
         if len(kept) >= cfg.rollout_batch:
             break
     if not kept:  # every group scored flat: train on the last round (its advantages are zero)
-        parts = scored.scores.view(-1, n)
         kept = [(rows[g * n:(g + 1) * n], results[g * n:(g + 1) * n], parts[g]) for g in range(cfg.rollout_batch)]
     kept = kept[:cfg.rollout_batch]
     rows = [i for group in kept for i in group[0]]

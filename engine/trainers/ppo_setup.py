@@ -80,6 +80,10 @@ def make_ppo_run(ctx, setup: PPOSetup, policy_model, value_model, *, ptx: bool) 
     tok, dev = ctx.tokenizer, ctx.device
     dist.require_rows(cfg.rollout_batch, "each iteration's prompts", "--ppo.rollout_batch")
     dist.require_rows(cfg.minibatch, "each minibatch", "--ppo.minibatch")
+    if setup.episodes is not None and dist.world().size > 1:
+        # each rank's episodes end at their own turn, while a sharded policy's generate is a collective
+        raise ValueError("--rollout.env/--rollout.tools with several processes (torchrun) is not built yet: the "
+                         "ranks' episodes would end at different turns; run episodes in one process")
     heads = dict(backend=cfg.backend, fused=run_cfg.fused_lm_head)
     stage = "ppo_ptx" if ptx else "ppo"
     engine_kw = dict(gpu_memory_utilization=rcfg.gpu_memory_utilization, enable_sleep_mode=rcfg.sleep) \

@@ -172,6 +172,13 @@ def test_an_environment_that_misbehaves_is_contained_named_and_counted(model, to
     assert len(warnings) == 1 and says in warnings[0], warnings  # once per kind, however many episodes
 
 
+def test_environments_that_hang_at_their_start_cost_one_timeout_not_one_each(model, tok):
+    began = time.monotonic()
+    out = episodes(model, tok, hostile.HangsAtStart, n=4, timeout=2.0)  # 8 episodes: 16 s one after another
+    assert time.monotonic() - began < 10
+    assert [r.episode.failure for r in out] == ["timeout"] * 8 and all(r.episode.turns == 1 for r in out)
+
+
 def test_long_environment_messages_are_cut_and_the_episode_budget_holds(model, tok):
     class Verbose:
         def reset(self, prompt):
@@ -294,3 +301,35 @@ def test_episode_flags_without_an_environment_are_refused(lookup, tmp_path, caps
     assert code == 2
     err = capsys.readouterr().err
     assert "--rollout.max_turns" in err and "add --rollout.env package.module:Class" in err
+
+
+def test_the_readmes_environment_runs_as_written(tiny_models, tmp_path, monkeypatch):
+    """README's "Episodes" example: its environment file and its command, on a small Qwen2 checkpoint."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from engine.cli import main
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("## Episodes: tools and environments"):]
+    code = re.search(r"```python\n(.*?)\n```", section, flags=re.S).group(1)
+    shell = re.search(r"```bash\n(.*?)\n```", section, flags=re.S).group(1).replace("\\\n", " ").splitlines()
+    (tmp_path / "my_env.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    echo = shlex.split(shell[0])
+    assert echo[0] == "echo" and echo[2] == ">"
+    Path(echo[3]).write_text(echo[1] + "\n")
+    argv = shlex.split(shell[1])[3:]
+    argv[argv.index("--policy.path") + 1] = str(tiny_models["qwen2"])
+    assert main(argv + ["--ppo.iterations", "1", "--ppo.rollout_batch", "1", "--ppo.samples_per_prompt", "2",
+                        "--ppo.minibatch", "2", "--run.progress", "false"]) == 0
+    m = json.loads((tmp_path / "runs" / "guess" / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert m["episodes/turns"] >= 1 and "episodes/env_raised" not in m
+
+    import my_env
+    env = my_env.Guess()
+    env.reset("Guess my number between 1 and 10.", secret=7)
+    assert env.step("Is it 3?").messages == [{"role": "user", "content": "No, higher."}]
+    assert env.step("Then 7.") == Step(reward=0.5, done=True)

@@ -77,3 +77,14 @@ class Talks:
         if self.turn == 3:
             return Step(reward=1.0, done=True)
         return Step([{"role": "tool", "content": f"the {self.word} was red"}], reward=0.25)
+
+
+class HangsAtStart:
+    def __init__(self):
+        time.sleep(3600)
+
+    def reset(self, prompt):
+        pass
+
+    def step(self, reply):
+        return Step(done=True)
