@@ -7,7 +7,6 @@ the user's own environment, as named: nothing is loaded from a run directory.
 """
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 from collections.abc import Sequence
@@ -15,18 +14,15 @@ from typing import Callable
 
 import torch
 
+from .user_code import import_named
+
 
 def load_reward_fn(spec: str, flag: str = "--reward.fn") -> Callable:
     """The function `spec` ("package.module:function") names, or a ValueError saying why not."""
-    module_name, _, name = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"{flag} {spec}: cannot import {module_name!r} ({exc}); is it installed or on "
-                         f"PYTHONPATH?") from None
+    module, name = import_named(spec, flag)
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ValueError(f"{flag} {spec}: {module_name} has no function {name!r}")
+        raise ValueError(f"{flag} {spec}: {module.__name__} has no function {name!r}")
     return fn
 
 

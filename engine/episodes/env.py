@@ -20,10 +20,11 @@ episode's reward is their sum, added to the reward model's and reward function's
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from ..user_code import import_named
 
 
 @dataclass
@@ -42,17 +43,10 @@ class Environment(Protocol):
 def load_env(spec: str, flag: str = "--rollout.env") -> type:
     """The class `spec` ("package.module:Class") names, checked to have reset and step, or a ValueError
     saying why not. Imported from the user's environment as named: nothing is loaded from a run directory."""
-    module_name, sep, name = spec.partition(":")
-    if not sep or not module_name or not name:
-        raise ValueError(f"{flag} {spec!r}: give package.module:Class")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"{flag} {spec}: cannot import {module_name!r} ({exc}); is it installed or on "
-                         f"PYTHONPATH?") from None
+    module, name = import_named(spec, flag, "package.module:Class")
     cls = getattr(module, name, None)
     if not inspect.isclass(cls):
-        raise ValueError(f"{flag} {spec}: {module_name} has no class {name!r}")
+        raise ValueError(f"{flag} {spec}: {module.__name__} has no class {name!r}")
     missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
     if missing:
         raise ValueError(f"{flag} {spec}: {name} has no {' or '.join(missing)} method (an environment has "

@@ -16,10 +16,10 @@ reward model or function (--reward.*) reading the whole episode.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import re
 
+from ..user_code import import_named
 from .env import Step
 
 CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
@@ -27,19 +27,12 @@ CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 def load_tools(spec: str, flag: str = "--rollout.tools") -> list:
     """The functions `spec` ("package.module:a,b") names, each with a schema, or a ValueError saying why not."""
-    module_name, sep, names = spec.partition(":")
-    if not sep or not module_name or not names.strip(","):
-        raise ValueError(f"{flag} {spec!r}: give package.module:function[,function...]")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"{flag} {spec}: cannot import {module_name!r} ({exc}); is it installed or on "
-                         f"PYTHONPATH?") from None
+    module, names = import_named(spec, flag, "package.module:function[,function...]")
     tools = []
     for name in filter(None, (n.strip() for n in names.split(","))):
         fn = getattr(module, name, None)
         if not callable(fn):
-            raise ValueError(f"{flag} {spec}: {module_name} has no function {name!r}")
+            raise ValueError(f"{flag} {spec}: {module.__name__} has no function {name!r}")
         schema(fn, flag)
         tools.append(fn)
     return tools

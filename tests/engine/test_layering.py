@@ -13,7 +13,7 @@ TOP = ["engine", "engine.__main__", "engine.cli", "engine.commands", "engine.con
 # bottom first; a package may import its own modules and those of lower layers, never a layer's neighbour
 LAYERS = [
     ["kernels"],
-    ["engine.config", "engine.seeds"],
+    ["engine.config", "engine.seeds", "engine.user_code"],
     ["engine.overopt"],
     ["engine.parallel"],
     ["engine.data"],
