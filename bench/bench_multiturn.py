@@ -254,7 +254,7 @@ def main() -> None:
     v = sub.add_parser("speed", help="the engine against TRL's GRPOTrainer(tools=), A B A B")
     v.add_argument("--pairs", type=int, default=3)
     v.add_argument("--iterations", type=int, default=6)
-    v.add_argument("--budget", type=int, default=48, help="tokens per episode after the prompt (and per turn)")
+    v.add_argument("--budget", type=int, default=128, help="tokens per episode after the prompt (and per turn)")
     v.add_argument("--hidden", type=int, default=128)
     v.add_argument("--layers", type=int, default=2)
     v.add_argument("--heads", type=int, default=2)
