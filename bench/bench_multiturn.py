@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -186,6 +187,7 @@ def run_speed(args) -> None:
     pairs = []
     for k in range(args.pairs):
         out = work / f"engine-{k}"
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run each time (the work folder may hold an older one)
         peak = timed(speed_engine_cmd(model, prompts, out, args.iterations, args.budget))
         rows = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()][1:]
         step = statistics.median(r["time/step"] for r in rows)
