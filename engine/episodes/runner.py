@@ -20,7 +20,7 @@ from ..seeds import derive_seed
 from .contain import EnvFailure, Pending, checked_step
 from .env import load_env
 from .render import TurnRenderer
-from .tools import ToolEnvironment, load_tools
+from .tools import ToolEnvironment, load_tools, parser_of
 
 log = logging.getLogger("engine")
 
@@ -178,7 +178,8 @@ def episode_task(rcfg, tokenizer, prompts: list, args: list) -> EpisodeTask:
     chat template checked for its messages now."""
     settings = EpisodeSettings(rcfg.max_turns, rcfg.max_new_tokens, episode_tokens(rcfg), rcfg.env_timeout,
                                rcfg.temperature, rcfg.top_p, rcfg.top_k)
-    env = load_env(rcfg.env) if rcfg.env else functools.partial(ToolEnvironment, load_tools(rcfg.tools))
+    env = load_env(rcfg.env) if rcfg.env else functools.partial(ToolEnvironment, load_tools(rcfg.tools),
+                                                                parser_of(tokenizer))
     return EpisodeTask(env, prompts, [a or {} for a in args], settings, TurnRenderer(tokenizer, rcfg.max_env_tokens))
 
 

@@ -8,8 +8,10 @@ template (`tools=`), so the model sees what it may call. The model calls one by 
     {"name": "lookup", "arguments": {"noun": "cat"}}
     </tool_call>
 
-(the Hermes format of Qwen2.5, Qwen3, Hermes and most open tool-calling templates; another format: write an
-environment, engine/episodes/env.py). `ToolEnvironment` runs every call of a turn and answers with one "tool"
+(the Hermes format of Qwen2.5, Qwen3, Hermes and most open tool-calling templates). A tokenizer that knows
+how to parse its own responses (transformers' `response_template` or `response_schema`, which TRL's
+`add_response_schema` sets for the templates it knows) is asked first, with the Hermes format as the
+fallback; another format: write an environment (engine/episodes/env.py). `ToolEnvironment` runs every call of a turn and answers with one "tool"
 message per call: the function's result as text, or the error (an unknown tool, arguments that do not fit,
 an exception) for the model to read; a turn without a call ends the episode, whose reward then comes from the
 reward model or function (--reward.*) reading the whole episode.
@@ -49,8 +51,27 @@ def schema(fn, flag: str = "--rollout.tools") -> dict:
                          f"type hints and a docstring with an Args: section") from None
 
 
-def parse_calls(reply: str) -> list:
-    """[(name, arguments) or (None, why)] of every <tool_call> in a turn's text, in order."""
+def parser_of(tokenizer):
+    """The tokenizer, where it parses its own responses (transformers' parse_response), else None."""
+    known = getattr(tokenizer, "response_template", None) or getattr(tokenizer, "response_schema", None)
+    return tokenizer if known and callable(getattr(tokenizer, "parse_response", None)) else None
+
+
+def parse_calls(reply: str, parser=None) -> list:
+    """[(name, arguments) or (None, why)] of every tool call in a turn's text, in order: by `parser`'s
+    parse_response where given (and it parses), else the Hermes <tool_call> format."""
+    if parser is not None:
+        try:
+            out = []
+            # the turn alone, ended as the model ended it (the runner hands environments the text without it)
+            turn = reply + (parser.eos_token or "")
+            for call in parser.parse_response(turn, prefix="").get("tool_calls") or []:
+                fn = call["function"]
+                args = fn.get("arguments") or {}
+                out.append((fn["name"], args) if isinstance(args, dict) else (None, "the arguments are not an object"))
+            return out
+        except Exception:  # noqa: BLE001 - a response the parser cannot read: read as Hermes text below
+            pass
     out = []
     for body in CALL.findall(reply):
         try:
@@ -69,14 +90,14 @@ def parse_calls(reply: str) -> list:
 class ToolEnvironment:
     """Runs a turn's tool calls (see the module's docstring). Made per episode with the run's `tools`."""
 
-    def __init__(self, tools: list):
-        self.tools = {fn.__name__: fn for fn in tools}
+    def __init__(self, tools: list, parser=None):
+        self.tools, self.parser = {fn.__name__: fn for fn in tools}, parser
 
     def reset(self, prompt, **args):
         pass
 
     def step(self, reply: str) -> Step:
-        calls = parse_calls(reply)
+        calls = parse_calls(reply, self.parser)
         if not calls:
             return Step(done=True)
         messages = []

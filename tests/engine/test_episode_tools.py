@@ -76,3 +76,28 @@ def test_the_tools_schemas_are_in_every_prompt_and_the_episode_runs(tiny_models,
                  "--ppo.minibatch", "4", "--run.progress", "false"]) == 0
     m = json.loads((out / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
     assert m["episodes/turns"] == 1.0 and m["episodes/done"] == 1.0  # a random model calls no tool
+
+
+def test_a_tokenizer_that_parses_its_own_responses_is_asked_first():
+    """Llama 3's calls are bare JSON with "parameters", ended by <|eot_id|>: transformers' parse_response
+    (with the response template TRL sets for the templates it knows) reads them, where the Hermes format finds
+    nothing; a Qwen2.5 tokenizer's parser reads its <tool_call> tags, and a call it cannot parse is still named."""
+    from trl.chat_template_utils import add_response_schema, llama3_2_chat_template, qwen2_5_chat_template
+
+    from engine.episodes.tools import parser_of
+    from engine.task.tiny_checkpoint import build_tokenizer
+
+    bare = '{"name": "add", "parameters": {"a": 2, "b": 3}}'
+    tok = build_tokenizer("llama")
+    assert parser_of(tok) is None
+    tok.chat_template = llama3_2_chat_template
+    llama = parser_of(add_response_schema(tok))
+    assert llama is tok and parse_calls(bare, llama) == [("add", {"a": 2, "b": 3})] and parse_calls(bare) == []
+    env = ToolEnvironment(load_tools("envs.tools:add"), llama)
+    assert env.step(bare).messages == [{"role": "tool", "name": "add", "content": "5"}]
+    tok = build_tokenizer("qwen2")
+    tok.chat_template = qwen2_5_chat_template
+    qwen = parser_of(add_response_schema(tok))
+    assert parse_calls("sure " + call("add", a=2, b=3), qwen) == [("add", {"a": 2, "b": 3})]
+    assert parse_calls("<tool_call>{bad</tool_call>", qwen)[0][0] is None
+    assert parse_calls("the cat was blue", qwen) == []
