@@ -31,7 +31,7 @@ from .config import TrainedModelConfig
 from .data.encode import make_encoder, special_texts, text_examples
 from .data.formats import load
 from .episodes import episode_task, episode_tokens
-from .episodes.tools import load_tools, schema as tool_schema
+from .episodes.tools import load_tools, schema as tool_schema, shown as shown_tools
 from .models.batch import make_batch
 from .models.dropout import disable_dropout
 from .models.forward import PolicyLogprobs, SequenceScores
@@ -310,15 +310,17 @@ def ppo(ctx, ptx: bool = False) -> Path:
     context = _context_length(cfg.policy.path)
     after = episode_tokens(cfg.rollout)  # an answer's tokens, or an episode's
     enc = make_encoder(tok, cfg.data, context, after, "--policy.path")
-    if cfg.rollout.tools:  # shown to the model in every prompt
-        enc.tools = [tool_schema(fn) for fn in load_tools(cfg.rollout.tools)]
-    records, prompts, env_args = [], [], []
-    for rec in _load(path, "prompts", enc):
+    schemas = {fn.__name__: tool_schema(fn) for fn in load_tools(cfg.rollout.tools)} if cfg.rollout.tools else None
+    records, prompts, env_args, tools = [], [], [], []
+    for i, rec in enumerate(_load(path, "prompts", enc)):
+        enc.tools = shown_tools(schemas, rec.tools, f"--data.prompts {path}: record {i + 1}")  # in the prompt
         ids = enc.prompt(rec.prompt)
         if ids is not None:
             records.append(rec.prompt)
             prompts.append(ids)
             env_args.append(rec.env)
+            tools.append(rec.tools)
+    enc.tools = shown_tools(schemas, None, "")  # every tool, for any other prompt encoded below
     log.info("ppo: %s: %s", path, enc.counts.summary())
     ptx_examples = None
     if ptx:
@@ -364,7 +366,8 @@ def ppo(ctx, ptx: bool = False) -> Path:
         evaluate=evaluate,
         engine_dtype=str(resolve_dtype(cfg.run.dtype, dev)).split(".")[-1],
         max_model_len=min(cfg.data.max_prompt_tokens + after, context),
-        episodes=episode_task(cfg.rollout, tok, records, env_args) if cfg.rollout.env or cfg.rollout.tools else None,
+        episodes=episode_task(cfg.rollout, tok, records, env_args, tools) if cfg.rollout.env or cfg.rollout.tools
+        else None,
     )
     return train_ppo(ctx, setup, ptx=ptx)
 

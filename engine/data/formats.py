@@ -7,7 +7,8 @@ field. Nothing is fetched and nothing in a file is executed.
 
 Formats (one JSON object per line in JSONL; lines end at "\\n" only, so U+2028 inside a string is text):
   prompts         {"prompt": str}                      or {"messages": [{"role", "content"}, ...]}
-                  optional "env": {...}, the arguments of the episode's environment (--rollout.env: its reset)
+                  optional "env": {...}, the arguments of the episode's environment (--rollout.env: its reset),
+                  and "tools": [name, ...], the functions of --rollout.tools this prompt shows and allows
   demonstrations  {"prompt": str, "completion": str}   or {"messages": [..., {"role": "assistant", ...}]}
   comparisons     {"prompt": str, "chosen": str, "rejected": str}                (pairwise, as in Anthropic HH)
                   {"prompt": str, "responses": [str, ...], "ranking": [int, ...]} (InstructGPT's K-way; ranking
@@ -37,6 +38,7 @@ class DataError(ValueError):
 class Prompt:
     prompt: str | list[dict]                 # text, or chat messages ending with a user (or tool) turn
     env: dict | None = None                  # keyword arguments of the environment's reset (episodes)
+    tools: list[str] | None = None           # names of the --rollout.tools functions it shows (None: all)
 
 
 @dataclass
@@ -196,14 +198,18 @@ def _prompt(r: _Record) -> Prompt:
                                                                  for k in env)):
         raise r.err(f"field 'env' must be an object whose keys are argument names (the environment's reset "
                     f"takes them), got {str(env)[:80]}")
+    tools = r.row.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, str) and t.isidentifier()
+                                                                     for t in tools)):
+        raise r.err(f"field 'tools' must be a list of function names (of --rollout.tools), got {str(tools)[:80]}")
     if r.has("messages"):
         msgs = r.messages()
         if msgs[-1]["role"] not in ("user", "tool"):
             raise r.err("field 'messages' of a prompt must end with a user (or tool) turn")
-        return Prompt(msgs, env)
+        return Prompt(msgs, env, tools)
     if not r.has("prompt"):
         raise r.err("missing field 'prompt' (or 'messages')")
-    return Prompt(r.text("prompt"), env)
+    return Prompt(r.text("prompt"), env, tools)
 
 
 def _demonstration(r: _Record) -> Demonstration:

@@ -172,15 +172,19 @@ class EpisodeTask:
                             warned=self.warned)
 
 
-def episode_task(rcfg, tokenizer, prompts: list, args: list) -> EpisodeTask:
+def episode_task(rcfg, tokenizer, prompts: list, args: list, tools: list | None = None) -> EpisodeTask:
     """A run's EpisodeTask from its rollout settings (engine.config.RolloutConfig: env, tools, max_turns, ...):
-    the environment's class loaded from --rollout.env (else the tools' environment for --rollout.tools) and the
-    chat template checked for its messages now."""
+    the environment's class loaded from --rollout.env (else the tools' environment for --rollout.tools, which
+    allows each prompt the tools its record names: `tools`, a list or None per prompt) and the chat template
+    checked for its messages now."""
     settings = EpisodeSettings(rcfg.max_turns, rcfg.max_new_tokens, episode_tokens(rcfg), rcfg.env_timeout,
                                rcfg.temperature, rcfg.top_p, rcfg.top_k)
     env = load_env(rcfg.env) if rcfg.env else functools.partial(ToolEnvironment, load_tools(rcfg.tools),
                                                                 parser_of(tokenizer))
-    return EpisodeTask(env, prompts, [a or {} for a in args], settings, TurnRenderer(tokenizer, rcfg.max_env_tokens))
+    args = [a or {} for a in args]
+    if not rcfg.env and tools is not None:
+        args = [{**a, "tools": t} if t is not None else a for a, t in zip(args, tools)]
+    return EpisodeTask(env, prompts, args, settings, TurnRenderer(tokenizer, rcfg.max_env_tokens))
 
 
 def episode_tokens(rcfg) -> int:

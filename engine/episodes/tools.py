@@ -51,6 +51,21 @@ def schema(fn, flag: str = "--rollout.tools") -> dict:
                          f"type hints and a docstring with an Args: section") from None
 
 
+def shown(schemas: dict | None, names: list | None, where: str) -> list | None:
+    """The schemas a prompt shows: every one of --rollout.tools (`schemas`: name -> schema), or the record's
+    own `names` among them; None without tools. A name that is not a tool is a ValueError naming `where`."""
+    if schemas is None:
+        if names:
+            raise ValueError(f"{where}: the record names tools {names}, but no --rollout.tools is given")
+        return None
+    if names is None:
+        return list(schemas.values())
+    unknown = [n for n in names if n not in schemas]
+    if unknown:
+        raise ValueError(f"{where}: tools {unknown} are not among --rollout.tools ({', '.join(schemas)})")
+    return [schemas[n] for n in names]
+
+
 def parser_of(tokenizer):
     """The tokenizer, where it parses its own responses (transformers' parse_response), else None."""
     known = getattr(tokenizer, "response_template", None) or getattr(tokenizer, "response_schema", None)
@@ -92,9 +107,11 @@ class ToolEnvironment:
 
     def __init__(self, tools: list, parser=None):
         self.tools, self.parser = {fn.__name__: fn for fn in tools}, parser
+        self.allowed = self.tools
 
-    def reset(self, prompt, **args):
-        pass
+    def reset(self, prompt, tools: list | None = None, **args):
+        """tools: the names the prompt record shows (its "tools" field), the only ones it may call."""
+        self.allowed = self.tools if tools is None else {n: self.tools[n] for n in tools}
 
     def step(self, reply: str) -> Step:
         calls = parse_calls(reply, self.parser)
@@ -104,11 +121,11 @@ class ToolEnvironment:
         for name, arguments in calls:
             if name is None:
                 text = f"error: {arguments}"
-            elif name not in self.tools:
-                text = f"error: no tool named {name!r} (tools: {', '.join(sorted(self.tools))})"
+            elif name not in self.allowed:
+                text = f"error: no tool named {name!r} (tools: {', '.join(sorted(self.allowed))})"
             else:
                 try:
-                    text = str(self.tools[name](**arguments))
+                    text = str(self.allowed[name](**arguments))
                 except TypeError as exc:
                     text = f"error: {name} cannot take these arguments ({exc})"
                 except Exception as exc:  # noqa: BLE001 - the tool's own failure is the model's to read

@@ -101,3 +101,40 @@ def test_a_tokenizer_that_parses_its_own_responses_is_asked_first():
     assert parse_calls("sure " + call("add", a=2, b=3), qwen) == [("add", {"a": 2, "b": 3})]
     assert parse_calls("<tool_call>{bad</tool_call>", qwen)[0][0] is None
     assert parse_calls("the cat was blue", qwen) == []
+
+
+def test_a_prompt_record_shows_and_allows_only_the_tools_it_names(tiny_models, tmp_path, capsys):
+    from engine.cli import main
+    from engine.config import RolloutConfig
+    from engine.data.formats import load
+    from engine.episodes import episode_task
+    from engine.episodes.tools import schema, shown
+    from engine.models.loading import load_tokenizer
+
+    schemas = {"lookup": schema(user_tools.lookup), "add": schema(user_tools.add)}
+    assert shown(schemas, None, "x") == [schemas["lookup"], schemas["add"]]
+    assert shown(schemas, ["add"], "x") == [schemas["add"]] and shown(None, None, "x") is None
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "add two and three", "tools": ["add"]}) + "\n"
+                    + json.dumps({"prompt": "what color was the cat ?"}) + "\n")
+    a, b = load(path, "prompts")
+    assert a.tools == ["add"] and b.tools is None
+    tok = load_tokenizer(tiny_models["qwen2"], "test")
+    task = episode_task(RolloutConfig(tools="envs.tools:lookup,add"), tok, [a.prompt, b.prompt], [a.env, b.env],
+                        [a.tools, b.tools])
+    env = task.env_cls()
+    env.reset(a.prompt, **task.args[0])
+    assert env.step(call("add", a=2, b=3)).messages[0]["content"] == "5"
+    assert env.step(call("lookup", noun="cat")).messages[0]["content"] == "error: no tool named 'lookup' (tools: add)"
+    env.reset(b.prompt, **task.args[1])
+    assert env.step(call("lookup", noun="cat")).messages[0]["content"] == "the cat was blue"
+    path.write_text(json.dumps({"prompt": "hi", "tools": ["fly"]}) + "\n")
+    code = main(["ppo", "--out", str(tmp_path / "run"), "--policy.path", str(tiny_models["qwen2"]), "--data.prompts",
+                 str(path), "--rollout.tools", "envs.tools:lookup,add", "--reward.fn", "engine.task.rewards:exact_answer",
+                 "--run.progress", "false"])
+    assert code == 2
+    assert f"--data.prompts {path}: record 1: tools ['fly'] are not among --rollout.tools (lookup, add)" in \
+        capsys.readouterr().err
+    path.write_text(json.dumps({"prompt": "hi", "tools": "add"}) + "\n")
+    with pytest.raises(ValueError, match=r"line 1.*field 'tools' must be a list of function names"):
+        load(path, "prompts")
