@@ -16,11 +16,12 @@ import time
 from .env import Step
 
 ROLES = ("tool", "user", "system")
+KINDS = ("raised", "timeout", "malformed", "special_token")  # an EnvFailure's kinds
 LIMIT = 1e15  # |reward|, as for reward functions: sums and squares stay finite in float32
 
 
 class EnvFailure(Exception):
-    """An environment's call failed. kind: "raised" | "timeout" | "malformed" | "special_token"."""
+    """An environment's call failed. kind: one of KINDS."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)

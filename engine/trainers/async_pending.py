@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..episodes.contain import LIMIT
+from ..episodes.contain import KINDS, LIMIT
 from ..episodes.runner import EpisodeStats
 from ..rollout.base import RolloutResult
 from ..rundir.atomic import CheckpointError
@@ -42,9 +42,6 @@ class PendingShape:
     max_tokens: int
     vocab: int
     episodes: bool = False
-
-
-KINDS = ("raised", "timeout", "malformed", "special_token")
 
 
 def pending_row(r: RolloutResult) -> list:
