@@ -52,6 +52,36 @@ def max_diff(a, b):
     return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
 
 
+def test_greedy_episodes_are_the_same_on_vllm_and_transformers(rollout, model_dir):
+    """Three-turn episodes with an environment, greedy: the same tokens, masks and log-probs (to float32
+    rounding) whether vLLM or transformers generates each turn. First in the file: the shared engine still
+    holds model_dir's weights (later tests update them, and close it)."""
+    import sys
+    from pathlib import Path
+
+    from engine.episodes import EpisodeSettings, run_episodes
+    from engine.episodes.render import TurnRenderer
+    from engine.models.loading import load_model
+    from engine.rollout import HFRollout
+    from engine.task.vocab import build_tokenizer
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from envs.hostile import Talks
+
+    tok = build_tokenizer()
+    texts = ["count to three", "repeat cat two times", "reverse cat dog"]
+    ids = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=True, return_dict=False) for t in texts]
+    settings = EpisodeSettings(max_turns=3, max_tokens=6, max_episode_tokens=40, temperature=0.0)
+    hf = HFRollout(load_model(model_dir, flag="test", scalar=False), seed=0, pad_token_id=tok.pad_token_id,
+                   eos_token_id=tok.eos_token_id)
+    a, b = (run_episodes(engine, Talks, texts, [{}, {"word": "dog"}, {}], ids, n=1, settings=settings,
+                         renderer=TurnRenderer(tok, 16), seeds=[1, 2, 3]) for engine in (hf, rollout))
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [r.loss_mask for r in a] == [r.loss_mask for r in b]
+    assert all(r.episode.turns == 3 and r.loss_mask.count(0) == 10 for r in a)
+    assert max_diff([r.logprobs for r in a], [r.logprobs for r in b]) < 1e-4
+
+
 def test_generate_n_samples_prompt_major_with_engine_logprobs(rollout, model_dir):
     from engine.models.loading import load_model
 
@@ -206,32 +236,3 @@ def test_ppo_with_vllm_rollouts_logs_mismatch(tmp_path, rollout, tiny):
         assert all(torch.isfinite(torch.tensor(m[k])) for k in ("pg_loss", "vf_loss", "score", "kl"))
     # after PPO updated the policy, the engine had the new weights: its log-probs still match the trainer
     assert rows[-1]["logprob_diff_mean"] < 1e-4
-
-
-def test_greedy_episodes_are_the_same_on_vllm_and_transformers(rollout, model_dir):
-    """Three-turn episodes with an environment, greedy: the same tokens, masks and log-probs (to float32
-    rounding) whether vLLM or transformers generates each turn."""
-    import sys
-    from pathlib import Path
-
-    from engine.episodes import EpisodeSettings, run_episodes
-    from engine.episodes.render import TurnRenderer
-    from engine.models.loading import load_model
-    from engine.rollout import HFRollout
-    from engine.task.vocab import build_tokenizer
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from envs.hostile import Talks
-
-    tok = build_tokenizer()
-    texts = ["count to three", "repeat cat two times", "reverse cat dog"]
-    ids = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=True, return_dict=False) for t in texts]
-    settings = EpisodeSettings(max_turns=3, max_tokens=6, max_episode_tokens=40, temperature=0.0)
-    hf = HFRollout(load_model(model_dir, flag="test", scalar=False), seed=0, pad_token_id=tok.pad_token_id,
-                   eos_token_id=tok.eos_token_id)
-    a, b = (run_episodes(engine, Talks, texts, [{}, {"word": "dog"}, {}], ids, n=1, settings=settings,
-                         renderer=TurnRenderer(tok, 16), seeds=[1, 2, 3]) for engine in (hf, rollout))
-    assert [r.token_ids for r in a] == [r.token_ids for r in b]
-    assert [r.loss_mask for r in a] == [r.loss_mask for r in b]
-    assert all(r.episode.turns == 3 and r.loss_mask.count(0) == 10 for r in a)
-    assert max_diff([r.logprobs for r in a], [r.logprobs for r in b]) < 1e-4
