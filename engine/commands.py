@@ -132,7 +132,8 @@ def unread(command: str, cfg: Config, ptx: bool = False, dpo: bool = False) -> l
                "--ppo.max_staleness k")
     if "ppo" in offered and not (cfg.rollout.env or cfg.rollout.tools):
         refuse("rollout", ("max_turns", "max_episode_tokens", "max_env_tokens", "env_timeout"),
-               "only episodes read it: add --rollout.env package.module:Class or --rollout.tools package.module:fn")
+               "only episodes read it: add --rollout.env package.module:Class or --rollout.tools "
+               "package.module:fn")
     if "ppo" in offered and not cfg.ppo.adaptive_kl:
         refuse("ppo", ("target_kl", "kl_horizon"), "only the adaptive KL controller reads it: add --ppo.adaptive_kl true")
     critic_free = "ppo" in offered and cfg.ppo.advantage_estimator != "gae"

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .user_code import import_named
+from .user_code import REWARD_LIMIT, import_named
 
 
 def load_reward_fn(spec: str, flag: str = "--reward.fn") -> Callable:
@@ -33,7 +33,6 @@ def prompt_text(prompt) -> str:
     return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
 
 
-LIMIT = 1e15  # |reward|: a batch's sums and squares stay finite in float32 (1e38 each overflowed to inf)
 
 
 def _values(out, spec: str, n: int, flag: str) -> list:
@@ -55,8 +54,8 @@ def _values(out, spec: str, n: int, flag: str) -> list:
 def call_reward_fn(fn: Callable, spec: str, prompts: list[str], responses: list[str],
                    flag: str = "--reward.fn") -> torch.Tensor:
     """fn(prompts, responses) as float32 [B]. The result must be a sequence of B real numbers (not strings, not
-    a dict), each finite and at most LIMIT in magnitude; anything else, and any exception the function raises
-    (SystemExit included), is a ValueError that names the function."""
+    a dict), each finite and at most REWARD_LIMIT in magnitude; anything else, and any exception the function
+    raises (SystemExit included), is a ValueError that names the function."""
     try:
         out = fn(list(prompts), list(responses))
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's code: any error is reported with its name
@@ -67,9 +66,9 @@ def call_reward_fn(fn: Callable, spec: str, prompts: list[str], responses: list[
             raise ValueError(f"{flag} {spec} returned {v!r} ({type(v).__name__}) for response {i} "
                              f"({responses[i][:60]!r}); each reward must be a number")
         v = float(v)
-        if not math.isfinite(v) or abs(v) > LIMIT:
+        if not math.isfinite(v) or abs(v) > REWARD_LIMIT:
             raise ValueError(f"{flag} {spec} returned {v} for response {i} ({responses[i][:60]!r}); rewards "
-                             f"must be finite and at most {LIMIT:g} in magnitude (the trainer sums and squares them "
-                             f"in float32)")
+                             f"must be finite and at most {REWARD_LIMIT:g} in magnitude (the trainer sums and squares "
+                             f"them in float32)")
         values[i] = v
     return torch.tensor(values, dtype=torch.float32)

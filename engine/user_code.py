@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+REWARD_LIMIT = 1e15  # |a reward| such code returns: a batch's sums and squares stay finite in float32 (1e38 overflowed)
+
 
 def import_named(spec: str, flag: str, form: str = "package.module:function") -> tuple[object, str]:
     """(the module of `spec`, the part after its colon), or a ValueError naming `flag` and saying why not."""

@@ -13,11 +13,11 @@ import numbers
 import threading
 import time
 
+from ..user_code import REWARD_LIMIT
 from .env import Step
 
 ROLES = ("tool", "user", "system")
 KINDS = ("raised", "timeout", "malformed", "special_token")  # an EnvFailure's kinds
-LIMIT = 1e15  # |reward|, as for reward functions: sums and squares stay finite in float32
 
 
 class EnvFailure(Exception):
@@ -54,11 +54,6 @@ class Pending:
         return self.box.get("value")
 
 
-def call(fn, args: tuple, *, timeout: float, what: str):
-    """fn(*args) within `timeout` seconds, or an EnvFailure naming `what` (e.g. "Lookup.step")."""
-    return Pending(fn, args, what).result(time.monotonic() + timeout, timeout)
-
-
 def checked_step(out, what: str) -> Step:
     """`out` if it is a well-formed Step (messages of {role: tool|user|system, content: str}, a finite
     reward, a bool done), else an EnvFailure saying what it is instead."""
@@ -72,9 +67,9 @@ def checked_step(out, what: str) -> Step:
             raise EnvFailure("malformed", f"{what} returned messages[{i}] = {str(m)[:80]!r}; each must be "
                                           f"{{'role': one of {ROLES}, 'content': a string}}")
     if isinstance(out.reward, bool) or not isinstance(out.reward, numbers.Real) or not math.isfinite(out.reward) \
-            or abs(out.reward) > LIMIT:
+            or abs(out.reward) > REWARD_LIMIT:
         raise EnvFailure("malformed", f"{what} returned reward {out.reward!r}; it must be a finite number, at "
-                                      f"most {LIMIT:g} in magnitude")
+                                      f"most {REWARD_LIMIT:g} in magnitude")
     if not isinstance(out.done, bool):
         raise EnvFailure("malformed", f"{what} returned done={out.done!r}; it must be True or False")
     return out

@@ -23,7 +23,6 @@ class TurnRenderer:
         self.tok, self.max_tokens = tokenizer, max_tokens
         self.chat = bool(getattr(tokenizer, "chat_template", None))
         self.special = sorted({t for t in tokenizer.all_special_tokens if t})
-        self.cut = 0  # messages cut to max_tokens, since the last `pop_counts`
         if self.chat:
             self.before = self._template(_PROBE, False)
             eos = tokenizer.eos_token or ""
@@ -62,7 +61,6 @@ class TurnRenderer:
                                                   f"token of the tokenizer (it would forge a turn or end the episode)")
             content = self.tok(m["content"][: 16 * self.max_tokens], add_special_tokens=False).input_ids
             if len(content) > self.max_tokens:
-                self.cut += 1
                 m = {**m, "content": self.tok.decode(content[: self.max_tokens])}
             cut.append(m)
         return list(self.tok(self._text(cut), add_special_tokens=False).input_ids)

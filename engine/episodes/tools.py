@@ -11,10 +11,10 @@ template (`tools=`), so the model sees what it may call. The model calls one by 
 (the Hermes format of Qwen2.5, Qwen3, Hermes and most open tool-calling templates). A tokenizer that knows
 how to parse its own responses (transformers' `response_template` or `response_schema`, which TRL's
 `add_response_schema` sets for the templates it knows) is asked first, with the Hermes format as the
-fallback; another format: write an environment (engine/episodes/env.py). `ToolEnvironment` runs every call of a turn and answers with one "tool"
-message per call: the function's result as text, or the error (an unknown tool, arguments that do not fit,
-an exception) for the model to read; a turn without a call ends the episode, whose reward then comes from the
-reward model or function (--reward.*) reading the whole episode.
+fallback; another format: write an environment (engine/episodes/env.py). `ToolEnvironment` runs every call
+of a turn and answers with one "tool" message per call: the function's result as text, or the error (an
+unknown tool, arguments that do not fit, an exception) for the model to read; a turn without a call ends the
+episode, whose reward then comes from the reward model or function (--reward.*) reading the whole episode.
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..episodes.contain import KINDS, LIMIT
+from ..episodes.contain import KINDS
+from ..user_code import REWARD_LIMIT
 from ..episodes.runner import EpisodeStats
 from ..rollout.base import RolloutResult
 from ..rundir.atomic import CheckpointError
@@ -124,7 +125,7 @@ def _results(results, field: str, where: Path, shape: PendingShape, fix: str) ->
 
 
 def _number(x) -> bool:
-    return type(x) in (int, float) and math.isfinite(x) and abs(x) <= LIMIT
+    return type(x) in (int, float) and math.isfinite(x) and abs(x) <= REWARD_LIMIT
 
 
 def _episode(extra: list, tokens: list, logprobs: list, at: str, fix: str) -> tuple[list[int], EpisodeStats]:
